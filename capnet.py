@@ -588,7 +588,10 @@ def _read_state_dict(path):
         is_script = zipfile.is_zipfile(path) and any(
             n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
         if is_script:
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            import warnings
+            with warnings.catch_warnings():  # torch.jit is deprecated, but it is OpenAI's format
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RuntimeError(f"cannot read CLIP checkpoint {path}: the file is truncated, corrupted or not "

@@ -164,6 +164,115 @@ def test_build_clip_rejects_wrong_state_dicts(small_ckpts):
     extra = {"input_resolution": torch.tensor(96), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)}
     assert capnet.build_clip({**sd, **extra}).embed_dim == 64
 
+def _script_archive(sd, path):
+    """Write `sd` as a TorchScript archive, like OpenAI's released .pt files: a ScriptModule whose
+    state_dict holds OpenAI's key names."""
+    root = torch.nn.Module()
+    for key, tensor in sd.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, torch.nn.Module())
+            module = getattr(module, name)
+        module.register_buffer(leaf, tensor.clone())
+    torch.jit.save(torch.jit.script(root), str(path))
+
+
+def _same_weights(model, sd):
+    got = model.state_dict()
+    return all(torch.equal(got[k], v.float() if v.is_floating_point() else v) for k, v in sd.items())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated; OpenAI ships it
+def test_load_clip_torchscript_and_state_dict(small_ckpts, tmp_path):
+    import hashlib
+    sd = small_ckpts["rn"]
+    half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}  # OpenAI ships fp16
+    _script_archive({**half, "input_resolution": torch.tensor(96)}, tmp_path / "RN.pt")
+    torch.save(sd, tmp_path / "plain.pt")
+    jit = capnet.load_clip(tmp_path / "RN.pt")
+    plain = capnet.load_clip(str(tmp_path / "plain.pt"))
+    assert jit.dtype == torch.float32 and _same_weights(jit, half) and _same_weights(plain, sd)
+    for model, file in ((jit, "RN.pt"), (plain, "plain.pt")):
+        digest = hashlib.sha256((tmp_path / file).read_bytes()).hexdigest()
+        assert model.source == {"name": str(tmp_path / file), "sha256": digest}
+
+
+def test_load_clip_bad_files(small_ckpts, tmp_path):
+    torch.save(small_ckpts["vit"], tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    corrupted = bytearray(data)
+    corrupted[-300:] = bytes(300)  # the zip's central directory
+    (tmp_path / "corrupted.pt").write_bytes(bytes(corrupted))
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for name in ("truncated.pt", "corrupted.pt", "text.pt"):
+        with pytest.raises(RuntimeError, match=f"cannot read CLIP checkpoint .*{name}"):
+            capnet.load_clip(tmp_path / name)
+    torch.save({"weights": [1, 2]}, tmp_path / "notsd.pt")
+    with pytest.raises(RuntimeError, match="notsd.pt"):
+        capnet.load_clip(tmp_path / "notsd.pt")
+    torch.save({"a.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(RuntimeError, match="cannot build CLIP from .*other.pt.*not a CLIP state dict"):
+        capnet.load_clip(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="ViT-B/16"):
+        capnet.load_clip(tmp_path / "missing.pt")
+
+
+def test_known_models_carry_their_sha256():
+    assert capnet.available_models() == ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32",
+                                         "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+    for url in capnet.KNOWN_MODELS.values():
+        assert url.startswith("https://openaipublic.azureedge.net/clip/models/")
+        assert len(url.split("/")[-2]) == 64 and url.endswith(".pt")
+    assert capnet.KNOWN_MODELS["ViT-B/16"].split("/")[-2].startswith("5806e77c")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_load_clip_download_verify_and_cache(small_ckpts, tmp_path, monkeypatch):
+    """A known name is fetched into the cache through a temporary file that only becomes the
+    cache entry when its SHA-256 matches. `_fetch` is replaced by a local server (no network)."""
+    import hashlib
+    good = tmp_path / "served.pt"
+    _script_archive(small_ckpts["rn"], good)
+    sha = hashlib.sha256(good.read_bytes()).hexdigest()
+    monkeypatch.setitem(capnet.KNOWN_MODELS, "RN50", f"https://example.invalid/{sha}/RN50.pt")
+    served = {"bytes": good.read_bytes()[:1000], "calls": 0}
+
+    def fake_fetch(url, dst):
+        served["calls"] += 1
+        assert Path(dst.name).parent == cache and Path(dst.name).name != "RN50.pt"  # never the final name
+        dst.write(served["bytes"])
+    monkeypatch.setattr(capnet, "_fetch", fake_fetch)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match=f"SHA-256 .* expected {sha}"):  # a partial download
+        capnet.load_clip("RN50", download_root=cache)
+    assert list(cache.iterdir()) == []  # no partial file left behind
+    served["bytes"] = good.read_bytes()
+    model = capnet.load_clip("RN50", download_root=cache)
+    assert model.source == {"name": "RN50", "sha256": sha} and _same_weights(model, small_ckpts["rn"])
+    assert [p.name for p in cache.iterdir()] == ["RN50.pt"] and served["calls"] == 2
+    capnet.load_clip("RN50", download_root=cache)  # cached and verified: no new download
+    assert served["calls"] == 2
+    (cache / "RN50.pt").write_bytes(b"damaged")  # a damaged cache entry is fetched again
+    capnet.load_clip("RN50", download_root=cache)
+    assert served["calls"] == 3 and (cache / "RN50.pt").read_bytes() == good.read_bytes()
+
+
+def test_load_clip_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(url, dst):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(capnet, "_fetch", offline)
+    with pytest.raises(RuntimeError) as e:
+        capnet.load_clip("ViT-B/16", download_root=tmp_path / "c")
+    msg = str(e.value)
+    assert str(tmp_path / "c" / "ViT-B-16.pt") in msg and capnet.KNOWN_MODELS["ViT-B/16"] in msg
+    assert "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f" in msg
+    assert list((tmp_path / "c").iterdir()) == []
+
 # -----------------------------------------------------------------------------
 # model, graph, GCN, prompts, losses, metrics
 

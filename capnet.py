@@ -1472,7 +1472,10 @@ def load_backbone(cfg: Config):
     if cfg.clip not in KNOWN_MODELS and not Path(cfg.clip).exists():
         raise RunError(f"CLIP weights {cfg.clip!r} not found: pass a known model name "
                        f"({', '.join(KNOWN_MODELS)}) or the path of a checkpoint file.")
-    return load_clip(cfg.clip, device="cpu")
+    try:
+        return load_clip(cfg.clip, device="cpu")
+    except RuntimeError as e:  # offline without the file, truncated or foreign file: the message says which
+        raise RunError(str(e)) from None
 
 
 def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, where: str):
@@ -1807,9 +1810,8 @@ def train(cfg: Config) -> dict:
             + f"  [{time.time() - t0:.1f}s]")
 
     model = build_model(clip, classes, cfg, counts, train_targets, device)
-    parts = {k: sum(p.numel() for p in v) for k, v in model.trainable_parts().items()}
-    log("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in parts.items())
-        + f" (total {sum(parts.values()):,}; CLIP frozen: {sum(p.numel() for p in clip.parameters() if not p.requires_grad):,})")
+    log(graph_stats(model.gcn.P, classes, counts))
+    log("trainable parameters:\n" + model.trainable_summary())
 
     train_set = MultiLabelDataset(prepared.train, prepared.image_root, C, cfg.input_size, mode="train",
                                   scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
@@ -1873,6 +1875,7 @@ def train(cfg: Config) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            model.clamp_temperature_()  # t <= ln(100) (SPEC 1 step 6)
             scheduler.step()
             step += 1
             if cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):

@@ -626,6 +626,107 @@ def load_clip(name_or_path, device="cpu", download_root=None):
 # -----------------------------------------------------------------------------
 # image transforms
 
+# Written with PIL, numpy and torch (no torchvision). preprocess() reproduces OpenAI's CLIP
+# transform (torchvision Resize(size, BICUBIC) of the short side, CenterCrop, RGB, ToTensor,
+# Normalize) on PIL images, whose BICUBIC resize antialiases when shrinking.
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_rgb(path):
+    """Image file -> PIL RGB image, decoded now (so a truncated file fails here, by name)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:  # missing, unreadable, truncated, not an image
+        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def to_tensor(img):
+    """PIL RGB (W x H) -> (3, H, W) float32, CLIP-normalised."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def resize_short_side(img, size):
+    """Bicubic resize so the short side is `size`; the long side is floored as torchvision does."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    from PIL import Image
+    return img.resize((new_w, new_h), Image.BICUBIC)
+
+
+def crop(img, top, left, size):
+    return img.crop((left, top, left + size, top + size))
+
+
+def center_crop(img, size):
+    w, h = img.size
+    return crop(img, int(round((h - size) / 2.0)), int(round((w - size) / 2.0)), size)  # torchvision rounding
+
+
+def preprocess(img, size):
+    """PIL image -> (3, size, size): OpenAI's CLIP eval transform."""
+    return to_tensor(center_crop(resize_short_side(img.convert("RGB"), size), size))
+
+
+def train_augment(img, size, rng, scale=(0.5, 1.0)):
+    """Random resized crop (torchvision's RandomResizedCrop sampling: area fraction in `scale`,
+    log-uniform aspect ratio in [3/4, 4/3], ten tries, then a centre fallback), bicubic resize to
+    size x size, horizontal flip with p = 0.5. All randomness from the numpy Generator `rng`,
+    so a (seed, epoch, index) triple fixes the view exactly."""
+    from PIL import Image
+    img = img.convert("RGB")
+    W, H = img.size
+    box = None
+    for _ in range(10):
+        area = W * H * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            box = (left, top, left + w, top + h)
+            break
+    if box is None:  # fallback: the whole image, cut to an aspect ratio inside [3/4, 4/3], centred
+        w, h = W, H
+        if W / H < 3 / 4:
+            h = int(round(W / (3 / 4)))
+        elif W / H > 4 / 3:
+            w = int(round(H * 4 / 3))
+        top, left = (H - h) // 2, (W - w) // 2
+        box = (left, top, left + w, top + h)
+    img = img.crop(box).resize((size, size), Image.BICUBIC)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(img)
+
+
+def tte_views(img, size, n_views=5):
+    """Test-time views -> (V, 3, size, size). The short side goes to round(size * 248 / 224)
+    (224 -> 248, SPEC section 1 step 8); 5 = the four corner crops and the centre crop (in
+    torchvision FiveCrop's order), 10 = those and their mirror images, 1 = the centre crop of
+    the same resize (assumption: --tte 1 is one of the five views, so TTE ablations differ in
+    the number of views only)."""
+    from PIL import Image
+    if n_views not in (1, 5, 10):
+        raise ValueError(f"n_views must be 1, 5 or 10, got {n_views}")
+    img = resize_short_side(img.convert("RGB"), round(size * 248 / 224))
+    W, H = img.size
+    if n_views == 1:
+        views = [center_crop(img, size)]
+    else:
+        views = [crop(img, 0, 0, size), crop(img, 0, W - size, size), crop(img, H - size, 0, size),
+                 crop(img, H - size, W - size, size), center_crop(img, size)]
+    if n_views == 10:
+        views += [v.transpose(Image.FLIP_LEFT_RIGHT) for v in views]
+    return torch.stack([to_tensor(v) for v in views])  # (V, 3, size, size)
+
 # -----------------------------------------------------------------------------
 # data
 

@@ -273,6 +273,112 @@ def test_load_clip_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
     assert "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f" in msg
     assert list((tmp_path / "c").iterdir()) == []
 
+def _image(w, h, seed=0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _normalise(arr):  # (H, W, 3) uint8 -> (3, H, W), written out independently of capnet
+    x = arr.astype(np.float32) / 255.0
+    x = (x - np.array(capnet.CLIP_MEAN, np.float32)) / np.array(capnet.CLIP_STD, np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1)
+
+
+def test_preprocess_by_hand():
+    from PIL import Image
+    # landscape 40x30 -> short side 24: 32x24 bicubic, centre crop columns 4..28
+    img = _image(40, 30)
+    resized = np.asarray(img.resize((32, 24), Image.BICUBIC))
+    assert torch.allclose(capnet.preprocess(img, 24), _normalise(resized[:, 4:28]), atol=1e-6)
+    # portrait 20x45 at 20: no resize; (45 - 20) / 2 = 12.5 rounds half-to-even (torchvision) -> rows 12..32
+    img = _image(20, 45, seed=1)
+    out = capnet.preprocess(img, 20)
+    assert out.shape == (3, 20, 20) and torch.allclose(out, _normalise(np.asarray(img)[12:32]), atol=1e-6)
+    # mode "L" and RGBA inputs become RGB
+    assert capnet.preprocess(img.convert("L"), 20).shape == (3, 20, 20)
+    assert torch.allclose(capnet.preprocess(img.convert("RGBA"), 20), out)
+
+
+def test_train_augment_deterministic_and_flips():
+    from PIL import Image
+    img = _image(64, 48)
+    a = capnet.train_augment(img, 32, np.random.default_rng([0, 1, 2]))
+    b = capnet.train_augment(img, 32, np.random.default_rng([0, 1, 2]))
+    c = capnet.train_augment(img, 32, np.random.default_rng([0, 2, 2]))
+    assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    grey = Image.new("RGB", (50, 70), (128, 64, 32))  # any crop of a flat image is that colour
+    out = capnet.train_augment(grey, 16, np.random.default_rng(0))
+    assert torch.allclose(out, _normalise(np.full((16, 16, 3), (128, 64, 32), np.uint8)), atol=1e-6)
+    halves = np.zeros((40, 40, 3), np.uint8)
+    halves[:, :20, 0] = 255  # left half red
+    flipped = [capnet.train_augment(Image.fromarray(halves), 8, np.random.default_rng(s), scale=(1.0, 1.0))[0, 0, 0] < 0
+               for s in range(20)]  # whole image kept: red (> 0 after normalising) at left unless flipped
+    assert 3 <= sum(flipped) <= 17
+
+
+def test_tte_views():
+    from PIL import Image
+    img = _image(300, 250)
+    big = np.asarray(img.resize((297, 248), Image.BICUBIC))  # short side 250 -> 248, long int(248 * 300 / 250)
+    five = capnet.tte_views(img, 224, 5)
+    assert five.shape == (5, 3, 224, 224)
+    expected = [big[:224, :224], big[:224, -224:], big[-224:, :224], big[-224:, -224:], big[12:236, 36:260]]
+    for view, crop in zip(five, expected):
+        assert torch.allclose(view, _normalise(crop), atol=1e-6)
+    ten = capnet.tte_views(img, 224, 10)
+    assert torch.equal(ten[:5], five) and torch.equal(ten[5:], five.flip(-1))
+    assert torch.equal(capnet.tte_views(img, 224, 1), five[4:])
+    with pytest.raises(ValueError, match="n_views"):
+        capnet.tte_views(img, 224, 3)
+
+
+def test_load_rgb_errors_name_the_file(tmp_path):
+    img = _image(30, 20).convert("L")
+    img.save(tmp_path / "grey.png")
+    assert capnet.load_rgb(tmp_path / "grey.png").mode == "RGB"
+    _image(64, 64).save(tmp_path / "photo.jpg", quality=90)
+    data = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.jpg").write_text("hello")
+    for name in ("missing.jpg", "cut.jpg", "notes.jpg"):
+        with pytest.raises(OSError, match=f"cannot read image .*{name}"):
+            capnet.load_rgb(tmp_path / name)
+
+
+def test_resize_pos_embed():
+    pos = torch.randn(1 + 4 * 4, 8)
+    assert capnet.resize_pos_embed(pos, (4, 4)) is pos  # native size: the checkpoint's own embedding
+    ramp = torch.zeros(1 + 4 * 4, 8)
+    ramp[0] = 7.0
+    ramp[1:] = torch.arange(4.0).repeat(4)[:, None]  # value = column index, row-major grid
+    out = capnet.resize_pos_embed(ramp, (3, 8))
+    assert out.shape == (1 + 24, 8) and torch.equal(out[0], ramp[0])
+    grid = out[1:, 0].view(3, 8)
+    assert torch.allclose(grid, grid[:1].expand(3, 8)) and (grid[0, 1:] >= grid[0, :-1]).all()  # varies along width only
+    flat = capnet.resize_pos_embed(torch.full((1 + 9, 4), 0.5), (6, 6))
+    assert torch.allclose(flat, torch.full_like(flat, 0.5))  # bicubic keeps a constant
+
+
+@pytest.mark.parametrize("family,key", [("vit", "visual.positional_embedding"),
+                                        ("rn", "visual.attnpool.positional_embedding")])
+def test_encode_image_at_another_size(small_ckpts, family, key):
+    """At twice the native size (like 224 -> 448) the tower runs with its positional embedding
+    resized; the result equals a model whose checkpoint holds that resized embedding natively."""
+    sd = small_ckpts[family]
+    clip = capnet.build_clip(sd)
+    native = clip.visual.input_resolution
+    size = 2 * native
+    g = round((sd[key].shape[0] - 1) ** 0.5)
+    big = capnet.build_clip({**sd, key: capnet.resize_pos_embed(sd[key], (2 * g, 2 * g))})
+    assert big.visual.input_resolution == size
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out = clip.encode_image(images)
+        assert out.shape == (2, clip.embed_dim) and torch.isfinite(out).all()
+        assert _relerr(out, big.encode_image(images)) <= 1e-6
+
 # -----------------------------------------------------------------------------
 # model, graph, GCN, prompts, losses, metrics
 

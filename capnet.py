@@ -1487,7 +1487,8 @@ def write_atomic(path: Path, text: str):
 def versions() -> dict:
     import platform
     import PIL
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+    # plain str: torch.__version__ is a TorchVersion, which weights_only loading refuses
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
             "pillow": PIL.__version__, "cuda": torch.version.cuda, "capnet_ext": bool(EXT_AVAILABLE),
             "platform": platform.platform()}
 
@@ -1504,11 +1505,14 @@ def make_logger(path: Path | None):
 
 
 def format_config(cfg: Config) -> str:
-    items = [f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()]
-    width = max(len(s) for s in items) + 2
-    per_row = max(1, 100 // width)
-    rows = [items[i:i + per_row] for i in range(0, len(items), per_row)]
-    return "\n".join("  " + "".join(s.ljust(width) for s in row).rstrip() for row in rows)
+    lines, line = [], ""
+    for item in (f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()):
+        item = item.ljust(24 * math.ceil((len(item) + 2) / 24))  # 24-character columns
+        if line and len(line) + len(item) > 100:
+            lines.append(line.rstrip())
+            line = ""
+        line += item
+    return "\n".join("  " + l for l in lines + [line.rstrip()])
 
 
 def format_duration(seconds: float) -> str:
@@ -1634,8 +1638,10 @@ def load_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong file type, unpickling refused ...
-        raise RunError(f"checkpoint {path} is truncated or corrupted and cannot be read ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
+        reason = next((l for l in lines if "error:" in l.lower()), lines[0])
+        raise RunError(f"checkpoint {path} is truncated or corrupted and cannot be read "
+                       f"({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a CAPNet checkpoint (no {CHECKPOINT_FORMAT!r} format tag)")
     return ckpt
@@ -1842,7 +1848,7 @@ def write_outputs(run_dir: Path, results: dict):
 
 
 def per_class_rows(classes, counts, ap_zero_shot, ap) -> list:
-    nan_to_none = lambda v: None if math.isnan(float(v)) else float(v)
+    nan_to_none = lambda v: None if math.isnan(float(v)) else 100.0 * float(v)  # percent, like mAP
     return [{"name": name, "train_count": int(counts[i]), "group": class_group(int(counts[i])),
              "ap_zero_shot": nan_to_none(ap_zero_shot[i]), "ap": nan_to_none(ap[i])}
             for i, name in enumerate(classes)]

@@ -2007,6 +2007,9 @@ def train(cfg: Config) -> dict:
                "clip": dict(clip.source), "wall_seconds": wall_before + time.time() - start}
     log(f"trained mAP (tte {cfg.tte}):  " + format_map(results["trained"]) + f"  [{time.time() - t0:.1f}s]")
     log(f"zero-shot mAP (tte {cfg.tte}): " + format_map(results["zero_shot"]))
+    if cfg.skip_bad_images:  # counted per read: a bad train image counts once per epoch in this process
+        results["bad_images"] = {"train_reads": train_set.bad_count, "test": test_set.bad_count}
+        log(f"skipped unreadable images: {train_set.bad_count} train reads, {test_set.bad_count} test images")
     if rank == 0:
         write_outputs(run_dir, results)
         log(f"wrote {run_dir}/: config.json log.txt checkpoint.pt results.json per_class_ap.csv ap_vs_freq.png "
@@ -2238,6 +2241,9 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

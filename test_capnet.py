@@ -162,6 +162,15 @@ def test_voc_lt_from_vocdevkit(tmp_path, capsys):
     assert "train: 4 images, test: 2 images" in out and "classes: 20" in out and "tail n<20: 20" in out
 
 
+def test_voc_lt_make_split_says_not_official(tmp_path, capsys):
+    dev, split, train = _voc_toy(tmp_path)
+    data_prep.main(["voc-lt", "--voc-root", str(dev), "--make-split", "--seed", "3", "--root", str(tmp_path / "o")])
+    assert "NOT the official voc-lt split" in capsys.readouterr().err
+    d = json.loads((tmp_path / "o/voc-lt/dataset.json").read_text())
+    assert d["source"]["official"] is False and d["source"]["make_split"]["seed"] == 3
+    assert d["source"]["make_split"]["pool_images"] == 5  # the VOC2012 trainval list
+
+
 def test_voc_lt_bad_inputs(tmp_path):
     dev, split, train = _voc_toy(tmp_path)
     out = str(tmp_path / "out")

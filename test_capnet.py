@@ -41,20 +41,23 @@ VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_wid
                transformer_layers=12)
 
 
-def _random_clip_state_dict(clip_cls, seed=0, **sizes):
-    """A random-weight checkpoint: `clip_cls` initialises it, then BatchNorm affine parameters and
-    running statistics are drawn too (OpenAI's init zeroes bn3, which would hide the residual
-    branches from the comparison)."""
+def _random_clip(clip_cls, seed=0, **sizes):
+    """A random-weight CLIP (fp32, eval): `clip_cls` initialises it, then BatchNorm affine
+    parameters and running statistics are drawn too (OpenAI's init zeroes bn3, which would
+    hide the residual branches from the comparison)."""
     torch.manual_seed(seed)
-    model = clip_cls(**sizes)
-    sd = model.state_dict()
-    for key, t in sd.items():
+    model = clip_cls(**sizes).float().eval()
+    for key, t in model.state_dict().items():  # state_dict tensors share storage with the model
         if ("bn" in key or "downsample.1" in key) and t.is_floating_point():
             if key.endswith(("weight", "running_var")):
                 t.uniform_(0.5, 1.5)
             else:
                 t.normal_(0, 0.1)
-    return {k: v.clone() for k, v in sd.items()}
+    return model
+
+
+def _random_clip_state_dict(clip_cls, seed=0, **sizes):
+    return {k: v.clone() for k, v in _random_clip(clip_cls, seed, **sizes).state_dict().items()}
 
 
 def _relerr(a, b):
@@ -104,9 +107,8 @@ def test_tokenize_overflow_and_truncate():
 def test_build_clip_matches_openai(family):
     ref_model = _openai_module("model")
     sizes = SMALL_RN if family == "rn" else SMALL_VIT
-    sd = _random_clip_state_dict(ref_model.CLIP, seed=2, **sizes)
-    ref = ref_model.CLIP(**sizes).float().eval()
-    ref.load_state_dict(sd)
+    ref = _random_clip(ref_model.CLIP, seed=2, **sizes)
+    sd = ref.state_dict()
     ours = capnet.build_clip(sd)
     assert set(ours.state_dict()) == set(sd)
     assert ours.embed_dim == 64 and ours.context_length == 77 and ours.vocab_size == 49408
@@ -122,13 +124,10 @@ def test_build_clip_matches_openai(family):
 
 def test_vit_b16_full_size_matches_openai():
     ref_model = _openai_module("model")
-    sd = _random_clip_state_dict(ref_model.CLIP, seed=4, **VIT_B16)
-    ours = capnet.build_clip(sd)
+    ref = _random_clip(ref_model.CLIP, seed=4, **VIT_B16)
+    ours = capnet.build_clip(ref.state_dict())
     assert ours.embed_dim == 512 and ours.visual.patch_size == 16 and len(ours.visual.transformer.resblocks) == 12
     assert ours.visual.transformer.resblocks[0].attn.n_head == 12 and ours.transformer.resblocks[0].attn.n_head == 8
-    ref = ref_model.CLIP(**VIT_B16).float().eval()
-    ref.load_state_dict(sd)
-    del sd
     torch.manual_seed(5)
     image = torch.randn(1, 3, 224, 224)
     tokens = capnet.tokenize(TEXTS[:2])
@@ -227,6 +226,8 @@ def test_known_models_carry_their_sha256():
         assert url.startswith("https://openaipublic.azureedge.net/clip/models/")
         assert len(url.split("/")[-2]) == 64 and url.endswith(".pt")
     assert capnet.KNOWN_MODELS["ViT-B/16"].split("/")[-2].startswith("5806e77c")
+    assert capnet.clip_cache_dir() == Path.home() / ".cache" / "clip"
+    assert capnet.clip_cache_dir("~/elsewhere") == Path.home() / "elsewhere"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

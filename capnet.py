@@ -847,8 +847,8 @@ class AdaptFormerBlock(ResidualAttentionBlock):
     submodules in place; the adapter's parameters live under `.adapter`."""
 
     def forward(self, x):
-        h = x + self.attention(self.ln_1(x))
-        return h + self.mlp(self.ln_2(h)) + self.adapter(h)
+        h = x + self.attn(self.ln_1(x), causal=self.causal)  # (B, L, W)
+        return h + self.mlp(self.ln_2(h)) + self.adapter(h)  # (B, L, W)
 
 
 def add_adaptformer(visual, num_classes, adapter_dim=0):

@@ -513,6 +513,8 @@ def test_graph_stats_names_rarest_classes():
     lines = text.splitlines()
     assert lines[1].startswith("  rare (n=3): mid 0.180, head 0.020")
     assert lines[2].startswith("  mid (n=30)")
+    model = tiny_capnet("vit", graph="identity")
+    assert "potted_plant (n=5): no neighbours" in model.graph_summary()
 
 
 # GCN
@@ -650,7 +652,7 @@ def test_temperature_is_clamped_at_100():
         model.logit_scale.fill_(10.0)
         torch.testing.assert_close(model(x), 100 * cos, rtol=1e-5, atol=1e-5)
         model.clamp_temperature_()
-    assert math.isclose(float(model.logit_scale), math.log(100), rel_tol=1e-6)
+    assert math.isclose(model.logit_scale.item(), math.log(100), rel_tol=1e-6)
 
 
 def test_eval_caches_the_text_side():
@@ -850,6 +852,8 @@ def test_make_criterion_losses():
     assert not torch.allclose(db_off, capnet.make_criterion(tiny_cfg(), n, N)(z, y))
     with pytest.raises(ValueError, match="'mse'"):
         capnet.make_criterion(tiny_cfg(loss="mse"), n, N)
+    with pytest.raises(ValueError, match="class 1 is in every training image"):
+        capnet.make_criterion(tiny_cfg(), [10, 100, 5], 100)
 
 
 # -----------------------------------------------------------------------------

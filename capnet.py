@@ -2463,7 +2463,7 @@ def main(argv=None):
         if args.command == "bench":
             return bench(quick=args.quick, json_path=args.json)
         return info()
-    except (RunError, ValueError, FileNotFoundError) as e:
+    except (RunError, ValueError, OSError) as e:  # OSError: missing files, unreadable images
         # user errors: the message says what to do; CAPNET_DEBUG=1 shows the traceback
         if os.environ.get("CAPNET_DEBUG"):
             raise

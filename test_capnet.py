@@ -1871,6 +1871,17 @@ def test_seeds_report_mean_and_std(tiny, tmp_path, capsys):
     assert "mean +- std" in capsys.readouterr().out
 
 
+def test_bf16_autocast_on_cpu_and_unreadable_image(tiny, tmp_path, capsys):
+    res = capnet.main(tiny_args(tiny, tmp_path, "bf16", "--amp", "bf16", "--epochs", "1"))
+    assert "bf16 autocast" in (tmp_path / "bf16" / "log.txt").read_text()
+    assert 0 < res["trained"]["total"] <= 100  # loss and metrics stay fp32
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(SystemExit):
+        capnet.main(["predict", "--ckpt", str(tmp_path / "bf16" / "checkpoint.pt"), str(broken)])
+    assert f"cannot read image {broken}" in capsys.readouterr().err
+
+
 def test_info_lists_models_and_extension(capsys):
     capnet.main(["info"])
     out = capsys.readouterr().out

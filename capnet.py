@@ -177,7 +177,9 @@ def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.
     z2 = torch.where(pos, zb, lam * zb)                    # (B, C)
     w2 = torch.where(pos, w, w / lam)                      # (B, C)
     # focal term on the elementwise BCE
-    bce = F.binary_cross_entropy_with_logits(z2, y, reduction="none")  # (B, C)
+    # BCEWithLogits(z'', y) written out in its stable form: F.binary_cross_entropy_with_logits takes
+    # log(1 + tiny) without log1p, which loses all relative precision of a near-zero bce
+    bce = z2.clamp(min=0) - z2 * y + torch.log1p(torch.exp(-z2.abs()))  # (B, C)
     one_minus_pt = -torch.expm1(-bce)                      # 1 - p_t, p_t = exp(-bce); no cancellation as p_t -> 1
     loss = balance * one_minus_pt ** gamma * w2 * bce      # (B, C)
     if class_weight is not None:

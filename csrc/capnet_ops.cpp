@@ -404,7 +404,8 @@ class DbFocalLossFunction : public torch::autograd::Function<DbFocalLossFunction
                              double, double, double, double, double, double, double,
                              const c10::optional<at::Tensor>&, int64_t, bool)>();
     // the gradient is needed exactly when autograd records this call
-    const bool need = compute_grad || logits.requires_grad();
+    const bool need =
+        compute_grad || (c10::GradMode::is_enabled() && logits.requires_grad());
     auto [loss, grad] = op.call(logits, targets, class_freq, num_images, alpha, beta, mu, kappa,
                                 lam, gamma, balance, class_weight, reduction, need);
     ctx->save_for_backward({grad});

@@ -970,7 +970,9 @@ class CAPNet(nn.Module):
         v = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # (B, D)
         F_hat = F.normalize(self.class_features().float(), dim=-1)  # (C, D)
         t = self.logit_scale.clamp(max=LOGIT_SCALE_MAX)
-        return t.exp() * v @ F_hat.T  # (B, C)
+        # the head is tiny, so it runs in fp32 even under autocast: logits and loss stay fp32
+        with torch.autocast(v.device.type, enabled=False):
+            return t.exp() * v @ F_hat.T  # (B, C)
 
 
 # -----------------------------------------------------------------------------

@@ -98,8 +98,529 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # tokenizer
 
+# Byte-level BPE exactly as OpenAI CLIP's SimpleTokenizer (same clean-up, same regex, same
+# merges table), re-implemented here. The merges file bpe_simple_vocab_16e6.txt.gz (MIT,
+# OpenAI) is vendored at the repository root.
+
+import functools
+import gzip
+import html
+
+BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
+SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>
+
+
+@functools.lru_cache()
+def _byte_to_unicode():
+    """A reversible map of the 256 bytes to printable unicode characters (GPT-2's table):
+    printable latin-1 bytes map to themselves, the others to 256, 257, ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    table = {b: chr(b) for b in keep}
+    table.update({b: chr(256 + i) for i, b in enumerate(extra)})
+    return table
+
+
+def _clean(text):
+    import ftfy
+    import regex
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+class SimpleTokenizer:
+    def __init__(self, bpe_path=BPE_PATH):
+        import regex
+        if not Path(bpe_path).is_file():
+            raise FileNotFoundError(f"CLIP BPE merges file not found: {bpe_path} "
+                                    "(it ships with this repository as bpe_simple_vocab_16e6.txt.gz)")
+        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # 48894 merges
+        byte_chars = list(_byte_to_unicode().values())
+        # vocab order fixes the ids: 256 bytes, 256 word-final bytes, merges, SOT, EOT
+        vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.byte_encoder = _byte_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.cache = {}
+        self.pattern = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                                     r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+
+    def bpe(self, word):
+        """Merge the symbols of one pre-token, lowest-rank pair first, until no pair is a merge."""
+        if word in ("<|startoftext|>", "<|endoftext|>"):
+            return [word]
+        if word in self.cache:
+            return self.cache[word]
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pairs = set(zip(symbols[:-1], symbols[1:]))
+            best = min(pairs, key=lambda pair: self.ranks.get(pair, math.inf))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence of `best`, left to right
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self.cache[word] = symbols
+        return symbols
+
+    def encode(self, text):
+        ids = []
+        for piece in self.pattern.findall(_clean(text)):
+            word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[s] for s in self.bpe(word))
+        return ids
+
+    def decode(self, ids):
+        text = "".join(self.decoder[int(i)] for i in ids)
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+@functools.lru_cache()
+def _tokenizer():
+    return SimpleTokenizer()
+
+
+def tokenize(texts, context_length=77, truncate=False):
+    """texts -> LongTensor (n, context_length): [SOT] bpe(text) [EOT] 0 0 ...
+    A text longer than the context is an error, or with truncate=True cut so that its
+    last kept token is EOT (OpenAI's behaviour)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [SOT] + _tokenizer().encode(text) + [EOT]
+        if len(ids) > context_length:
+            if not truncate:
+                raise RuntimeError(f"text is {len(ids)} tokens, longer than the context length "
+                                   f"{context_length} (pass truncate=True to cut it): {text!r}")
+            ids = ids[:context_length - 1] + [EOT]
+        out[row, :len(ids)] = torch.tensor(ids)
+    return out
+
 # -----------------------------------------------------------------------------
 # CLIP
+
+# A from-scratch CLIP with OpenAI's module and parameter names (so their checkpoints load with
+# strict=True), batch-first tensors, and attention through scaled_dot_product_attention.
+# Deviations from openai/CLIP's model.py, none of which changes a number beyond float rounding:
+# batch-first (B, L, D) instead of (L, B, D); SDPA instead of nn.MultiheadAttention; positional
+# embeddings resized on the fly for other input sizes; encode_text runs on the shortest causal
+# context that holds every EOT; fp32 throughout (no fp16 conversion).
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck, anti-aliased: a stride-s block average-pools (s x s) after conv2 and
+    before its 1x1 downsample conv, instead of using strided convolutions."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * 4:
+            # OpenAI names the pool "-1" so the conv and norm keep the keys "0" and "1"
+            self.downsample = nn.Sequential()
+            self.downsample.add_module("-1", nn.AvgPool2d(stride))
+            self.downsample.add_module("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False))
+            self.downsample.add_module("1", nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+def resize_pos_embed(pos, grid_hw):
+    """pos (1 + g*g, W): a class/pooled-token row then a g x g grid -> (1 + h*w, W) for grid
+    (h, w). The grid part is interpolated bicubically (align_corners=False); the first row is
+    kept. At the native grid the checkpoint's embedding is returned unchanged."""
+    g = round((pos.shape[0] - 1) ** 0.5)
+    if tuple(grid_hw) == (g, g):
+        return pos
+    grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, W, g, g)
+    grid = F.interpolate(grid.float(), size=tuple(grid_hw), mode="bicubic", align_corners=False)
+    grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(-1, pos.shape[1])  # (h*w, W)
+    return torch.cat([pos[:1], grid])
+
+
+def _heads(x, n_head):
+    B, L, W = x.shape
+    return x.view(B, L, n_head, W // n_head).transpose(1, 2)  # (B, H, L, W/H)
+
+
+class AttentionPool2d(nn.Module):
+    """ResNet head: one query (the mean of the feature map) attends over the mean and the
+    H*W positions, each with a learned positional embedding."""
+
+    def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+HW, C)
+        x = x + resize_pos_embed(self.positional_embedding, (H, W)).to(x.dtype)
+        q = _heads(self.q_proj(x[:, :1]), self.num_heads)  # (B, h, 1, C/h)
+        k = _heads(self.k_proj(x), self.num_heads)  # (B, h, 1+HW, C/h)
+        v = _heads(self.v_proj(x), self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, 1, C/h)
+        return self.c_proj(out.transpose(1, 2).reshape(B, C))  # (B, D)
+
+
+class ModifiedResNet(nn.Module):
+    """OpenAI's ResNet: a 3-conv stem with an average pool, anti-aliased bottlenecks, and an
+    attention pool instead of global average pooling."""
+
+    def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
+        super().__init__()
+        self.output_dim = output_dim
+        self.input_resolution = input_resolution
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        self._inplanes = width
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+
+    def _make_layer(self, planes, blocks, stride=1):
+        layers = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * 4
+        layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x.to(self.conv1.weight.dtype))))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))  # (B, width, S/4, S/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32 width, S/32, S/32)
+        return self.attnpool(x)  # (B, D)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)  # the GELU approximation CLIP was trained with
+
+
+class MultiheadAttention(nn.Module):
+    """Self-attention holding nn.MultiheadAttention's parameters (in_proj_weight/in_proj_bias
+    packed q, k, v; out_proj) but computing with scaled_dot_product_attention, batch-first."""
+
+    def __init__(self, d_model, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x, causal=False):
+        B, L, W = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, L, W)
+        out = F.scaled_dot_product_attention(_heads(q, self.n_head), _heads(k, self.n_head),
+                                             _heads(v, self.n_head), is_causal=causal)  # (B, H, L, W/H)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, W))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, d_model, n_head, causal=False):
+        super().__init__()
+        self.causal = causal  # text tower: each position sees itself and the positions before it
+        self.attn = MultiheadAttention(d_model, n_head)
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(d_model, d_model * 4))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(d_model * 4, d_model))
+        self.ln_2 = nn.LayerNorm(d_model)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x), causal=self.causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, causal=False):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)  # (B, L, W)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.patch_size = patch_size
+        self.output_dim = output_dim
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # (B, W, S/p, S/p)
+        grid = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + resize_pos_embed(self.positional_embedding, grid).to(x.dtype)
+        x = self.transformer(self.ln_pre(x))  # (B, 1+g*g, W)
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, D)
+
+
+class CLIP(nn.Module):
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+        super().__init__()
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.embed_dim = embed_dim
+        if isinstance(vision_layers, (tuple, list)):
+            # OpenAI's convention: 64-dim heads over the 32*width attention-pool features
+            self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64,
+                                         image_resolution, vision_width)
+        else:
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                            vision_layers, vision_width // 64, embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = nn.LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """OpenAI's initialisation (used when training a CLIP from scratch, e.g. synthetic-lt)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if isinstance(self.visual, ModifiedResNet):
+            pool = self.visual.attnpool
+            for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                nn.init.normal_(proj.weight, std=pool.c_proj.in_features ** -0.5)
+            for name, p in self.visual.named_parameters():
+                if name.endswith("bn3.weight"):
+                    nn.init.zeros_(p)  # each residual branch starts as zero
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std, attn_std, fc_std = (width ** -0.5) * ((2 * layers) ** -0.5), width ** -0.5, (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    @property
+    def dtype(self):
+        return self.visual.conv1.weight.dtype
+
+    def encode_image(self, images):
+        return self.visual(images.to(self.dtype))  # (B, D)
+
+    def encode_text(self, tokens, truncate=True):
+        """tokens (n, L) from tokenize() -> (n, D), read at each sequence's EOT (its largest id)."""
+        return self.encode_text_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1), truncate)
+
+    def encode_text_embeddings(self, x, eot_index, truncate=True):
+        """x (n, L, W): token embeddings WITHOUT positional embeddings (the prompt learner splices
+        its learned context vectors in here); eot_index (n,): where each sequence's EOT is.
+        Returns (n, D). The mask is causal, so positions after the last EOT cannot change any
+        output read at or before it: with truncate=True the tower runs on x[:, :max(eot)+1] only,
+        the same features for a fraction of the work (SPEC section 7)."""
+        n, L, W = x.shape
+        if truncate:
+            L = int(eot_index.max()) + 1
+            x = x[:, :L]
+        x = x.to(self.dtype) + self.positional_embedding[:L].to(self.dtype)  # (n, L, W)
+        x = self.ln_final(self.transformer(x))  # (n, L, W)
+        return x[torch.arange(n, device=x.device), eot_index] @ self.text_projection  # (n, D)
+
+    def forward(self, images, tokens):
+        image = F.normalize(self.encode_image(images), dim=-1)
+        text = F.normalize(self.encode_text(tokens), dim=-1)
+        logits = self.logit_scale.exp() * image @ text.t()  # (B, n)
+        return logits, logits.t()
+
+
+_NOT_PARAMETERS = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's archives
+
+
+def build_clip(state_dict):
+    """OpenAI-layout state dict -> CLIP in fp32, eval mode. Every size is read from tensor shapes
+    (as OpenAI's build_model); head counts follow OpenAI's 64 dims per head."""
+    sd = {k: v for k, v in state_dict.items() if k not in _NOT_PARAMETERS}
+    for key in ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight",
+                "visual.conv1.weight"):
+        if key not in sd:
+            raise KeyError(f"not a CLIP state dict: missing '{key}'")
+    if "visual.proj" in sd:  # ViT
+        vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+        vision_layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        image_resolution = patch * grid
+    else:  # ResNet
+        vision_layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{i}.")})
+                              for i in (1, 2, 3, 4))
+        vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        patch, image_resolution = None, grid * 32
+    width = sd["ln_final.weight"].shape[0]
+    model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
+                 vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=patch,
+                 context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                 transformer_width=width, transformer_heads=width // 64,
+                 transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # OpenAI ships fp16
+    model.load_state_dict(sd, strict=True)
+    return model.float().eval()
+
+
+_OPENAI_URL = "https://openaipublic.azureedge.net/clip/models"
+# name -> url; the second-to-last path component is the file's SHA-256, as OpenAI publishes it
+KNOWN_MODELS = {
+    "RN50": f"{_OPENAI_URL}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "RN101": f"{_OPENAI_URL}/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+    "RN50x4": f"{_OPENAI_URL}/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+    "RN50x16": f"{_OPENAI_URL}/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+    "RN50x64": f"{_OPENAI_URL}/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+    "ViT-B/32": f"{_OPENAI_URL}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": f"{_OPENAI_URL}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": f"{_OPENAI_URL}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": f"{_OPENAI_URL}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+
+
+def available_models():
+    return list(KNOWN_MODELS)
+
+
+def clip_cache_dir(download_root=None):
+    return Path(download_root).expanduser() if download_root else Path("~/.cache/clip").expanduser()
+
+
+def _sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(url, dst):
+    """Stream url into the open binary file dst. (A seam: tests replace it to stay offline.)"""
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=60) as src:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            dst.write(chunk)
+
+
+def _download(name, root):
+    """Known model name -> verified local file root/<file>. The download goes to a temporary
+    file in the same folder and is renamed into place only after its SHA-256 matches, so the
+    cache never holds a partial or wrong file."""
+    url = KNOWN_MODELS[name]
+    sha, filename = url.split("/")[-2], url.split("/")[-1]
+    target = root / filename
+    if target.is_file():
+        if _sha256(target) == sha:
+            return target, sha
+        print(f"{target} exists but its SHA-256 does not match {sha}; downloading it again", file=sys.stderr)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{filename}.{os.getpid()}.part"
+    try:
+        with open(tmp, "wb") as f:
+            _fetch(url, f)
+        got = _sha256(tmp)
+        if got != sha:
+            raise RuntimeError(f"downloaded {url} but its SHA-256 is {got}, expected {sha}; "
+                               f"nothing was written to {target}")
+        os.replace(tmp, target)
+    except OSError as e:  # offline, DNS, HTTP errors (URLError is an OSError)
+        raise RuntimeError(f"CLIP model '{name}' is not in the cache and could not be downloaded "
+                           f"({e}). Offline? Download {url} elsewhere and put it at {target} "
+                           f"(SHA-256 {sha}), or pass a checkpoint path instead of a name.") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target, sha
+
+
+def _read_state_dict(path):
+    """A TorchScript archive (OpenAI's release format) or a plain state dict -> {name: tensor}."""
+    import zipfile
+    try:
+        is_script = zipfile.is_zipfile(path) and any(
+            n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
+        if is_script:
+            import warnings
+            with warnings.catch_warnings():  # torch.jit is deprecated, but it is OpenAI's format
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot read CLIP checkpoint {path}: the file is truncated, corrupted or not "
+                           f"a TorchScript archive / state dict ({type(e).__name__}: {e})") from e
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) or isinstance(v, int) for v in sd.values()):
+        raise RuntimeError(f"CLIP checkpoint {path} does not hold a state dict (a dict of tensors)")
+    return sd
+
+
+def load_clip(name_or_path, device="cpu", download_root=None):
+    """A known model name (available_models(); cached in ~/.cache/clip, downloaded with SHA-256
+    check when absent) or a checkpoint path -> CLIP (fp32, eval) with
+    model.source = {"name", "sha256"} identifying the exact weights."""
+    name_or_path = str(name_or_path)
+    if name_or_path in KNOWN_MODELS:
+        path, sha = _download(name_or_path, clip_cache_dir(download_root))
+    elif Path(name_or_path).expanduser().is_file():
+        path = Path(name_or_path).expanduser()
+        sha = _sha256(path)
+    else:
+        raise FileNotFoundError(f"CLIP model '{name_or_path}' is neither a file nor a known model "
+                                f"name ({', '.join(available_models())})")
+    state_dict = _read_state_dict(path)
+    try:
+        model = build_clip(state_dict)
+    except (KeyError, RuntimeError) as e:
+        raise RuntimeError(f"cannot build CLIP from {path}: {e}") from e
+    model.source = {"name": name_or_path, "sha256": sha}
+    return model.to(device)
 
 # -----------------------------------------------------------------------------
 # image transforms
@@ -110,8 +631,394 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # label graph, GCN, prompt learner, CAPNet
 
+# Label graph (SPEC 1 step 3). The graph comes from the frozen text encoder, not from the
+# imbalanced training labels: tail classes get neighbours because their names are similar to
+# others, not because they co-occur often (they rarely do). `cooccur` and `identity` are the
+# ablations.
+GRAPH_MODES = ("text", "cooccur", "identity")
+ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
+
+
+def prompt_name(name):
+    """A class name as it is written into a prompt: underscores become spaces."""
+    return name.replace("_", " ")
+
+
+@torch.no_grad()
+def zero_shot_text_features(clip, classnames, templates=ZERO_SHOT_TEMPLATES, chunk=256):
+    """g_c = normalize(mean_t normalize(E_T(template_t(name_c)))): plain CLIP's class embeddings.
+
+    This is both the zero-shot baseline's classifier and the node features of the text graph.
+    """
+    device = clip.token_embedding.weight.device
+    texts = [t.format(prompt_name(name)) for name in classnames for t in templates]
+    for name in classnames:  # fail with the class named, not deep inside the tokenizer
+        if len(_tokenizer().encode(templates[0].format(prompt_name(name)))) + 2 > clip.context_length:
+            raise ValueError(f"class name {name!r} does not fit CLIP's context length "
+                             f"{clip.context_length} in the prompt {templates[0]!r}")
+    feats = []
+    for i in range(0, len(texts), chunk):  # chunks bound the memory for 1000s of classes
+        tokens = tokenize(texts[i:i + chunk], context_length=clip.context_length).to(device)
+        feats.append(F.normalize(clip.encode_text(tokens).float(), dim=-1))  # (n, D)
+    feats = torch.cat(feats).view(len(classnames), len(templates), -1)  # (C, T, D)
+    return F.normalize(feats.mean(dim=1), dim=-1)  # (C, D)
+
+
+def reweight_graph(A, p):
+    """P = (1 - p) I + p A: keep weight 1 - p on the class itself, spread p over its
+    neighbours (ML-GCN's re-weighting, which stops over-smoothing). A rows sum to 1, or are
+    all zero for a class with no neighbour, which then gets the identity row."""
+    C = A.shape[0]
+    eye = torch.eye(C, dtype=A.dtype, device=A.device)
+    has_neighbour = A.sum(dim=1, keepdim=True) > 0  # (C, 1)
+    return torch.where(has_neighbour, (1 - p) * eye + p * A, eye)  # (C, C)
+
+
+def text_graph(G, s, p):
+    """A_ij = softmax_{j != i}(s * S_ij) with S = G G^T; P = (1 - p) I + p A."""
+    C = G.shape[0]
+    S = G @ G.T  # (C, C) cosine similarities of the class embeddings
+    logits = (s * S).masked_fill(torch.eye(C, dtype=torch.bool, device=G.device), float("-inf"))
+    A = torch.softmax(logits, dim=1) if C > 1 else torch.zeros_like(S)  # one class: no neighbour
+    return reweight_graph(A, p)
+
+
+def cooccur_graph(targets, p, threshold=0.4):
+    """ML-GCN: P(j|i) = n_ij / n_i from the training labels, binarised at `threshold`
+    (>= counts as an edge), row-normalised, then P = (1 - p) I + p A."""
+    Y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)  # (N, C)
+    n_ij = Y.T @ Y  # (C, C) co-occurrence counts
+    n_i = n_ij.diagonal().clamp(min=1)  # a class with no image has no edge (0 / 1 = 0)
+    cond = n_ij / n_i[:, None]  # (C, C) P(j | i)
+    B = (cond >= threshold).double()
+    B.fill_diagonal_(0)  # the self-loop is added by the (1 - p) I term
+    A = B / B.sum(dim=1, keepdim=True).clamp(min=1)  # rows of 1s / degree, or all zero
+    return reweight_graph(A, p)
+
+
+def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, threshold=0.4):
+    """The propagation matrix P (C, C), float32 on the CPU, rows summing to 1."""
+    if mode == "text":
+        P = text_graph(zero_shot_text_features(clip, classnames).double().cpu(), s, p)
+    elif mode == "cooccur":
+        if train_targets is None:
+            raise ValueError("graph mode 'cooccur' needs the training labels (train_targets)")
+        P = cooccur_graph(train_targets, p, threshold)
+    elif mode == "identity":
+        P = torch.eye(len(classnames), dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown graph mode {mode!r}; expected one of {GRAPH_MODES}")
+    return P.float()
+
+
+def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
+    """A few lines about P: how much weight goes to neighbours, and who the rarest classes
+    borrow from (the point of the text graph)."""
+    P = torch.as_tensor(P, dtype=torch.float64).cpu()
+    C = P.shape[0]
+    off = P - torch.diag(P.diagonal())  # (C, C) neighbour weights only
+    lines = [f"label graph: {C} classes, mean neighbour weight per class {off.sum(1).mean():.3f}, "
+             f"mean self weight {P.diagonal().mean():.3f}, "
+             f"edges > 1/C: {int((off > 1.0 / C).sum())}"]
+    for i in np.argsort(np.asarray(counts), kind="stable")[:min(n_rare, C)]:
+        w, j = off[i].topk(min(n_top, C - 1)) if C > 1 else (off[i][:0], off[i][:0].long())
+        nbrs = ", ".join(f"{classnames[k]} {v:.3f}" for v, k in zip(w.tolist(), j.tolist()) if v > 0)
+        lines.append(f"  {classnames[i]} (n={int(counts[i])}): {nbrs or 'no neighbours'}")
+    return "\n".join(lines)
+
+
+class GCN(nn.Module):
+    """Three-layer residual GCN (SPEC 1 step 4):
+    H1 = LeakyReLU(P F_t W0), H2 = LeakyReLU(P H1 W1), F_hat = F_t + P H2 W2.
+    W2 starts at zero, so the untrained GCN is the identity on F_t."""
+
+    def __init__(self, dim, P, negative_slope=0.2, backend="auto"):
+        super().__init__()
+        self.register_buffer("P", torch.as_tensor(P, dtype=torch.float32).clone())  # (C, C)
+        # our choice: W0, W1 ~ N(0, 1/D) keep the feature norm roughly constant layer to layer
+        self.W0 = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))  # (D, D)
+        self.W1 = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))  # (D, D)
+        self.W2 = nn.Parameter(torch.zeros(dim, dim))  # (D, D) zero: F_hat = F_t at the start
+        self.negative_slope = negative_slope
+        self.backend = backend
+
+    def forward(self, F_t):
+        P = self.P.to(F_t.dtype)
+        kw = dict(negative_slope=self.negative_slope, backend=self.backend)
+        H1 = graph_propagate(P, F_t, self.W0.to(F_t.dtype), activation=True, **kw)  # (C, D)
+        H2 = graph_propagate(P, H1, self.W1.to(F_t.dtype), activation=True, **kw)  # (C, D)
+        dF = graph_propagate(P, H2, self.W2.to(F_t.dtype), activation=False, **kw)  # (C, D)
+        return F_t + dF  # (C, D)
+
+
+# Prompt learner (SPEC 1 step 2, as in LMPT/CoOp with class-specific context).
+
+class PromptLearner(nn.Module):
+    """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT].
+
+    The M context vectors of every class are learned; all other token embeddings are the
+    frozen CLIP's. With `ctx_init` (e.g. "a photo of a") every class's context starts as that
+    template's token embeddings and M is the template's token count (CoOp's convention;
+    `n_ctx` is then ignored), so the untrained prompts read exactly "a photo of a {name}."
+    """
+
+    def __init__(self, clip, classnames, n_ctx=16, ctx_init=""):
+        super().__init__()
+        # a reference, not a submodule: the frozen CLIP is registered once, under CAPNet.clip
+        object.__setattr__(self, "clip", clip)
+        device = clip.token_embedding.weight.device
+        bpe = _tokenizer()
+        init_ids = bpe.encode(ctx_init) if ctx_init else []
+        if ctx_init and not init_ids:
+            raise ValueError(f"ctx_init {ctx_init!r} has no tokens")
+        M = len(init_ids) if ctx_init else n_ctx
+        if M < 1:
+            raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+        sot, eot = tokenize([""])[0, :2].tolist()  # [SOT] [EOT] of the empty text
+        rows, eot_index = [], []
+        for name in classnames:
+            name_ids = bpe.encode(prompt_name(name) + ".")
+            ids = [sot] + [0] * M + name_ids + [eot]  # the zeros are replaced by the context
+            if len(ids) > clip.context_length:
+                raise ValueError(f"the prompt of class {name!r} needs {len(ids)} tokens ({M} context "
+                                 f"+ {len(name_ids)} for the name + SOT/EOT), more than CLIP's "
+                                 f"context length {clip.context_length}; shorten the name or --n-ctx")
+            rows.append(ids)
+            eot_index.append(len(ids) - 1)
+        # the text encoder is causal: positions after the last EOT never matter, so keep only
+        # max(EOT) + 1 positions (SPEC 7: same features, a fraction of the work)
+        L = max(eot_index) + 1
+        token_ids = torch.zeros(len(classnames), L, dtype=torch.long)  # (C, L)
+        for c, ids in enumerate(rows):
+            token_ids[c, :len(ids)] = torch.tensor(ids)
+        token_ids = token_ids.to(device)
+        with torch.no_grad():
+            emb = clip.token_embedding(token_ids).float()  # (C, L, W)
+            if ctx_init:
+                init = clip.token_embedding(torch.tensor(init_ids, device=device)).float()  # (M, W)
+                ctx = init.unsqueeze(0).repeat(len(classnames), 1, 1)  # (C, M, W)
+            else:
+                ctx = torch.randn(len(classnames), M, emb.shape[-1], device=device) * 0.02  # (C, M, W)
+        self.n_ctx = M
+        self.ctx = nn.Parameter(ctx)  # (C, M, W)
+        # frozen pieces, rebuilt from CLIP on load, so not saved in checkpoints
+        self.register_buffer("token_ids", token_ids, persistent=False)  # (C, L)
+        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, W) SOT
+        self.register_buffer("suffix", emb[:, 1 + M:].clone(), persistent=False)  # (C, L-1-M, W)
+        self.register_buffer("eot_index", torch.tensor(eot_index, device=device), persistent=False)  # (C,)
+
+    def embeddings(self):
+        """Token embeddings of the prompts (without positional embeddings): (C, L, W)."""
+        dtype = self.clip.token_embedding.weight.dtype
+        return torch.cat([self.prefix, self.ctx, self.suffix], dim=1).to(dtype)  # (C, L, W)
+
+    def forward(self):
+        x = self.clip.encode_text_embeddings(self.embeddings(), self.eot_index)  # (C, D)
+        return F.normalize(x.float(), dim=-1)  # (C, D) F_t
+
+
+# PEFT on the image tower (SPEC 1 step 5).
+
+def adapter_bottleneck(num_classes, num_layers):
+    """LIFT's rule: r = 2^max(0, floor(log2(C / (2 L))))."""
+    return 2 ** max(0, math.floor(math.log2(num_classes / (2 * num_layers))))
+
+
+class AdaptFormer(nn.Module):
+    """s_a * Up(ReLU(Down(LN_a(h)))), run in parallel with a block's MLP."""
+
+    def __init__(self, width, r):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)  # LN_a
+        self.down = nn.Linear(width, r)
+        self.up = nn.Linear(r, width)
+        nn.init.zeros_(self.up.weight)  # zero: the adapted tower starts as the frozen one
+        nn.init.zeros_(self.up.bias)
+        self.scale = nn.Parameter(torch.ones(()))  # s_a
+
+    def forward(self, h):
+        return self.scale * self.up(F.relu(self.down(self.ln(h))))
+
+
+class AdaptFormerBlock(ResidualAttentionBlock):
+    """A ViT block with an AdaptFormer beside its MLP:
+    h = x + Attn(LN1(x)); out = h + MLP(LN2(h)) + s_a * Up(ReLU(Down(LN_a(h)))).
+    Made by `add_adaptformer` from an existing block, keeping its (frozen, OpenAI-named)
+    submodules in place; the adapter's parameters live under `.adapter`."""
+
+    def forward(self, x):
+        h = x + self.attention(self.ln_1(x))
+        return h + self.mlp(self.ln_2(h)) + self.adapter(h)
+
+
+def add_adaptformer(visual, num_classes, adapter_dim=0):
+    """Put an AdaptFormer beside the MLP of every block of a ViT image tower, in place.
+    Returns the bottleneck r."""
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"AdaptFormer needs a ViT image tower, got {type(visual).__name__}")
+    blocks = visual.transformer.resblocks
+    width = visual.conv1.out_channels
+    r = adapter_dim if adapter_dim > 0 else adapter_bottleneck(num_classes, len(blocks))
+    ref = visual.conv1.weight
+    for block in blocks:
+        # swap the block's class so its forward gains the adapter; the object, its frozen
+        # submodules and their parameter names (what OpenAI checkpoints load into) stay as they are
+        block.__class__ = AdaptFormerBlock
+        block.adapter = AdaptFormer(width, r).to(device=ref.device, dtype=ref.dtype)
+    return r
+
+
+def bias_tuning_parameters(visual):
+    """ResNet bias tuning: every BatchNorm bias and the attention pool's projection biases."""
+    params = [m.bias for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
+    pool = visual.attnpool
+    return params + [pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias, pool.c_proj.bias]
+
+
+def enable_bias_tuning(visual):
+    if not isinstance(visual, ModifiedResNet):
+        raise ValueError(f"bias tuning needs a ResNet image tower, got {type(visual).__name__}")
+    for param in bias_tuning_parameters(visual):
+        param.requires_grad_(True)
+
+
+# The model (SPEC 1 steps 5, 6, 9).
+LOGIT_SCALE_MAX = math.log(100.0)  # t <= ln(100), as in CLIP's training
+
+
+class CAPNet(nn.Module):
+    """logits z_c = exp(t) * cos(normalize(E_I(x)), F_hat_c), F_hat = GCN(PromptLearner())."""
+
+    def __init__(self, clip, classnames, cfg, class_freq=None, train_targets=None):
+        super().__init__()
+        if len(classnames) == 0:
+            raise ValueError("CAPNet needs at least one class")
+        if cfg.peft not in ("adaptformer", "none"):
+            raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer' or 'none'")
+        self.classnames = list(classnames)
+        self.clip = clip.eval()
+        for param in clip.parameters():
+            param.requires_grad_(False)  # frozen backbone (step 1)
+        self.prompt_learner = PromptLearner(clip, classnames, cfg.n_ctx, cfg.ctx_init)
+        P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p,
+                              cfg.cooccur_threshold)
+        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(clip.token_embedding.weight.device)
+        self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
+        self.peft = "none"
+        if cfg.peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
+            self.adapter_dim = add_adaptformer(clip.visual, len(classnames), cfg.adapter_dim)
+            self.peft = "adaptformer"
+        elif cfg.peft == "adaptformer":  # the --peft adaptformer default means bias tuning on ResNets
+            enable_bias_tuning(clip.visual)
+            self.peft = "bias"
+        self._text_cache = None  # (key, F_hat) in eval mode
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # frozen: BatchNorm keeps its running statistics even in training
+        self._text_cache = None
+        return self
+
+    def trainable_parts(self):
+        """Everything that trains (step 9), by part."""
+        peft = [p for n, p in self.clip.visual.named_parameters() if ".adapter." in n]
+        if self.peft == "bias":
+            peft = bias_tuning_parameters(self.clip.visual)
+        return {"prompts": [self.prompt_learner.ctx],
+                "gcn": [self.gcn.W0, self.gcn.W1, self.gcn.W2],
+                "temperature": [self.logit_scale],
+                "peft": peft}
+
+    def no_decay_parameters(self):
+        """Parameters trained without weight decay: the temperature and the adapter scales."""
+        scales = [m.scale for m in self.clip.visual.modules() if isinstance(m, AdaptFormer)]
+        return {self.logit_scale, *scales}
+
+    def trainable_summary(self):
+        """A table of trainable parameter counts by part, and the frozen rest."""
+        parts = self.trainable_parts()
+        counts = {k: sum(p.numel() for p in v) for k, v in parts.items()}
+        trainable = sum(counts.values())
+        total = sum(p.numel() for p in self.parameters())
+        peft = {"adaptformer": "peft (AdaptFormer)", "bias": "peft (bias tuning)"}.get(self.peft, "peft (none)")
+        names = {"prompts": "prompts", "gcn": "gcn", "temperature": "temperature", "peft": peft}
+        lines = [f"{names[k]:<20} {v:>12,}" for k, v in counts.items()]
+        lines += [f"{'trainable':<20} {trainable:>12,}",
+                  f"{'frozen (CLIP)':<20} {total - trainable:>12,}"]
+        return "\n".join(lines)
+
+    def clamp_temperature_(self):
+        """Keep t <= ln(100) in the parameter itself (call after each optimizer step): the
+        clamp in forward alone would leave t stuck above the bound with zero gradient."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
+
+    def class_features(self):
+        """F_hat (C, D). In eval mode the prompts are fixed, so it is computed once (SPEC 7);
+        the cache key holds the parameters' storage and version counters, so loading a state
+        dict, an optimizer step or a device move recomputes it."""
+        if self.training:
+            return self.gcn(self.prompt_learner())
+        params = [self.prompt_learner.ctx, self.gcn.W0, self.gcn.W1, self.gcn.W2, self.gcn.P]
+        key = tuple((p.data_ptr(), p._version) for p in params) + (torch.is_autocast_enabled(),)
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, self.gcn(self.prompt_learner()))
+        return self._text_cache[1]
+
+    def forward(self, images):
+        v = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # (B, D)
+        F_hat = F.normalize(self.class_features().float(), dim=-1)  # (C, D)
+        t = self.logit_scale.clamp(max=LOGIT_SCALE_MAX)
+        return t.exp() * v @ F_hat.T  # (B, C)
+
+
 # -----------------------------------------------------------------------------
 # losses
+
+# The DB-focal loss itself (SPEC 3) is `db_focal_loss` in the fused-op section; here are the
+# class-aware weights and the loss the trainer uses.
+LOSSES = ("db-focal", "bce", "focal")
+
+
+def class_aware_weights(class_freq, tau_prime):
+    """class_weight_c = C * softmax_c(-log(n_c) / tau'): rarer classes weigh more, the mean
+    weight is 1; tau' = inf turns it off (all ones)."""
+    n = torch.as_tensor(np.asarray(class_freq), dtype=torch.float64)  # (C,)
+    if (n <= 0).any():
+        c = int((n <= 0).nonzero()[0])
+        raise ValueError(f"class {c} has no training image: class-aware weights are undefined")
+    if not tau_prime > 0:
+        raise ValueError(f"tau_prime must be > 0 (or inf to turn re-weighting off), got {tau_prime}")
+    if math.isinf(tau_prime):
+        return torch.ones(len(n), dtype=torch.float32)
+    return (len(n) * torch.softmax(-n.log() / tau_prime, dim=0)).float()  # (C,)
+
+
+def focal_loss(logits, targets, gamma=2.0):
+    """Plain sigmoid focal loss, mean over B*C: (1 - p_t)^gamma * BCE (ablation)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # (B, C)
+    return ((1 - torch.exp(-bce)) ** gamma * bce).mean()
+
+
+def make_criterion(cfg, class_freq, num_images):
+    """fn(logits (B, C), targets (B, C)) -> scalar, the training loss chosen by cfg.loss."""
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; expected one of {LOSSES}")
+    if cfg.loss == "bce":
+        return lambda logits, targets: F.binary_cross_entropy_with_logits(logits, targets)
+    if cfg.loss == "focal":
+        return lambda logits, targets: focal_loss(logits, targets, cfg.gamma)
+    freq = torch.as_tensor(np.asarray(class_freq), dtype=torch.float32)  # (C,)
+    weight = class_aware_weights(freq, cfg.tau_prime)  # checks the counts too
+
+    def criterion(logits, targets):
+        return db_focal_loss(logits, targets, freq.to(logits.device), num_images,
+                             alpha=cfg.alpha, beta=cfg.beta, mu=cfg.mu, kappa=cfg.kappa,
+                             lam=cfg.lam, gamma=cfg.gamma, balance=cfg.balance,
+                             class_weight=weight.to(logits.device), backend=cfg.backend)
+    return criterion
+
 
 # -----------------------------------------------------------------------------
 # metrics

@@ -290,3 +290,106 @@ def test_load_clip_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
 
 # -----------------------------------------------------------------------------
 # bench
+
+@pytest.fixture(scope="module")
+def bench_model():
+    model, train_targets = capnet._bench_model(dict(capnet.BENCH_TINY_VIT, transformer_layers=1), 6,
+                                               torch.device("cpu"))
+    return model, train_targets
+
+
+def _bench_forward_backward(model, images, targets, criterion):
+    """Logits and the gradients of every trainable parameter for one train-mode step."""
+    model.train()
+    params = [p for part in model.trainable_parts().values() for p in part]
+    for p in params:
+        p.grad = None
+    logits = model(images)  # (B, C)
+    criterion(logits, targets).backward()
+    return [logits.detach()] + [p.grad.clone() for p in params]
+
+
+def test_fast_paths_exact_on_and_off(bench_model):
+    # each fast path of the train step on vs off: same logits and gradients (float rounding only)
+    model, train_targets = bench_model
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    targets = torch.from_numpy(train_targets[:3])
+    cfg = capnet.Config()
+    crit = capnet.make_criterion(cfg, train_targets.sum(0), len(train_targets))
+    crit_ref = capnet.make_criterion(capnet.Config(backend="torch"), train_targets.sum(0), len(train_targets))
+    fast = _bench_forward_backward(model, images, targets, crit)
+    try:
+        capnet._set_fast_paths(model, truncate=False, fused=True)
+        no_truncate = _bench_forward_backward(model, images, targets, crit)
+        capnet._set_fast_paths(model, truncate=True, fused=False)
+        no_fused = _bench_forward_backward(model, images, targets, crit_ref)
+        capnet._set_fast_paths(model)
+        with capnet._attention_context(sdpa=False):
+            no_sdpa = _bench_forward_backward(model, images, targets, crit)
+    finally:
+        capnet._set_fast_paths(model)
+    for other in (no_truncate, no_fused, no_sdpa):
+        for a, b in zip(fast, other):  # logits carry exp(t) = 14.3: cosines agree to ~1e-7
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fast[0].abs().max() > 0.1  # logits are not trivially zero
+
+
+def test_eval_cache_exact(bench_model):
+    model, _ = bench_model
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        cached = [model(images) for _ in range(2)]  # the second call reads the cache
+        model._text_cache = None
+        fresh = model(images)
+    torch.testing.assert_close(cached[1], fresh, rtol=0, atol=0)
+    torch.testing.assert_close(cached[0], fresh, rtol=0, atol=0)
+
+
+def test_compile_matches_eager(bench_model):
+    # torch.compile through the fused ops (custom ops when the extension is built): the
+    # aot_eager backend traces forward and backward like inductor does, without its C++ build
+    model, train_targets = bench_model
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    targets = torch.from_numpy(train_targets[:2])
+    crit = capnet.make_criterion(capnet.Config(), train_targets.sum(0), len(train_targets))
+    eager = _bench_forward_backward(model, images, targets, crit)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    got = _bench_forward_backward(compiled, images, targets, crit)
+    for a, b in zip(eager, got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_vit_flop_formula_matches_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    clip = capnet._bench_clip(capnet.BENCH_TINY_VIT, torch.device("cpu"))
+    images = torch.randn(2, 3, 32, 32)
+    # the math attention path shows its two matmuls to the counter (the fused SDPA kernel does not)
+    with torch.no_grad(), capnet._attention_context(sdpa=False), FlopCounterMode(display=False) as counter:
+        clip.encode_image(images)
+    assert capnet._vit_forward_flops(clip.visual, 2) == counter.get_total_flops()
+
+
+def test_bench_quick_json_and_table(tmp_path, capsys):
+    import json
+    path = tmp_path / "bench.json"
+    result = capnet.bench(quick=True, json_path=str(path))
+    assert json.loads(path.read_text()) == result
+    machine, rows = result["machine"], {r["name"]: r for r in result["rows"]}
+    assert machine["quick"] is True and machine["fp32_gemm_gflops"] > 0
+    required = ["loss_fused_vs_ref", "propagate_fused_vs_ref", "text_truncated_vs_full",
+                "train_step_fast_vs_naive"] + (["train_step_bf16_vs_fp32"] if machine["bf16"] else [])
+    assert set(required) <= set(rows)
+    table = capsys.readouterr().out
+    for name, r in rows.items():
+        assert {"name", "baseline_ms", "fast_ms", "ratio", "max_abs_diff"} <= set(r)
+        assert r["baseline_ms"] > 0 and r["fast_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["baseline_ms"] / r["fast_ms"], rel=1e-3)
+        assert name in table
+        if name.startswith(("train_step_bf16", "image_fwd_vs_gemm")):
+            continue
+        assert r["max_abs_diff"] < 1e-4, name  # every fp32 fast path gives the same outputs
+    # truncation really shortened the text context: 16 context tokens + name + SOT/EOT
+    assert "22 of 77 positions" in rows["text_truncated_vs_full"]["note"]

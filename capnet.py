@@ -652,12 +652,9 @@ def zero_shot_text_features(clip, classnames, templates=ZERO_SHOT_TEMPLATES, chu
     """
     device = clip.token_embedding.weight.device
     texts = [t.format(prompt_name(name)) for name in classnames for t in templates]
-    for name in classnames:  # fail with the class named, not deep inside the tokenizer
-        if len(_tokenizer().encode(templates[0].format(prompt_name(name)))) + 2 > clip.context_length:
-            raise ValueError(f"class name {name!r} does not fit CLIP's context length "
-                             f"{clip.context_length} in the prompt {templates[0]!r}")
     feats = []
     for i in range(0, len(texts), chunk):  # chunks bound the memory for 1000s of classes
+        # a prompt too long for the context is tokenize's error, which quotes the text
         tokens = tokenize(texts[i:i + chunk], context_length=clip.context_length).to(device)
         feats.append(F.normalize(clip.encode_text(tokens).float(), dim=-1))  # (n, D)
     feats = torch.cat(feats).view(len(classnames), len(templates), -1)  # (C, T, D)
@@ -721,7 +718,7 @@ def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
              f"mean self weight {P.diagonal().mean():.3f}, "
              f"edges > 1/C: {int((off > 1.0 / C).sum())}"]
     for i in np.argsort(np.asarray(counts), kind="stable")[:min(n_rare, C)]:
-        w, j = off[i].topk(min(n_top, C - 1)) if C > 1 else (off[i][:0], off[i][:0].long())
+        w, j = off[i].topk(min(n_top, C - 1))
         nbrs = ", ".join(f"{classnames[k]} {v:.3f}" for v, k in zip(w.tolist(), j.tolist()) if v > 0)
         lines.append(f"  {classnames[i]} (n={int(counts[i])}): {nbrs or 'no neighbours'}")
     return "\n".join(lines)
@@ -743,11 +740,10 @@ class GCN(nn.Module):
         self.backend = backend
 
     def forward(self, F_t):
-        P = self.P.to(F_t.dtype)
         kw = dict(negative_slope=self.negative_slope, backend=self.backend)
-        H1 = graph_propagate(P, F_t, self.W0.to(F_t.dtype), activation=True, **kw)  # (C, D)
-        H2 = graph_propagate(P, H1, self.W1.to(F_t.dtype), activation=True, **kw)  # (C, D)
-        dF = graph_propagate(P, H2, self.W2.to(F_t.dtype), activation=False, **kw)  # (C, D)
+        H1 = graph_propagate(self.P, F_t, self.W0, activation=True, **kw)  # (C, D)
+        H2 = graph_propagate(self.P, H1, self.W1, activation=True, **kw)  # (C, D)
+        dF = graph_propagate(self.P, H2, self.W2, activation=False, **kw)  # (C, D)
         return F_t + dF  # (C, D)
 
 
@@ -774,11 +770,10 @@ class PromptLearner(nn.Module):
         M = len(init_ids) if ctx_init else n_ctx
         if M < 1:
             raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
-        sot, eot = tokenize([""])[0, :2].tolist()  # [SOT] [EOT] of the empty text
         rows, eot_index = [], []
         for name in classnames:
             name_ids = bpe.encode(prompt_name(name) + ".")
-            ids = [sot] + [0] * M + name_ids + [eot]  # the zeros are replaced by the context
+            ids = [SOT] + [0] * M + name_ids + [EOT]  # the zeros are replaced by the context
             if len(ids) > clip.context_length:
                 raise ValueError(f"the prompt of class {name!r} needs {len(ids)} tokens ({M} context "
                                  f"+ {len(name_ids)} for the name + SOT/EOT), more than CLIP's "
@@ -852,8 +847,8 @@ class AdaptFormerBlock(ResidualAttentionBlock):
     submodules in place; the adapter's parameters live under `.adapter`."""
 
     def forward(self, x):
-        h = x + self.attention(self.ln_1(x))
-        return h + self.mlp(self.ln_2(h)) + self.adapter(h)
+        h = x + self.attn(self.ln_1(x), causal=self.causal)  # (B, L, W)
+        return h + self.mlp(self.ln_2(h)) + self.adapter(h)  # (B, L, W)
 
 
 def add_adaptformer(visual, num_classes, adapter_dim=0):
@@ -901,6 +896,7 @@ class CAPNet(nn.Module):
         if cfg.peft not in ("adaptformer", "none"):
             raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer' or 'none'")
         self.classnames = list(classnames)
+        self.class_freq = None if class_freq is None else np.asarray(class_freq)  # for graph_summary
         self.clip = clip.eval()
         for param in clip.parameters():
             param.requires_grad_(False)  # frozen backbone (step 1)
@@ -951,6 +947,10 @@ class CAPNet(nn.Module):
         lines += [f"{'trainable':<20} {trainable:>12,}",
                   f"{'frozen (CLIP)':<20} {total - trainable:>12,}"]
         return "\n".join(lines)
+
+    def graph_summary(self):
+        counts = self.class_freq if self.class_freq is not None else np.zeros(len(self.classnames))
+        return graph_stats(self.gcn.P, self.classnames, counts)
 
     def clamp_temperature_(self):
         """Keep t <= ln(100) in the parameter itself (call after each optimizer step): the
@@ -1015,7 +1015,11 @@ def make_criterion(cfg, class_freq, num_images):
     if cfg.loss == "focal":
         return lambda logits, targets: focal_loss(logits, targets, cfg.gamma)
     freq = torch.as_tensor(np.asarray(class_freq), dtype=torch.float32)  # (C,)
-    weight = class_aware_weights(freq, cfg.tau_prime)  # checks the counts too
+    weight = class_aware_weights(freq, cfg.tau_prime)  # checks that every class has an image
+    if (freq >= num_images).any():  # the NTR bias needs log(N / n_c - 1) finite
+        c = int((freq >= num_images).nonzero()[0])
+        raise ValueError(f"class {c} is in every training image ({int(freq[c])} of {num_images}): "
+                         f"the DB-focal NTR bias log(N / n - 1) is undefined; use --loss bce or focal")
 
     def criterion(logits, targets):
         return db_focal_loss(logits, targets, freq.to(logits.device), num_images,

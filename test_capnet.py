@@ -276,6 +276,586 @@ def test_load_clip_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # model, graph, GCN, prompts, losses, metrics
 
+import math  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+
+def tiny_clip_state_dict(vision="vit", seed=0, embed_dim=32, width=64, layers=2):
+    """A random CLIP state dict in OpenAI's layout (the keys and shapes build_clip reads):
+    text width 64 (one head), 2 layers, the full 49408-token vocabulary and 77 positions;
+    image tower a 2-layer ViT (patch 16, 32 px) or a ResNet with one block per stage
+    (width 8, 64 px)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def rand(*shape, std=0.02):
+        return torch.randn(*shape, generator=g) * std
+
+    def ln(prefix, w):
+        sd[prefix + ".weight"] = 1 + rand(w, std=0.1)
+        sd[prefix + ".bias"] = rand(w, std=0.1)
+
+    def transformer(prefix, w, n):
+        for i in range(n):
+            b = f"{prefix}.resblocks.{i}."
+            sd[b + "attn.in_proj_weight"] = rand(3 * w, w, std=w ** -0.5)
+            sd[b + "attn.in_proj_bias"] = rand(3 * w)
+            sd[b + "attn.out_proj.weight"] = rand(w, w, std=w ** -0.5)
+            sd[b + "attn.out_proj.bias"] = rand(w)
+            ln(b + "ln_1", w)
+            sd[b + "mlp.c_fc.weight"] = rand(4 * w, w, std=w ** -0.5)
+            sd[b + "mlp.c_fc.bias"] = rand(4 * w)
+            sd[b + "mlp.c_proj.weight"] = rand(w, 4 * w, std=(4 * w) ** -0.5)
+            sd[b + "mlp.c_proj.bias"] = rand(w)
+            ln(b + "ln_2", w)
+
+    def bn(prefix, c):
+        ln(prefix, c)  # weight and bias
+        sd[prefix + ".running_mean"] = rand(c, std=0.1)
+        sd[prefix + ".running_var"] = 1 + rand(c, std=0.1).abs()
+        sd[prefix + ".num_batches_tracked"] = torch.tensor(0)
+
+    def conv(key, cout, cin, k):
+        sd[key] = rand(cout, cin, k, k, std=(cin * k * k) ** -0.5)
+
+    # text tower
+    sd["positional_embedding"] = rand(77, width, std=0.01)
+    sd["token_embedding.weight"] = rand(49408, width)
+    transformer("transformer", width, layers)
+    ln("ln_final", width)
+    sd["text_projection"] = rand(width, embed_dim, std=width ** -0.5)
+    sd["logit_scale"] = torch.tensor(math.log(1 / 0.07))
+    if vision == "vit":
+        vw, patch, grid = 64, 16, 2
+        conv("visual.conv1.weight", vw, 3, patch)
+        sd["visual.class_embedding"] = rand(vw, std=vw ** -0.5)
+        sd["visual.positional_embedding"] = rand(grid * grid + 1, vw, std=vw ** -0.5)
+        ln("visual.ln_pre", vw)
+        transformer("visual.transformer", vw, layers)
+        ln("visual.ln_post", vw)
+        sd["visual.proj"] = rand(vw, embed_dim, std=vw ** -0.5)
+    elif vision == "resnet":
+        w = 8
+        conv("visual.conv1.weight", w // 2, 3, 3)
+        bn("visual.bn1", w // 2)
+        conv("visual.conv2.weight", w // 2, w // 2, 3)
+        bn("visual.bn2", w // 2)
+        conv("visual.conv3.weight", w, w // 2, 3)
+        bn("visual.bn3", w)
+        inplanes = w
+        for stage, planes in enumerate([w, 2 * w, 4 * w, 8 * w], start=1):
+            b = f"visual.layer{stage}.0."
+            conv(b + "conv1.weight", planes, inplanes, 1)
+            bn(b + "bn1", planes)
+            conv(b + "conv2.weight", planes, planes, 3)
+            bn(b + "bn2", planes)
+            conv(b + "conv3.weight", 4 * planes, planes, 1)
+            bn(b + "bn3", 4 * planes)
+            conv(b + "downsample.0.weight", 4 * planes, inplanes, 1)
+            bn(b + "downsample.1", 4 * planes)
+            inplanes = 4 * planes
+        e = 32 * w  # attention-pool width (2 x 2 grid at 64 px)
+        sd["visual.attnpool.positional_embedding"] = rand(5, e, std=e ** -0.5)
+        for proj in ["q_proj", "k_proj", "v_proj"]:
+            sd[f"visual.attnpool.{proj}.weight"] = rand(e, e, std=e ** -0.5)
+            sd[f"visual.attnpool.{proj}.bias"] = rand(e)
+        sd["visual.attnpool.c_proj.weight"] = rand(embed_dim, e, std=e ** -0.5)
+        sd["visual.attnpool.c_proj.bias"] = rand(embed_dim)
+    else:
+        raise ValueError(vision)
+    return sd
+
+
+def tiny_clip(vision="vit", seed=0):
+    return capnet.build_clip(tiny_clip_state_dict(vision, seed))
+
+
+TINY_CLASSES = ["dog", "cat", "traffic_light", "sofa", "potted_plant"]
+TINY_COUNTS = np.array([120, 60, 30, 12, 5])
+
+
+def tiny_cfg(**kw):
+    return capnet.Config(**{"n_ctx": 4, **kw})
+
+
+def tiny_images(vision, n=3, seed=0):
+    size = 32 if vision == "vit" else 64
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_targets(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, len(TINY_CLASSES))) < 0.4).astype(np.float32)
+
+
+def tiny_capnet(vision="vit", seed=0, **cfg):
+    torch.manual_seed(seed)
+    return capnet.CAPNet(tiny_clip(vision, seed), TINY_CLASSES, tiny_cfg(**cfg), TINY_COUNTS,
+                         tiny_targets())
+
+
+# prompt learner
+
+def test_prompt_learner_layout_and_random_init():
+    clip = tiny_clip()
+    torch.manual_seed(0)
+    pl = capnet.PromptLearner(clip, TINY_CLASSES, n_ctx=16)
+    C, W = len(TINY_CLASSES), clip.token_embedding.weight.shape[1]
+    assert pl.ctx.shape == (C, 16, W)
+    assert abs(pl.ctx.std().item() - 0.02) < 0.001 and abs(pl.ctx.mean().item()) < 0.001
+    bpe = capnet._tokenizer()
+    c = TINY_CLASSES.index("traffic_light")
+    name_ids = bpe.encode("traffic light.")  # underscore -> space, then the full stop
+    eot = int(pl.eot_index[c])
+    assert eot == 1 + 16 + len(name_ids)
+    assert pl.token_ids[c, 0] == 49406 and pl.token_ids[c, eot] == 49407
+    assert pl.token_ids[c, 17:eot].tolist() == name_ids
+    assert pl.token_ids.shape[1] == int(pl.eot_index.max()) + 1  # truncated to the longest prompt
+    # the frozen pieces are CLIP's token embeddings; the context sits at positions 1..M
+    x = pl.embeddings()
+    assert torch.equal(x[:, 1:17], pl.ctx)
+    assert torch.equal(x[c, 17:eot + 1], clip.token_embedding(pl.token_ids[c, 17:eot + 1]))
+    F_t = pl()
+    assert F_t.shape == (C, clip.embed_dim)
+    torch.testing.assert_close(F_t.norm(dim=-1), torch.ones(C))
+    F_t.sum().backward()
+    assert pl.ctx.grad is not None and pl.ctx.grad.abs().sum() > 0
+    assert not any("clip" in k for k in pl.state_dict())  # CLIP is a reference, not saved twice
+
+
+def test_prompt_learner_template_init_is_zero_shot_clip():
+    """Context from "a photo of a": the untrained prompts are exactly plain CLIP's prompts."""
+    clip = tiny_clip()
+    pl = capnet.PromptLearner(clip, TINY_CLASSES, n_ctx=16, ctx_init="a photo of a")
+    assert pl.n_ctx == 4 and pl.ctx.shape[1] == 4
+    ids = torch.tensor(capnet._tokenizer().encode("a photo of a"))
+    for c in range(len(TINY_CLASSES)):
+        assert torch.equal(pl.ctx[c], clip.token_embedding(ids))
+    with torch.no_grad():
+        torch.testing.assert_close(pl(), capnet.zero_shot_text_features(clip, TINY_CLASSES),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_too_long_names_the_class():
+    clip = tiny_clip()
+    long_name = "very_" * 70 + "long"
+    with pytest.raises(ValueError, match="class 'very_very_.*_long'"):
+        capnet.PromptLearner(clip, ["dog", long_name], n_ctx=16)
+    # a name that fits alone but not with 70 context tokens
+    with pytest.raises(ValueError, match="'dog'.*context length 77"):
+        capnet.PromptLearner(clip, ["dog"], n_ctx=74)
+    capnet.PromptLearner(clip, ["dog"], n_ctx=73)  # SOT + 73 + "dog" + "." + EOT = 77 fits
+
+
+def test_zero_shot_text_features_average_templates():
+    clip = tiny_clip()
+    t = ("a photo of a {}.", "a drawing of a {}.")
+    g = capnet.zero_shot_text_features(clip, ["traffic_light", "dog"], t)
+    with torch.no_grad():
+        e = F.normalize(clip.encode_text(capnet.tokenize(
+            ["a photo of a traffic light.", "a drawing of a traffic light."])), dim=-1)
+    torch.testing.assert_close(g[0], F.normalize(e.mean(0), dim=-1), rtol=1e-5, atol=1e-6)
+
+
+# label graph
+
+def test_text_graph_formula():
+    clip = tiny_clip()
+    s, p = 10.0, 0.2
+    P = capnet.build_label_graph("text", clip, TINY_CLASSES, None, s=s, p=p)
+    G = capnet.zero_shot_text_features(clip, TINY_CLASSES).double()
+    C = len(TINY_CLASSES)
+    expected = torch.zeros(C, C, dtype=torch.float64)
+    for i in range(C):
+        e = [math.exp(s * float(G[i] @ G[j])) if j != i else 0.0 for j in range(C)]
+        for j in range(C):
+            expected[i, j] = (1 - p) if i == j else p * e[j] / sum(e)
+    assert P.dtype == torch.float32 and P.shape == (C, C)
+    torch.testing.assert_close(P.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(P.sum(1), torch.ones(C))
+    # sharper s puts more of the neighbour weight on the most similar class
+    P50 = capnet.build_label_graph("text", clip, TINY_CLASSES, None, s=50.0, p=p)
+    off = lambda m: m - torch.diag(m.diagonal())
+    assert (off(P50).max(1).values >= off(P).max(1).values - 1e-7).all()
+
+
+def test_cooccur_graph_by_hand():
+    # 4 classes; class 3 never co-occurs with anything -> identity row
+    Y = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    # n = [3, 3, 2, 1]; P(j|i): row 0 [-, 2/3, 1/3, 0], row 1 [2/3, -, 1/3, 0], row 2 [1/2, 1/2, -, 0]
+    P = capnet.build_label_graph("cooccur", None, list("abcd"), Y, p=0.2, threshold=0.4)
+    expected = torch.tensor([[0.8, 0.2, 0.0, 0.0],
+                             [0.2, 0.8, 0.0, 0.0],
+                             [0.1, 0.1, 0.8, 0.0],
+                             [0.0, 0.0, 0.0, 1.0]])
+    torch.testing.assert_close(P, expected)
+    # P(j|i) == threshold counts as an edge (ML-GCN binarises with >=)
+    P = capnet.build_label_graph("cooccur", None, list("abcd"), Y, p=0.2, threshold=1 / 3)
+    expected[0] = torch.tensor([0.8, 0.1, 0.1, 0.0])
+    expected[1] = torch.tensor([0.1, 0.8, 0.1, 0.0])
+    torch.testing.assert_close(P, expected)
+
+
+def test_identity_graph_and_bad_mode():
+    P = capnet.build_label_graph("identity", None, list("abc"), None)
+    assert torch.equal(P, torch.eye(3))
+    with pytest.raises(ValueError, match="'nope'"):
+        capnet.build_label_graph("nope", None, list("abc"), None)
+    with pytest.raises(ValueError, match="cooccur"):
+        capnet.build_label_graph("cooccur", None, list("abc"), None)
+
+
+def test_graph_stats_names_rarest_classes():
+    P = torch.tensor([[0.8, 0.15, 0.05], [0.1, 0.8, 0.1], [0.02, 0.18, 0.8]])
+    text = capnet.graph_stats(P, ["head", "mid", "rare"], np.array([100, 30, 3]))
+    assert "mean neighbour weight per class 0.200" in text
+    lines = text.splitlines()
+    assert lines[1].startswith("  rare (n=3): mid 0.180, head 0.020")
+    assert lines[2].startswith("  mid (n=30)")
+    model = tiny_capnet("vit", graph="identity")
+    assert "potted_plant (n=5): no neighbours" in model.graph_summary()
+
+
+# GCN
+
+def test_gcn_formula_and_zero_init():
+    torch.manual_seed(0)
+    C, D = 5, 8
+    P = torch.softmax(torch.randn(C, C), dim=1)
+    gcn = capnet.GCN(D, P, negative_slope=0.2, backend="torch")
+    F_t = torch.randn(C, D)
+    assert torch.equal(gcn(F_t), F_t)  # W2 = 0: the GCN starts as the identity
+    with torch.no_grad():
+        gcn.W2.normal_()
+    lrelu = lambda x: torch.where(x > 0, x, 0.2 * x)
+    H1 = lrelu(P @ F_t @ gcn.W0)
+    H2 = lrelu(P @ H1 @ gcn.W1)
+    torch.testing.assert_close(gcn(F_t), F_t + P @ H2 @ gcn.W2, rtol=1e-5, atol=1e-5)
+    assert {n for n, _ in gcn.named_parameters()} == {"W0", "W1", "W2"}
+
+
+# PEFT
+
+def test_adapter_bottleneck_rule():
+    # r = 2^max(0, floor(log2(C / (2 L))))
+    assert capnet.adapter_bottleneck(80, 12) == 2      # 80/24 = 3.3
+    assert capnet.adapter_bottleneck(20, 12) == 1      # < 1 -> 2^0
+    assert capnet.adapter_bottleneck(48, 12) == 2      # exactly 2
+    assert capnet.adapter_bottleneck(47, 12) == 1
+    assert capnet.adapter_bottleneck(1000, 12) == 32   # 41.7
+    assert capnet.adapter_bottleneck(81, 24) == 1
+
+
+def test_adaptformer_block_formula_and_checkpoint_names():
+    sd = tiny_clip_state_dict("vit")
+    clip = capnet.build_clip(dict(sd))
+    reference = capnet.build_clip(dict(sd))
+    x = tiny_images("vit")
+    r = capnet.add_adaptformer(clip.visual, num_classes=5, adapter_dim=3)
+    assert r == 3
+    with torch.no_grad():  # zero-initialised Up: the tower is unchanged
+        torch.testing.assert_close(clip.encode_image(x), reference.encode_image(x), rtol=0, atol=0)
+    # frozen weights keep OpenAI's names: the checkpoint still loads, only adapters are new
+    missing, unexpected = clip.load_state_dict(
+        {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")},
+        strict=False)
+    assert unexpected == [] and missing and all(".adapter." in k for k in missing)
+    block, ref_block = clip.visual.transformer.resblocks[0], reference.visual.transformer.resblocks[0]
+    a = block.adapter
+    assert a.down.out_features == 3 and a.scale.detach().item() == 1.0
+    with torch.no_grad():
+        a.up.weight.normal_()
+        a.up.bias.normal_()
+        a.scale.fill_(0.5)
+        h = torch.randn(2, 4, 64)  # (B, L, W) a residual stream
+        hh = h + ref_block.attn(ref_block.ln_1(h))
+        extra = 0.5 * a.up(torch.relu(a.down(F.layer_norm(hh, (64,), a.ln.weight, a.ln.bias))))
+        torch.testing.assert_close(block(h), ref_block(h) + extra, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="ViT"):
+        capnet.add_adaptformer(tiny_clip("resnet").visual, 5)
+
+
+def _expected_trainable(sd, peft):
+    names = {"prompt_learner.ctx", "gcn.W0", "gcn.W1", "gcn.W2", "logit_scale"}
+    if peft == "adaptformer":
+        for i in range(2):
+            names |= {f"clip.visual.transformer.resblocks.{i}.adapter.{p}" for p in
+                      ["ln.weight", "ln.bias", "down.weight", "down.bias", "up.weight", "up.bias", "scale"]}
+    if peft == "bias":  # read off OpenAI's key names: BatchNorm biases + attention-pool biases
+        names |= {"clip." + k for k in sd if k.startswith("visual.") and k.endswith(".bias")
+                  and (".bn" in k or "downsample.1" in k or "attnpool." in k)}
+    return names
+
+
+@pytest.mark.parametrize("vision,peft,kind", [("vit", "adaptformer", "adaptformer"),
+                                               ("resnet", "adaptformer", "bias"),
+                                               ("vit", "none", "none"), ("resnet", "none", "none")])
+def test_exactly_the_trainable_parts_require_grad(vision, peft, kind):
+    model = tiny_capnet(vision, peft=peft)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = _expected_trainable(tiny_clip_state_dict(vision), kind)
+    assert trainable == expected
+    if kind == "bias":
+        assert len(expected) == 5 + 3 + 4 * 4 + 4  # stem BNs, 4 blocks x 4 BNs, 4 pool biases
+    parts = model.trainable_parts()
+    assert {id(p) for ps in parts.values() for p in ps} == \
+        {id(p) for p in model.parameters() if p.requires_grad}
+    table = model.trainable_summary()
+    n_prompts = len(TINY_CLASSES) * 4 * 64
+    assert f"prompts {n_prompts:>12,}".replace(" ", "") in table.replace(" ", "")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"trainable{n_train:,}" in table.replace(" ", "")
+    no_decay = model.no_decay_parameters()
+    assert model.logit_scale in no_decay
+    assert len(no_decay) == 1 + (2 if kind == "adaptformer" else 0)
+
+
+def test_resnet_batchnorm_statistics_stay_frozen_in_training():
+    model = tiny_capnet("resnet").train()
+    bn = model.clip.visual.bn1
+    before = bn.running_mean.clone()
+    model(tiny_images("resnet"))
+    assert not bn.training and torch.equal(bn.running_mean, before)
+
+
+# CAPNet
+
+@pytest.mark.parametrize("vision", ["vit", "resnet"])
+def test_untrained_capnet_is_clip_with_the_learned_prompts(vision):
+    sd = tiny_clip_state_dict(vision)
+    plain = capnet.build_clip(dict(sd))
+    torch.manual_seed(0)
+    model = capnet.CAPNet(capnet.build_clip(dict(sd)), TINY_CLASSES, tiny_cfg(), TINY_COUNTS, None)
+    x = tiny_images(vision)
+    with torch.no_grad():
+        logits = model(x)
+        v = F.normalize(plain.encode_image(x), dim=-1)
+        F_t = model.prompt_learner()
+        expected = plain.logit_scale.exp() * v @ F_t.T
+    assert logits.shape == (3, len(TINY_CLASSES))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    # with the context started from the template it is zero-shot CLIP
+    model = capnet.CAPNet(capnet.build_clip(dict(sd)), TINY_CLASSES, tiny_cfg(ctx_init="a photo of a"),
+                          TINY_COUNTS, None)
+    with torch.no_grad():
+        zs = plain.logit_scale.exp() * v @ capnet.zero_shot_text_features(plain, TINY_CLASSES).T
+        torch.testing.assert_close(model(x), zs, rtol=1e-5, atol=1e-5)
+
+
+def test_temperature_is_clamped_at_100():
+    model = tiny_capnet("vit")
+    x = tiny_images("vit")
+    with torch.no_grad():
+        model.logit_scale.fill_(1.0)
+        cos = model(x) / math.e
+        model.logit_scale.fill_(10.0)
+        torch.testing.assert_close(model(x), 100 * cos, rtol=1e-5, atol=1e-5)
+        model.clamp_temperature_()
+    assert math.isclose(model.logit_scale.item(), math.log(100), rel_tol=1e-6)
+
+
+def test_eval_caches_the_text_side():
+    model = tiny_capnet("vit")
+    with torch.no_grad():
+        model.gcn.W2.normal_(std=0.1)  # a GCN that does something
+    model.eval()
+    f1 = model.class_features()
+    assert model.class_features() is f1  # cached
+    uncached = model.gcn(model.prompt_learner())
+    torch.testing.assert_close(f1, uncached, rtol=0, atol=0)
+    model.train()
+    f_train = model.class_features()
+    assert f_train.requires_grad and torch.equal(f_train.detach(), f1)
+    model.eval()
+    f2 = model.class_features()
+    with torch.no_grad():
+        model.prompt_learner.ctx.add_(0.5)  # an in-place change (an optimizer step, a load)
+    f3 = model.class_features()
+    assert f3 is not f2 and not torch.allclose(f3, f2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["gcn.W2"].zero_()
+    model.load_state_dict(state)
+    torch.testing.assert_close(model.class_features(), model.prompt_learner(), rtol=0, atol=0)
+
+
+def test_capnet_rejects_bad_config():
+    with pytest.raises(ValueError, match="peft 'lora'"):
+        tiny_capnet("vit", peft="lora")
+    with pytest.raises(ValueError, match="graph mode 'knn'"):
+        tiny_capnet("vit", graph="knn")
+
+
+def test_capnet_trains_on_random_data_with_decreasing_loss():
+    for vision in ["vit", "resnet"]:
+        model = tiny_capnet(vision, graph="cooccur").train()
+        criterion = capnet.make_criterion(model_cfg := tiny_cfg(), TINY_COUNTS, 200)
+        params = [p for ps in model.trainable_parts().values() for p in ps]
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        x = tiny_images(vision, n=8, seed=1)
+        y = torch.tensor(tiny_targets(8, seed=1))
+        losses = []
+        for _ in range(6):
+            loss = criterion(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            model.clamp_temperature_()
+            losses.append(loss.item())
+        assert all(math.isfinite(l) for l in losses) and model_cfg.loss == "db-focal"
+        assert losses[-1] < 0.9 * losses[0], (vision, losses)
+        assert model.gcn.W2.abs().sum() > 0 and model.prompt_learner.ctx.grad is not None
+
+
+# losses
+
+def db_focal_by_hand(z, y, n, N, alpha=0.1, beta=10.0, mu=0.2, kappa=0.05, lam=2.0, gamma=2.0,
+                     balance=2.0, cw=None):
+    """SPEC 3, element by element in plain Python floats (reduction none)."""
+    out = []
+    for zb, yb in zip(z, y):
+        row_sum = sum(yk / nk for yk, nk in zip(yb, n))
+        row = []
+        for c, (zc, yc) in enumerate(zip(zb, yb)):
+            if row_sum > 0:
+                r = (1 / n[c]) / row_sum
+                w = alpha + 1 / (1 + math.exp(-beta * (r - mu)))
+            else:
+                w = alpha + 1  # r = inf
+            z1 = zc - kappa / lam * math.log(N / n[c] - 1)
+            z2 = z1 if yc == 1 else lam * z1
+            w2 = w if yc == 1 else w / lam
+            bce = max(z2, 0) - z2 * yc + math.log1p(math.exp(-abs(z2)))
+            pt = math.exp(-bce)
+            row.append(balance * (1 - pt) ** gamma * w2 * bce * (1.0 if cw is None else cw[c]))
+        out.append(row)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+N_2x3 = [10.0, 40.0, 90.0]
+
+
+def test_db_focal_loss_hand_computed_2x3():
+    n, N = torch.tensor(N_2x3, dtype=torch.float64), 100
+    # z[0, 0] and z[0, 1] cancel the NTR bias (z' = 0): their loss is written out below
+    z = torch.tensor([[0.025 * math.log(9), 0.025 * math.log(1.5), -1.0],
+                      [0.7, -0.3, 2.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    loss = capnet.db_focal_loss_reference(z, y, n, N, reduction="none")
+    sig = lambda t: 1 / (1 + math.exp(-t))
+    # (0, 0): y = 1, only positive of its row: r = 1, w = 0.1 + sigmoid(10 * 0.8); z'' = 0:
+    # bce = log 2, p_t = 1/2 -> 2 * (1/2)^2 * w * log 2
+    assert math.isclose(loss[0, 0].item(), 2 * 0.25 * (0.1 + sig(8.0)) * math.log(2), rel_tol=1e-12)
+    # (0, 1): y = 0, r = (1/40)/(1/10) = 0.25, w' = (0.1 + sigmoid(0.5)) / 2, z'' = 2 * 0 = 0
+    assert math.isclose(loss[0, 1].item(), 2 * 0.25 * (0.1 + sig(0.5)) / 2 * math.log(2), rel_tol=1e-12)
+    torch.testing.assert_close(loss, db_focal_by_hand(z.tolist(), y.tolist(), N_2x3, N),
+                               rtol=1e-12, atol=1e-14)
+    cw = [0.5, 1.0, 1.5]
+    loss = capnet.db_focal_loss_reference(z, y, n, N, class_weight=torch.tensor(cw, dtype=torch.float64),
+                                          reduction="none", mu=0.3, lam=5.0, gamma=1.5)
+    torch.testing.assert_close(loss, db_focal_by_hand(z.tolist(), y.tolist(), N_2x3, N, mu=0.3,
+                                                      lam=5.0, gamma=1.5, cw=cw), rtol=1e-12, atol=1e-14)
+
+
+def test_db_focal_loss_reductions_and_inputs_untouched():
+    torch.manual_seed(0)
+    n = torch.tensor(N_2x3, dtype=torch.float64)
+    z = torch.randn(4, 3, dtype=torch.float64)
+    y = (torch.rand(4, 3) < 0.5).double()
+    z0, y0 = z.clone(), y.clone()
+    none = capnet.db_focal_loss_reference(z, y, n, 100, reduction="none")
+    assert none.shape == (4, 3)
+    torch.testing.assert_close(capnet.db_focal_loss_reference(z, y, n, 100), none.mean())
+    torch.testing.assert_close(capnet.db_focal_loss_reference(z, y, n, 100, reduction="sum"), none.sum())
+    assert torch.equal(z, z0) and torch.equal(y, y0)
+
+
+def test_db_focal_loss_reduces_to_weighted_bce():
+    """gamma = 0 and no NTR (kappa = 0, lambda = 1): balance * w * class_weight * BCE."""
+    torch.manual_seed(1)
+    n = torch.tensor(N_2x3, dtype=torch.float64)
+    z = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 0, 1]], dtype=torch.float64)
+    cw = torch.tensor([0.7, 1.1, 1.2], dtype=torch.float64)
+    r = (1 / n) / (y / n).sum(1, keepdim=True)  # (B, C)
+    w = 0.1 + torch.sigmoid(10.0 * (r - 0.2))
+    expected = F.binary_cross_entropy_with_logits(z, y, weight=2.0 * w * cw)
+    got = capnet.db_focal_loss_reference(z, y, n, 100, gamma=0.0, kappa=0.0, lam=1.0, class_weight=cw)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_db_focal_loss_row_without_positive():
+    n = torch.tensor(N_2x3, dtype=torch.float64)
+    z = torch.tensor([[0.3, -1.2, 2.5], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    got = capnet.db_focal_loss_reference(z, y, n, 100, gamma=0.0, kappa=0.0, lam=1.0, balance=1.0,
+                                         reduction="none")
+    # w = alpha + 1 on the empty row: the r -> inf limit
+    torch.testing.assert_close(got[0], 1.1 * F.binary_cross_entropy_with_logits(z[0], y[0], reduction="none"),
+                               rtol=1e-12, atol=1e-14)
+    full = capnet.db_focal_loss_reference(z, y, n, 100, reduction="none")
+    assert torch.isfinite(full).all()
+    torch.testing.assert_close(full, db_focal_by_hand(z.tolist(), y.tolist(), N_2x3, 100),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_db_focal_loss_gradient_matches_finite_differences():
+    torch.manual_seed(2)
+    n = torch.tensor(N_2x3, dtype=torch.float64)
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    cw = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    z = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    f = lambda z: capnet.db_focal_loss_reference(z, y, n, 100, class_weight=cw)
+    f(z).backward()
+    eps = 1e-6
+    fd = torch.zeros_like(z)
+    with torch.no_grad():
+        for i in range(2):
+            for j in range(3):
+                d = torch.zeros_like(z)
+                d[i, j] = eps
+                fd[i, j] = (f(z + d) - f(z - d)) / (2 * eps)
+    torch.testing.assert_close(z.grad, fd, rtol=1e-6, atol=1e-9)
+    assert torch.autograd.gradcheck(f, (z,))
+
+
+def test_class_aware_weights():
+    n = np.array([1, 10, 100, 1000])
+    w = capnet.class_aware_weights(n, 4.0)
+    expected = 4 * n ** -0.25 / (n ** -0.25).sum()  # C * softmax(-log n / 4)
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+    assert math.isclose(float(w.sum()), 4.0, rel_tol=1e-6) and (w.diff() < 0).all()
+    assert torch.equal(capnet.class_aware_weights(n, float("inf")), torch.ones(4))
+    with pytest.raises(ValueError, match="class 2 has no training image"):
+        capnet.class_aware_weights([3, 4, 0], 4.0)
+    with pytest.raises(ValueError, match="tau_prime"):
+        capnet.class_aware_weights(n, 0.0)
+
+
+def test_make_criterion_losses():
+    torch.manual_seed(3)
+    n, N = np.array([10, 40, 90]), 100
+    z = torch.randn(6, 3)
+    y = (torch.rand(6, 3) < 0.5).float()
+    bce = capnet.make_criterion(tiny_cfg(loss="bce"), n, N)(z, y)
+    torch.testing.assert_close(bce, F.binary_cross_entropy_with_logits(z, y))
+    e = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+    focal = capnet.make_criterion(tiny_cfg(loss="focal", gamma=2.0), n, N)(z, y)
+    torch.testing.assert_close(focal, ((1 - torch.exp(-e)) ** 2 * e).mean())
+    nf = torch.tensor(n, dtype=torch.float32)
+    db = capnet.make_criterion(tiny_cfg(tau_prime=4.0, mu=0.3, lam=5.0), n, N)(z, y)
+    torch.testing.assert_close(db, capnet.db_focal_loss_reference(
+        z, y, nf, N, mu=0.3, lam=5.0, class_weight=capnet.class_aware_weights(n, 4.0)))
+    # tau' = inf: class weight 1, the plain DB-focal loss
+    db_off = capnet.make_criterion(tiny_cfg(tau_prime=float("inf")), n, N)(z, y)
+    torch.testing.assert_close(db_off, capnet.db_focal_loss_reference(z, y, nf, N))
+    assert not torch.allclose(db_off, capnet.make_criterion(tiny_cfg(), n, N)(z, y))
+    with pytest.raises(ValueError, match="'mse'"):
+        capnet.make_criterion(tiny_cfg(loss="mse"), n, N)
+    with pytest.raises(ValueError, match="class 1 is in every training image"):
+        capnet.make_criterion(tiny_cfg(), [10, 100, 5], 100)
+
+
 # -----------------------------------------------------------------------------
 # fused ops and the extension
 

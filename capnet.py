@@ -85,6 +85,7 @@ class Config:
     log_every: int = 10               # steps between progress lines
     skip_bad_images: bool = False     # count and skip unreadable images instead of failing
     resume: bool = False              # continue runs/<name>/ from its checkpoint
+    ckpt_every: int = 0               # extra checkpoint every this many steps (0: end of each epoch only)
 
 
 # per-benchmark presets: only what differs from the Config defaults
@@ -625,8 +626,302 @@ def load_clip(name_or_path, device="cpu", download_root=None):
 # -----------------------------------------------------------------------------
 # image transforms
 
+# Written with PIL, numpy and torch (no torchvision). preprocess() reproduces OpenAI's CLIP
+# transform (torchvision Resize(size, BICUBIC) of the short side, CenterCrop, RGB, ToTensor,
+# Normalize) on PIL images, whose BICUBIC resize antialiases when shrinking.
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_rgb(path):
+    """Image file -> PIL RGB image, decoded now (so a truncated file fails here, by name)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:  # missing, unreadable, truncated, not an image
+        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def to_tensor(img):
+    """PIL RGB (W x H) -> (3, H, W) float32, CLIP-normalised."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def resize_short_side(img, size):
+    """Bicubic resize so the short side is `size`; the long side is floored as torchvision does."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    from PIL import Image
+    return img.resize((new_w, new_h), Image.BICUBIC)
+
+
+def crop(img, top, left, size):
+    return img.crop((left, top, left + size, top + size))
+
+
+def center_crop(img, size):
+    w, h = img.size
+    return crop(img, int(round((h - size) / 2.0)), int(round((w - size) / 2.0)), size)  # torchvision rounding
+
+
+def preprocess(img, size):
+    """PIL image -> (3, size, size): OpenAI's CLIP eval transform."""
+    return to_tensor(center_crop(resize_short_side(img.convert("RGB"), size), size))
+
+
+def train_augment(img, size, rng, scale=(0.5, 1.0)):
+    """Random resized crop (torchvision's RandomResizedCrop sampling: area fraction in `scale`,
+    log-uniform aspect ratio in [3/4, 4/3], ten tries, then a centre fallback), bicubic resize to
+    size x size, horizontal flip with p = 0.5. All randomness from the numpy Generator `rng`,
+    so a (seed, epoch, index) triple fixes the view exactly."""
+    from PIL import Image
+    img = img.convert("RGB")
+    W, H = img.size
+    box = None
+    for _ in range(10):
+        area = W * H * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            box = (left, top, left + w, top + h)
+            break
+    if box is None:  # fallback: the whole image, cut to an aspect ratio inside [3/4, 4/3], centred
+        w, h = W, H
+        if W / H < 3 / 4:
+            h = int(round(W / (3 / 4)))
+        elif W / H > 4 / 3:
+            w = int(round(H * 4 / 3))
+        top, left = (H - h) // 2, (W - w) // 2
+        box = (left, top, left + w, top + h)
+    img = img.crop(box).resize((size, size), Image.BICUBIC)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(img)
+
+
+def tte_views(img, size, n_views=5):
+    """Test-time views -> (V, 3, size, size). The short side goes to round(size * 248 / 224)
+    (224 -> 248, SPEC section 1 step 8); 5 = the four corner crops and the centre crop (in
+    torchvision FiveCrop's order), 10 = those and their mirror images, 1 = the centre crop of
+    the same resize (assumption: --tte 1 is one of the five views, so TTE ablations differ in
+    the number of views only)."""
+    from PIL import Image
+    if n_views not in (1, 5, 10):
+        raise ValueError(f"n_views must be 1, 5 or 10, got {n_views}")
+    img = resize_short_side(img.convert("RGB"), round(size * 248 / 224))
+    W, H = img.size
+    if n_views == 1:
+        views = [center_crop(img, size)]
+    else:
+        views = [crop(img, 0, 0, size), crop(img, 0, W - size, size), crop(img, H - size, 0, size),
+                 crop(img, H - size, W - size, size), center_crop(img, size)]
+    if n_views == 10:
+        views += [v.transpose(Image.FLIP_LEFT_RIGHT) for v in views]
+    return torch.stack([to_tensor(v) for v in views])  # (V, 3, size, size)
+
 # -----------------------------------------------------------------------------
 # data
+
+# Class statistics are always taken from the train split (SPEC section 5). Group rule of the
+# VOC-LT / COCO-LT papers: head n >= 100, medium 20 <= n < 100, tail n < 20.
+HEAD_MIN = 100
+TAIL_MIN = 20
+
+
+def class_group(n):
+    """'head' | 'medium' | 'tail' for a class with n training images."""
+    if n >= HEAD_MIN:
+        return "head"
+    return "medium" if n >= TAIL_MIN else "tail"
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset (data/<name>/dataset.json, SPEC section 5), validated."""
+    name: str
+    classes: list          # class names, index order
+    image_root: Path       # absolute folder the relative image paths hang from
+    train: list            # [(relpath, [label indices]), ...]
+    test: list
+    source: dict           # how it was made (free form, from data_prep)
+
+
+def _check_items(items, split, classes, json_path):
+    # every item is [relpath, [distinct int labels in range]]; no image twice
+    seen = set()
+    out = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], (list, tuple))):
+            raise ValueError(f"{json_path}: {split}[{i}] is not [relpath, [labels]]: {item!r:.80}")
+        relpath, labels = item
+        if relpath in seen:
+            raise ValueError(f"{json_path}: duplicate image {relpath!r} in {split}")
+        seen.add(relpath)
+        for label in labels:
+            if not isinstance(label, int) or isinstance(label, bool):
+                raise ValueError(f"{json_path}: {split} image {relpath!r} has a non-integer label {label!r}")
+            if not 0 <= label < len(classes):
+                raise ValueError(f"{json_path}: {split} image {relpath!r} has label {label}, "
+                                 f"out of range for {len(classes)} classes (0..{len(classes) - 1})")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"{json_path}: {split} image {relpath!r} repeats a label: {labels}")
+        out.append((relpath, list(labels)))
+    return out, seen
+
+
+def load_prepared(path):
+    """Read and validate a dataset.json (SPEC sections 5 and 8); every error names the bad thing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prepared dataset at {path} (make it with data_prep.py, see README)")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    for key in ("name", "classes", "image_root", "train", "test"):
+        if key not in d:
+            raise ValueError(f"{path}: missing key {key!r}")
+    classes = d["classes"]
+    if not isinstance(classes, list) or len(classes) == 0:
+        raise ValueError(f"{path}: empty class list")
+    for i, c in enumerate(classes):
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"{path}: class {i} has no name: {c!r}")
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    if dup:
+        raise ValueError(f"{path}: duplicate class name(s) {dup}")
+    train, train_set = _check_items(d["train"], "train", classes, path)
+    test, test_set = _check_items(d["test"], "test", classes, path)
+    if not train:
+        raise ValueError(f"{path}: the train split is empty")
+    if not test:
+        raise ValueError(f"{path}: the test split is empty")
+    both = sorted(train_set & test_set)
+    if both:
+        raise ValueError(f"{path}: {len(both)} image(s) in both train and test, e.g. {both[0]!r}")
+    # the DB loss needs n_c > 0 (r_bc = (1/n_c) / ...), and AP of an unseen class says nothing
+    counts = class_counts(train, len(classes))
+    empty = [classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(f"{path}: class {empty[0]!r} has no training image"
+                         + (f" (also {empty[1:]})" if len(empty) > 1 else ""))
+    root = Path(d["image_root"])
+    if not root.is_absolute():
+        root = path.parent / root  # relative roots hang from the json's folder
+    return Prepared(name=d["name"], classes=list(classes), image_root=root.resolve(),
+                    train=train, test=test, source=d.get("source", {}))
+
+
+def multihot(items, num_classes):
+    """[(relpath, labels)] -> (N, C) float32 0/1 targets."""
+    y = np.zeros((len(items), num_classes), np.float32)  # (N, C)
+    for i, (_, labels) in enumerate(items):
+        y[i, list(labels)] = 1.0
+    return y
+
+
+def class_counts(items, num_classes):
+    """n_c: number of images carrying class c -> (C,) int64."""
+    n = np.zeros(num_classes, np.int64)
+    for _, labels in items:
+        n[list(labels)] += 1
+    return n
+
+
+def format_class_stats(classes, counts, num_images=None):
+    """Readable class statistics: images, classes, head/medium/tail sizes, per-class counts."""
+    counts = np.asarray(counts)
+    groups = [class_group(int(n)) for n in counts]
+    lines = []
+    if num_images is not None:
+        lines.append(f"images: {num_images}")
+    lines.append(f"classes: {len(classes)}  (head n>={HEAD_MIN}: {groups.count('head')}, "
+                 f"medium {TAIL_MIN}<=n<{HEAD_MIN}: {groups.count('medium')}, "
+                 f"tail n<{TAIL_MIN}: {groups.count('tail')})")
+    lines.append(f"labels per class: max {counts.max()}, median {int(np.median(counts))}, min {counts.min()}, "
+                 f"imbalance {counts.max() / max(counts.min(), 1):.1f}")
+    width = max(len(c) for c in classes)
+    for i in np.argsort(-counts, kind="stable"):
+        lines.append(f"  {i:4d} {classes[i]:<{width}} {counts[i]:7d}  {groups[i]}")
+    return "\n".join(lines)
+
+
+class MultiLabelDataset(torch.utils.data.Dataset):
+    """Images and multi-hot targets.
+
+    mode="train": random resized crop + flip (train_augment), one (3, S, S) tensor per item, drawn
+    from np.random.default_rng([seed, epoch, index]) so a resumed run sees the same crops.
+    mode="eval": the test-time views (tte_views), a (V, 3, S, S) tensor per item.
+    skip_bad: an unreadable image gives None (dropped by collate_skip_bad) and is counted in
+    bad_count (shared with DataLoader workers), instead of an error naming the file.
+    """
+
+    def __init__(self, items, image_root, num_classes, size, mode="train", n_views=5,
+                 scale_min=0.5, seed=0, skip_bad=False):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
+        self.items = list(items)
+        self.image_root = Path(image_root)
+        self.targets = multihot(self.items, num_classes)  # (N, C)
+        self.size, self.mode, self.n_views = size, mode, n_views
+        self.scale_min, self.seed, self.skip_bad = scale_min, seed, skip_bad
+        self.epoch = 0
+        # a shared counter: with DataLoader workers each process holds its own copy of the dataset
+        self._bad = torch.multiprocessing.get_context().Value("i", 0) if skip_bad else None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    @property
+    def bad_count(self):
+        return self._bad.value if self._bad is not None else 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        relpath, _ = self.items[index]
+        try:
+            img = load_rgb(self.image_root / relpath)
+        except Exception as e:
+            if not self.skip_bad:
+                raise
+            with self._bad.get_lock():
+                self._bad.value += 1
+            print(f"warning: skipping bad image {self.image_root / relpath}: {e}", file=sys.stderr)
+            return None
+        if self.mode == "train":
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            x = train_augment(img, self.size, rng, scale=(self.scale_min, 1.0))  # (3, S, S)
+        else:
+            x = tte_views(img, self.size, self.n_views)  # (V, 3, S, S)
+        return x, torch.from_numpy(self.targets[index]), index
+
+
+def collate_skip_bad(batch):
+    """Default collation without the None items of bad images; None when the whole batch is bad."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    return torch.utils.data.default_collate(batch)
+
+
+def seed_worker(worker_id):
+    # DataLoader seeds torch per worker; numpy and random follow it (our augmentation draws from
+    # its own per-item generator, this only guards other users of the global RNGs)
+    import random
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 # -----------------------------------------------------------------------------
 # label graph, GCN, prompt learner, CAPNet
@@ -1032,6 +1327,61 @@ def make_criterion(cfg, class_freq, num_images):
 # -----------------------------------------------------------------------------
 # metrics
 
+def average_precision(scores, targets):
+    """Per-class average precision -> (C,) float64 tensor; NaN for a class with no positive.
+
+    Exactly scikit-learn's average_precision_score (one class at a time): AP = sum_k (R_k - R_{k-1}) P_k
+    over the distinct score thresholds, so tied scores enter as one step, with the precision of
+    the whole tie group (no interpolation, no 11-point VOC rule).
+    """
+    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
+    targets = torch.as_tensor(targets).detach().to("cpu", torch.float64)
+    if scores.ndim != 2 or scores.shape != targets.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and targets {tuple(targets.shape)} must both be (N, C)")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    if not ((targets == 0) | (targets == 1)).all():
+        raise ValueError("targets must be 0/1")
+    n = scores.shape[0]
+    s, order = torch.sort(scores, dim=0, descending=True, stable=True)  # (N, C)
+    y = torch.gather(targets, 0, order)  # (N, C)
+    tp = torch.cumsum(y, 0)  # (N, C) true positives at or above each rank
+    precision = tp / torch.arange(1, n + 1, dtype=torch.float64)[:, None]  # (N, C)
+    # a threshold sits at the last item of each run of tied scores: rank i's precision is that of
+    # the end of its tie group, found by a reversed running minimum over group-end indices
+    is_end = torch.ones_like(s, dtype=torch.bool)
+    is_end[:-1] = s[:-1] != s[1:]
+    end_idx = torch.where(is_end, torch.arange(n)[:, None], torch.full_like(s, n, dtype=torch.long))
+    end_idx = torch.flip(torch.cummin(torch.flip(end_idx, [0]), 0).values, [0])  # (N, C)
+    group_precision = torch.gather(precision, 0, end_idx)  # (N, C)
+    positives = y.sum(0)  # (C,)
+    ap = (y * group_precision).sum(0) / positives  # (C,) each positive adds 1/P of recall
+    return torch.where(positives > 0, ap, torch.full_like(ap, float("nan")))
+
+
+def lt_map(ap, train_class_freq):
+    """mAP in percent over all classes and the head / medium / tail groups of the train counts.
+
+    Classes with NaN AP (no positive test image) are left out of every mean and counted in n_nan;
+    a group with no class left is NaN.
+    """
+    ap = torch.as_tensor(ap, dtype=torch.float64).cpu()
+    freq = np.asarray(train_class_freq)
+    if ap.ndim != 1 or freq.shape != (ap.shape[0],):
+        raise ValueError(f"ap {tuple(ap.shape)} and train_class_freq {freq.shape} must both be (C,)")
+    valid = ~torch.isnan(ap)
+    groups = np.array([class_group(int(n)) for n in freq])
+
+    def mean(mask):
+        m = valid & torch.from_numpy(mask)
+        return float(ap[m].mean() * 100) if m.any() else float("nan")
+
+    out = {"total": mean(np.ones(len(freq), bool))}
+    for g in ("head", "medium", "tail"):
+        out[g] = mean(groups == g)
+    out["n_nan"] = int((~valid).sum())
+    return out
+
 # -----------------------------------------------------------------------------
 # fused-op dispatch (pure-torch references beside their dispatchers)
 
@@ -1259,8 +1609,784 @@ if EXT_AVAILABLE:
 # -----------------------------------------------------------------------------
 # train
 
+# The train loop owns the run folder runs/<name>/: config.json, log.txt, checkpoint.pt (atomic),
+# results.json, per_class_ap.csv and ap_vs_freq.png. Everything that decides a number is a pure
+# function of (config, seed, epoch, index), so a killed run resumed from its checkpoint reaches the
+# same final numbers as one that never stopped (SPEC section 8).
+
+# what a user runs to prepare each known dataset (printed when data/<name>/dataset.json is missing)
+DATA_PREP_COMMANDS = {
+    "synthetic-lt": "python data_prep.py synthetic-lt",
+    "voc-lt": "python data_prep.py voc-lt --voc-root DIR --split img_id.txt",
+    "coco-lt": "python data_prep.py coco-lt --coco-root DIR --split img_id.pkl",
+    "nus-wide-lt": "python data_prep.py nus-wide-lt --nus-root DIR",
+}
+CHOICES = {
+    "graph": ("text", "cooccur", "identity"), "loss": ("db-focal", "bce", "focal"),
+    "peft": ("adaptformer", "none"), "tte": (1, 5, 10), "device": ("auto", "cpu", "cuda"),
+    "amp": ("auto", "bf16", "none"), "backend": ("auto", "ext", "torch"),
+}
+# fields that may change between a run and its --resume without changing any number
+RESUME_FREE = {"resume", "workers", "log_every", "device", "eval_batch_size", "compile", "seeds"}
+# fields that name an ablation: a non-default value goes into the derived run name
+ABLATION_FIELDS = ("graph", "loss", "peft", "tau_prime", "tte", "n_ctx", "s", "p", "ctx_init")
+
+
+class RunError(RuntimeError):
+    """A user-facing failure with a message that says what to do (printed without a traceback)."""
+
+
+def preset_config(data: str) -> Config:
+    # an unknown name is a custom dataset prepared with `data_prep.py lists`: a real dataset
+    return Config(**PRESETS.get(data, dict(clip="ViT-B/16")), data=data)
+
+
+def run_name(cfg: Config) -> str:
+    base = preset_config(cfg.data)
+    parts = [cfg.data]
+    clip = cfg.clip
+    if clip and clip != base.clip and Path(clip).name != "clip.pt":
+        parts.append((Path(clip).stem if clip not in KNOWN_MODELS else clip).replace("/", "-").replace("@", "-"))
+    for key in ABLATION_FIELDS:
+        value = getattr(cfg, key)
+        if value != getattr(base, key):
+            parts.append(f"{key.replace('_', '-')}-{value}".replace(" ", "_"))
+    return "-".join(parts)
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Check every choice and fill the "" defaults that depend on other fields."""
+    cfg = dataclasses.replace(cfg)
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: expected one of "
+                             f"{', '.join(map(str, allowed))}")
+    for key in ("epochs", "batch_size", "eval_batch_size", "input_size", "n_ctx"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("workers", "adapter_dim", "ckpt_every", "seed", "log_every"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must not be negative, got {getattr(cfg, key)}")
+    if not (0.0 <= cfg.p <= 1.0):
+        raise ValueError(f"--p must lie in [0, 1], got {cfg.p}")
+    if not (0.0 < cfg.scale_min <= 1.0):
+        raise ValueError(f"--scale-min must lie in (0, 1], got {cfg.scale_min}")
+    if not cfg.tau_prime > 0:
+        raise ValueError(f"--tau-prime must be positive (inf turns re-weighting off), got {cfg.tau_prime}")
+    if cfg.backend == "ext" and not EXT_AVAILABLE:
+        raise ValueError("--backend ext: the capnet_ext extension is not built "
+                         "(python setup.py build_ext --inplace)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    if cfg.seeds:
+        try:
+            [int(s) for s in cfg.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds {cfg.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not cfg.clip:
+        cfg.clip = str(Path(cfg.data_root) / cfg.data / "clip.pt") if cfg.data == "synthetic-lt" else "ViT-B/16"
+    if not cfg.name:
+        cfg.name = run_name(cfg)
+    return cfg
+
+
+def to_jsonable(x):
+    # JSON has no inf/nan: inf (e.g. --tau-prime inf) is written as the string "inf", nan as null
+    if isinstance(x, dict):
+        return {k: to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        x = x.item()
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    import platform
+    import PIL
+    # plain str: torch.__version__ is a TorchVersion, which weights_only loading refuses
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
+            "pillow": PIL.__version__, "cuda": torch.version.cuda, "capnet_ext": bool(EXT_AVAILABLE),
+            "platform": platform.platform()}
+
+
+def make_logger(path: Path | None):
+    """print, and append to log.txt (rank 0 only: other ranks pass path=None and stay quiet)."""
+    def log(msg: str = ""):
+        if path is None:
+            return
+        print(msg, flush=True)
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+    return log
+
+
+def format_config(cfg: Config) -> str:
+    lines, line = [], ""
+    for item in (f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()):
+        item = item.ljust(24 * math.ceil((len(item) + 2) / 24))  # 24-character columns
+        if line and len(line) + len(item) > 100:
+            lines.append(line.rstrip())
+            line = ""
+        line += item
+    return "\n".join("  " + l for l in lines + [line.rstrip()])
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ---- distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nothing else changes
+
+def setup_device_and_dist(cfg: Config):
+    """-> (device, rank, world). Under torchrun: gloo on CPU, nccl on GPU, one GPU per process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return device, rank, world
+
+
+def barrier(world: int):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+    """The global batches of one epoch (drop_last), each cut to this process's shard.
+
+    The order depends only on (seed, epoch): a resumed run and every DDP process see the same
+    batches, and `batch_size` is the global batch, so 2 processes x 32 = 1 process x 64.
+    The extra words keep this stream apart from the dataset's augmentation RNG [seed, epoch, index].
+    """
+    order = np.random.default_rng([seed, epoch, 2**32 - 1, 1]).permutation(num_items)
+    steps = num_items // batch_size
+    return [order[i * batch_size:(i + 1) * batch_size][rank::world].tolist() for i in range(steps)]
+
+
+# ---- data and backbone
+
+def load_dataset(cfg: Config, rank: int = 0, world: int = 1, prepare: bool = True) -> "Prepared":
+    path = Path(cfg.data_root) / cfg.data / "dataset.json"
+    if not path.exists() and cfg.data == "synthetic-lt" and prepare:
+        # the embedded default is made on first use (deterministic, a few minutes on 2 CPU cores)
+        if rank == 0:
+            print(f"{path} not found: preparing synthetic-lt (python data_prep.py synthetic-lt)", flush=True)
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import data_prep
+            data_prep.make_synthetic_lt(root=cfg.data_root, seed=0)
+        barrier(world)
+    if not path.exists():
+        command = DATA_PREP_COMMANDS.get(
+            cfg.data, f"python data_prep.py lists --train F --test F --classes F --image-root DIR --name {cfg.data}")
+        raise RunError(f"dataset {cfg.data!r} is not prepared: {path} does not exist.\n"
+                       f"Prepare it with:\n  {command}\n(see README.md, 'Reproduce').")
+    return load_prepared(path)
+
+
+def load_backbone(cfg: Config):
+    """The frozen CLIP named by cfg.clip. A real dataset never falls back to a toy model."""
+    if cfg.clip not in KNOWN_MODELS and not Path(cfg.clip).exists():
+        raise RunError(f"CLIP weights {cfg.clip!r} not found: pass a known model name "
+                       f"({', '.join(KNOWN_MODELS)}) or the path of a checkpoint file.")
+    try:
+        return load_clip(cfg.clip, device="cpu")
+    except RuntimeError as e:  # offline without the file, truncated or foreign file: the message says which
+        raise RunError(str(e)) from None
+
+
+def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, where: str):
+    """A checkpoint only fits the dataset, class list and backbone it was trained with."""
+    if ckpt["config"]["data"] != data:
+        raise RunError(f"{where}: checkpoint was trained on dataset {ckpt['config']['data']!r}, not {data!r}")
+    if list(ckpt["classes"]) != list(classes):
+        old, new = list(ckpt["classes"]), list(classes)
+        diff = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(old, new)) if a != b][:3]
+        raise RunError(f"{where}: class list differs from the checkpoint's ({len(old)} classes in the "
+                       f"checkpoint, {len(new)} now; {'; '.join(diff) or 'one list extends the other'})")
+    if ckpt["clip"].get("sha256") != clip_source.get("sha256"):
+        raise RunError(f"{where}: backbone differs: checkpoint was trained with CLIP {ckpt['clip'].get('name')!r} "
+                       f"(sha256 {str(ckpt['clip'].get('sha256'))[:12]}), now {clip_source.get('name')!r} "
+                       f"(sha256 {str(clip_source.get('sha256'))[:12]})")
+
+
+# ---- checkpoints: trainable parameters + optimizer + scheduler + RNG, written atomically
+
+CHECKPOINT_FORMAT = "capnet-checkpoint-1"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy arrays are not allowed by weights_only loading: store the MT19937 keys as a tensor
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    s = state["numpy"]
+    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+
+
+def save_checkpoint(path: Path, payload: dict):
+    """Temporary file, fsync, rename: a crash at any moment leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong file type, unpickling refused ...
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
+        reason = next((l for l in lines if "error:" in l.lower()), lines[0])
+        raise RunError(f"checkpoint {path} is truncated or corrupted and cannot be read "
+                       f"({type(e).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{path} is not a CAPNet checkpoint (no {CHECKPOINT_FORMAT!r} format tag)")
+    return ckpt
+
+
+def config_from_checkpoint(ckpt: dict) -> Config:
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(ckpt["config"]) - known)
+    if unknown:
+        raise RunError(f"checkpoint config has fields this capnet.py does not know: {', '.join(unknown)}")
+    return Config(**ckpt["config"])
+
+
+def trainable_state(model: nn.Module) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def build_model(clip, classes, cfg: Config, class_counts, train_targets, device):
+    # the seed fixes every random init (prompts, adapters): a rebuilt model starts where training did
+    torch.manual_seed(cfg.seed)
+    return CAPNet(clip, classes, cfg, class_counts, train_targets).to(device)
+
+
+def restore_model(ckpt: dict, clip, cfg: Config, device) -> nn.Module:
+    """CAPNet exactly as trained: rebuilt from the checkpoint's classes, counts and labels, then its
+    trained parameters loaded (the frozen CLIP comes from cfg.clip, checked by sha256 by the caller)."""
+    model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["class_counts"].numpy(),
+                        ckpt["train_targets"].float().numpy(), device)
+    load_trainable(model, ckpt["model"])
+    return model
+
+
+def load_trainable(model: nn.Module, state: dict):
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise RunError(f"checkpoint parameters do not fit this model (missing: {missing[:5]}, "
+                       f"unexpected: {unexpected[:5]}); was it trained with other --peft/--n-ctx/--adapter-dim?")
+    with torch.no_grad():
+        for n in expected:
+            if params[n].shape != state[n].shape:
+                raise RunError(f"checkpoint parameter {n} has shape {tuple(state[n].shape)}, "
+                               f"the model {tuple(params[n].shape)}")
+            params[n].copy_(state[n])
+
+
+# ---- schedule: linear warm-up, then cosine to zero (SPEC section 6)
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    no_decay = {id(p) for p in model.no_decay_parameters()}  # temperature, adapter scales
+    groups = [{"params": [p for p in trainable if id(p) not in no_decay], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+    return optimizer, scheduler
+
+
+# ---- scoring a test set (shared by zero-shot, final eval and `eval`)
+
+def autocast(device: torch.device, amp: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    # master weights, loss and metrics stay fp32; only the forward runs in bf16
+    return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+
+def view_logits(forward, images: torch.Tensor) -> torch.Tensor:
+    """Logits averaged over test-time views (SPEC section 1 step 8)."""
+    if images.dim() == 4:  # (B, 3, S, S): one view
+        return forward(images).float()
+    B, V = images.shape[:2]
+    logits = forward(images.flatten(0, 1)).float()  # (B * V, C)
+    return logits.view(B, V, -1).mean(1)  # (B, C)
+
+
+@torch.no_grad()
+def score_dataset(forward, dataset, cfg: Config, device, amp: bool, rank: int = 0, world: int = 1):
+    """-> (scores (N, C), targets (N, C)) over the whole set; under DDP each process scores
+    every world-th image and the pieces are gathered (in dataset order) on every process."""
+    shard = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, shard), batch_size=max(1, cfg.eval_batch_size // max(1, cfg.tte)),
+        num_workers=cfg.workers, collate_fn=collate_skip_bad if cfg.skip_bad_images else None,
+        worker_init_fn=seed_worker)
+    scores, targets, indices = [], [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images, target, index = batch
+        with autocast(device, amp):
+            scores.append(view_logits(forward, images.to(device)).cpu())  # (B, C)
+        targets.append(target.float())
+        indices.append(torch.as_tensor(index).view(-1))
+    C = dataset.num_classes if hasattr(dataset, "num_classes") else None
+    part = (torch.cat(scores) if scores else torch.zeros(0, C), torch.cat(targets) if targets else torch.zeros(0, C),
+            torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long))
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, part)
+        part = tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+    order = torch.argsort(part[2])
+    return part[0][order], part[1][order]
+
+
+def zero_shot_forward(clip, classes):
+    """Plain CLIP with "a photo of a {name}." (no prompts, no GCN, no PEFT): the baseline."""
+    text = zero_shot_text_features(clip, classes).float()  # (C, D), normalised
+    scale = clip.logit_scale.exp().float()
+
+    def forward(images):
+        v = F.normalize(clip.encode_image(images).float(), dim=-1)  # (B, D)
+        return scale * v @ text.t()  # (B, C)
+    return forward
+
+
+def summarize(ap: torch.Tensor, counts) -> dict:
+    return {k: float(v) for k, v in lt_map(ap, counts).items()}
+
+
+# ---- the plot: per-class AP against training frequency (Pillow only)
+
+def plot_ap_vs_freq(per_class: list, path: Path, title: str):
+    from PIL import Image, ImageDraw, ImageFont
+    W, H = 960, 600
+    left, right, top, bottom = 90, 30, 60, 80
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font, small = ImageFont.load_default(size=18), ImageFont.load_default(size=14)
+    counts = [max(1, c["train_count"]) for c in per_class]
+    lo = 10 ** math.floor(math.log10(min(counts)))
+    hi = 10 ** math.ceil(math.log10(max(counts) + 1))
+    lx0, lx1 = math.log10(lo), math.log10(hi)
+
+    def x_of(n):  # log axis
+        return left + (math.log10(max(1, n)) - lx0) / (lx1 - lx0) * (W - left - right)
+
+    def y_of(ap):  # 0..100 percent
+        return H - bottom - ap / 100.0 * (H - top - bottom)
+
+    # tail / medium / head bands (SPEC: tail n < 20, medium 20 <= n < 100, head n >= 100)
+    bands = [(lo, TAIL_MIN, (255, 236, 236), "tail"), (TAIL_MIN, HEAD_MIN, (255, 248, 225), "medium"),
+             (HEAD_MIN, hi, (232, 244, 255), "head")]
+    for a, b, colour, label in bands:
+        a, b = max(a, lo), min(b, hi)
+        if a < b:
+            d.rectangle([x_of(a), top, x_of(b), H - bottom], fill=colour)
+            d.text(((x_of(a) + x_of(b)) / 2, top + 6), label, fill=(90, 90, 90), font=small, anchor="mt")
+    for ap in range(0, 101, 20):  # y grid and ticks
+        d.line([left, y_of(ap), W - right, y_of(ap)], fill=(215, 215, 215))
+        d.text((left - 8, y_of(ap)), str(ap), fill="black", font=small, anchor="rm")
+    decade = lo
+    while decade <= hi:  # x ticks at decades, minor ticks at 2..9
+        d.line([x_of(decade), H - bottom, x_of(decade), H - bottom + 6], fill="black")
+        d.text((x_of(decade), H - bottom + 10), f"{decade:g}", fill="black", font=small, anchor="mt")
+        for m in range(2, 10):
+            if decade * m < hi:
+                d.line([x_of(decade * m), H - bottom, x_of(decade * m), H - bottom + 3], fill="black")
+        decade *= 10
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.text((W / 2, H - 30), "training images per class (log scale)", fill="black", font=font, anchor="mm")
+    d.text((20, (top + H - bottom) / 2), "AP (%)", fill="black", font=font, anchor="lm")
+    d.text((W / 2, 25), title, fill="black", font=font, anchor="mm")
+    zs_colour, tr_colour = (120, 120, 120), (220, 90, 20)
+    for c in per_class:  # zero-shot beside trained, joined by a thin line
+        if c["ap"] is None or c["ap_zero_shot"] is None:
+            continue
+        x = x_of(max(1, c["train_count"]))
+        y0, y1 = y_of(c["ap_zero_shot"]), y_of(c["ap"])
+        d.line([x - 4, y0, x + 4, y1], fill=(180, 180, 180))
+        d.ellipse([x - 9, y0 - 5, x + 1, y0 + 5], outline=zs_colour, width=2)
+        d.ellipse([x - 1, y1 - 5, x + 9, y1 + 5], fill=tr_colour)
+    lx, ly = W - right - 190, H - bottom - 62  # legend, bottom right
+    d.rectangle([lx, ly, lx + 180, ly + 54], fill="white", outline=(150, 150, 150))
+    d.ellipse([lx + 10, ly + 10, lx + 20, ly + 20], outline=zs_colour, width=2)
+    d.text((lx + 30, ly + 15), "zero-shot CLIP", fill="black", font=small, anchor="lm")
+    d.ellipse([lx + 10, ly + 32, lx + 20, ly + 42], fill=tr_colour)
+    d.text((lx + 30, ly + 37), "CAPNet (trained)", fill="black", font=small, anchor="lm")
+    img.save(path)
+
+
+def write_outputs(run_dir: Path, results: dict):
+    write_atomic(run_dir / "results.json", json.dumps(to_jsonable(results), indent=2) + "\n")
+    lines = ["name,train_count,group,ap_zero_shot,ap"]
+    for c in results["per_class"]:
+        fmt = lambda v: "" if v is None else f"{v:.4f}"
+        lines.append(f"{json.dumps(c['name'])},{c['train_count']},{c['group']},{fmt(c['ap_zero_shot'])},{fmt(c['ap'])}")
+    write_atomic(run_dir / "per_class_ap.csv", "\n".join(lines) + "\n")
+    zs, tr = results["zero_shot"], results["trained"]
+    plot_ap_vs_freq(results["per_class"], run_dir / "ap_vs_freq.png",
+                    f"{results['config']['data']}: mAP zero-shot {zs['total']:.1f} -> trained {tr['total']:.1f}")
+
+
+def per_class_rows(classes, counts, ap_zero_shot, ap) -> list:
+    nan_to_none = lambda v: None if math.isnan(float(v)) else 100.0 * float(v)  # percent, like mAP
+    return [{"name": name, "train_count": int(counts[i]), "group": class_group(int(counts[i])),
+             "ap_zero_shot": nan_to_none(ap_zero_shot[i]), "ap": nan_to_none(ap[i])}
+            for i, name in enumerate(classes)]
+
+
+# ---- the run
+
+def train(cfg: Config) -> dict:
+    """Train CAPNet per cfg (or once per seed with --seeds) -> results dict (also runs/<name>/results.json)."""
+    cfg = resolve_config(cfg)
+    if cfg.seeds:
+        return train_seeds(cfg)
+    start = time.time()
+    device, rank, world = setup_device_and_dist(cfg)
+    if cfg.batch_size % world:
+        raise RunError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {world} processes")
+    run_dir = Path(cfg.out_dir) / cfg.name
+    ckpt_path = run_dir / "checkpoint.pt"
+    if not cfg.resume and (ckpt_path.exists() or (run_dir / "results.json").exists()):
+        raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                       f"or --name NAME to start a new one")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = make_logger(run_dir / "log.txt" if rank == 0 else None)
+    amp = use_bf16(cfg, device)
+
+    prepared = load_dataset(cfg, rank, world)
+    classes, C = prepared.classes, len(prepared.classes)
+    counts = class_counts(prepared.train, C)  # (C,) from train only
+    train_targets = multihot(prepared.train, C)  # (N, C)
+    clip = load_backbone(cfg).to(device)
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        check_checkpoint(ckpt, cfg.data, classes, clip.source, f"--resume {run_dir}")
+        changed = [k for k, v in ckpt["config"].items() if k not in RESUME_FREE and getattr(cfg, k) != v]
+        if changed:
+            raise RunError(f"--resume {run_dir}: config differs from the checkpoint's in "
+                           + ", ".join(f"{k} ({ckpt['config'][k]!r} -> {getattr(cfg, k)!r})" for k in changed)
+                           + "; start a new run with --name instead")
+
+    mode = "resuming at step %d" % ckpt["step"] if ckpt else "new run"
+    log(f"CAPNet train: {run_dir} ({mode}), {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    log("config:\n" + format_config(cfg))
+    if rank == 0:
+        write_atomic(run_dir / "config.json", json.dumps(to_jsonable(dataclasses.asdict(cfg)), indent=2) + "\n")
+    log(f"dataset {prepared.name}: {len(prepared.train)} train / {len(prepared.test)} test images")
+    log(format_class_stats(classes, counts))
+    backend = cfg.backend if cfg.backend != "auto" else ("ext" if EXT_AVAILABLE else "torch")
+    log(f"fused ops: {'capnet_ext extension' if backend == 'ext' else 'pure torch reference'}"
+        + ("" if EXT_AVAILABLE else " (extension not built: python setup.py build_ext --inplace)"))
+    log(f"device {device}, {'bf16 autocast' if amp else 'fp32'}, {world} process(es)"
+        + (f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else ""))
+    log(f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
+        f"input {cfg.input_size}")
+
+    test_set = MultiLabelDataset(prepared.test, prepared.image_root, C, cfg.input_size, mode="eval",
+                                 n_views=cfg.tte, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+    if ckpt is not None:
+        ap_zero_shot = ckpt["zero_shot_ap"]
+    else:  # step 0: plain CLIP, same TTE, before any training
+        t0 = time.time()
+        scores, targets = score_dataset(zero_shot_forward(clip, classes), test_set, cfg, device, amp, rank, world)
+        ap_zero_shot = average_precision(scores, targets)
+        log(f"zero-shot mAP (step 0, tte {cfg.tte}): " + format_map(summarize(ap_zero_shot, counts))
+            + f"  [{time.time() - t0:.1f}s]")
+
+    model = build_model(clip, classes, cfg, counts, train_targets, device)
+    log(graph_stats(model.gcn.P, classes, counts))
+    log("trainable parameters:\n" + model.trainable_summary())
+
+    train_set = MultiLabelDataset(prepared.train, prepared.image_root, C, cfg.input_size, mode="train",
+                                  scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
+    criterion = make_criterion(cfg, counts, len(prepared.train))
+    step, wall_before = 0, 0.0
+    if ckpt is not None:
+        load_trainable(model, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        step, wall_before = ckpt["step"], ckpt["wall_seconds"]
+    forward = model
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
+
+    def checkpoint(step: int):
+        if rank == 0:
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
+                "config": dataclasses.asdict(cfg), "classes": list(classes), "clip": dict(clip.source),
+                "class_counts": torch.as_tensor(counts, dtype=torch.int64),
+                "train_targets": torch.as_tensor(train_targets).bool(), "zero_shot_ap": ap_zero_shot,
+                "wall_seconds": wall_before + time.time() - start, "versions": versions()})
+        barrier(world)
+
+    log(f"training: {cfg.epochs} epochs x {steps_per_epoch} steps, global batch {cfg.batch_size}, "
+        f"SGD lr {cfg.lr} momentum {cfg.momentum} wd {cfg.weight_decay}, cosine, warm-up {cfg.warmup_epochs} epoch(s)")
+    model.train()
+    t_window, s_window = time.time(), step
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        train_set.set_epoch(epoch)
+        batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, rank, world)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_sampler=batches[step - epoch * steps_per_epoch:], num_workers=cfg.workers,
+            collate_fn=collate_skip_bad if cfg.skip_bad_images else None, worker_init_fn=seed_worker,
+            pin_memory=device.type == "cuda")
+        for batch in loader:
+            images, targets, _ = batch
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = forward(images)  # (B, C)
+            loss = criterion(logits.float(), targets.float())  # fp32 loss
+            loss_value = loss.detach().clone()
+            if world > 1:
+                torch.distributed.all_reduce(loss_value)
+                loss_value /= world
+            if not torch.isfinite(loss_value):
+                kept = (f"the last good checkpoint {ckpt_path} (step {load_checkpoint(ckpt_path)['step']}) is kept"
+                        if ckpt_path.exists() else "no checkpoint was written yet")
+                raise RunError(f"non-finite loss ({loss_value.item()}) at step {step + 1}; stopping, {kept}. "
+                               f"Try a lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.clamp_temperature_()  # t <= ln(100) (SPEC 1 step 6)
+            scheduler.step()
+            step += 1
+            if cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
+                rate = (step - s_window) / max(1e-9, time.time() - t_window)
+                log(f"step {step}/{total_steps} | epoch {epoch + 1}/{cfg.epochs} | loss {loss_value.item():.4f} | "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} | {rate:.2f} steps/s | "
+                    f"eta {format_duration((total_steps - step) / max(rate, 1e-9))}")
+                t_window, s_window = time.time(), step
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step % steps_per_epoch:
+                checkpoint(step)
+        checkpoint(step)  # at least once per epoch
+
+    model.eval()
+    t0 = time.time()
+    scores, targets = score_dataset(model, test_set, cfg, device, amp, rank, world)
+    ap = average_precision(scores, targets)
+    results = {"zero_shot": summarize(ap_zero_shot, counts), "trained": summarize(ap, counts),
+               "per_class": per_class_rows(classes, counts, ap_zero_shot, ap), "config": dataclasses.asdict(cfg),
+               "seed": cfg.seed, "versions": versions(), "steps": total_steps, "world_size": world,
+               "backend": backend, "dataset": {"name": prepared.name, "train_images": len(prepared.train),
+                                               "test_images": len(prepared.test), "source": prepared.source},
+               "clip": dict(clip.source), "wall_seconds": wall_before + time.time() - start}
+    log(f"trained mAP (tte {cfg.tte}):  " + format_map(results["trained"]) + f"  [{time.time() - t0:.1f}s]")
+    log(f"zero-shot mAP (tte {cfg.tte}): " + format_map(results["zero_shot"]))
+    if rank == 0:
+        write_outputs(run_dir, results)
+        log(f"wrote {run_dir}/: config.json log.txt checkpoint.pt results.json per_class_ap.csv ap_vs_freq.png "
+            f"({format_duration(results['wall_seconds'])})")
+    barrier(world)
+    return results
+
+
+def format_map(m: dict) -> str:
+    f = lambda v: "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:5.2f}"
+    return f"total {f(m['total'])} | head {f(m['head'])} | medium {f(m['medium'])} | tail {f(m['tail'])}"
+
+
+def train_seeds(cfg: Config) -> dict:
+    """--seeds 0,1,2: one run per seed under runs/<name>/seed<k>/, then mean and std (n - 1)."""
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    runs = [train(dataclasses.replace(cfg, seed=s, seeds="", name=f"{cfg.name}/seed{s}")) for s in seeds]
+    summary = {"seeds": seeds, "runs": [f"{cfg.out_dir}/{cfg.name}/seed{s}" for s in seeds]}
+    for kind in ("zero_shot", "trained"):
+        summary[kind] = {}
+        for group in ("total", "head", "medium", "tail"):
+            values = np.array([r[kind][group] for r in runs], dtype=np.float64)
+            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            summary[kind][group] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_atomic(Path(cfg.out_dir) / cfg.name / "seeds.json", json.dumps(to_jsonable(summary), indent=2) + "\n")
+        print(f"\n{len(seeds)} seeds ({cfg.seeds}): mean +- std mAP")
+        for kind in ("zero_shot", "trained"):
+            print(f"  {kind:9s} " + " | ".join(f"{g} {summary[kind][g]['mean']:.2f} +- {summary[kind][g]['std']:.2f}"
+                                             for g in ("total", "head", "medium", "tail")))
+    return summary
+
+
 # -----------------------------------------------------------------------------
 # eval and predict
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def latest_checkpoint(out_dir: str = "runs") -> Path:
+    found = sorted(Path(out_dir).glob("**/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise RunError(f"no checkpoint under {out_dir}/: train first (python capnet.py train) or pass --ckpt")
+    return found[-1]
+
+
+def load_for_inference(ckpt_path, device: str = "auto", tte: int | None = None):
+    """-> (model in eval mode, cfg, ckpt, device): everything rebuilt from the checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = config_from_checkpoint(ckpt)
+    cfg = dataclasses.replace(cfg, device=device, resume=False, tte=tte if tte is not None else cfg.tte)
+    cfg = resolve_config(cfg)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda" if use_cuda else "cpu")
+    clip = load_backbone(cfg).to(dev)
+    check_checkpoint(ckpt, cfg.data, ckpt["classes"], clip.source, f"checkpoint {ckpt_path}")
+    model = restore_model(ckpt, clip, cfg, dev).eval()
+    return model, cfg, ckpt, dev
+
+
+def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_dir: str = "runs",
+             workers: int | None = None) -> dict:
+    """`capnet.py eval`: model, preprocessing and class list from the checkpoint -> mAP dict (percent)."""
+    ckpt_path = Path(ckpt_path) if ckpt_path else latest_checkpoint(out_dir)
+    model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte)
+    if workers is not None:
+        cfg = dataclasses.replace(cfg, workers=workers)
+    prepared = load_dataset(cfg, prepare=False)
+    check_checkpoint(ckpt, cfg.data, prepared.classes, ckpt["clip"], f"checkpoint {ckpt_path} vs {cfg.data_root}/{cfg.data}")
+    counts = ckpt["class_counts"].numpy()
+    if not np.array_equal(counts, class_counts(prepared.train, len(prepared.classes))):
+        raise RunError(f"checkpoint {ckpt_path}: the training set of {cfg.data_root}/{cfg.data} changed since "
+                       f"training (class counts differ), so head/medium/tail would not match")
+    test_set = MultiLabelDataset(prepared.test, prepared.image_root, len(prepared.classes), cfg.input_size,
+                                 mode="eval", n_views=cfg.tte, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+    t0 = time.time()
+    scores, targets = score_dataset(model, test_set, cfg, dev, use_bf16(cfg, dev))
+    result = summarize(average_precision(scores, targets), counts)
+    print(f"{ckpt_path} (step {ckpt['step']}), {cfg.data} test ({len(test_set)} images), tte {cfg.tte}: "
+          f"{time.time() - t0:.1f}s")
+    print("mAP " + format_map(result))
+    return result
+
+
+def image_files(paths) -> list:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise RunError(f"no such image or folder: {p}")
+    if not files:
+        raise RunError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, paths))}")
+    return files
+
+
+@torch.no_grad()
+def predict(ckpt_path, paths, threshold: float = 0.5, top_k: int = 5, tte: int | None = None,
+            device: str = "auto", as_json: bool = False) -> list:
+    """`capnet.py predict`: per image, the labels with probability >= threshold (at most top_k, best first)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise RunError(f"--threshold must lie in [0, 1], got {threshold}")
+    if top_k < 1:
+        raise RunError(f"--top-k must be at least 1, got {top_k}")
+    model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte)
+    classes, amp = list(ckpt["classes"]), use_bf16(cfg, dev)
+    rows = []
+    for f in image_files(paths):
+        views = tte_views(load_rgb(f), cfg.input_size, cfg.tte)  # (V, 3, S, S)
+        with autocast(dev, amp):
+            logits = view_logits(model, views.unsqueeze(0).to(dev))[0]  # (C,)
+        probs = torch.sigmoid(logits).cpu()  # (C,)
+        best = torch.argsort(probs, descending=True).tolist()
+        labels = [{"name": classes[i], "prob": round(float(probs[i]), 4)} for i in best[:top_k]
+                  if probs[i] >= threshold]
+        rows.append({"image": str(f), "labels": labels,
+                     "best": {"name": classes[best[0]], "prob": round(float(probs[best[0]]), 4)}})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        width = min(60, max(len(r["image"]) for r in rows) + 2)
+        print(f"{'image'.ljust(width)}labels with probability >= {threshold:.2f} (top {top_k})")
+        for r in rows:
+            shown = ", ".join(f"{l['name']} {l['prob']:.2f}" for l in r["labels"])
+            shown = shown or f"(none; best: {r['best']['name']} {r['best']['prob']:.2f})"
+            print(f"{r['image'].ljust(width)}{shown}")
+    return rows
+
+
+def info():
+    """`capnet.py info`: versions, device, extension status, known CLIP models and which are present."""
+    v = versions()
+    print(f"python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, pillow {v['pillow']}, {v['platform']}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"device cuda:{i}: {torch.cuda.get_device_name(i)} (bf16 {torch.cuda.is_bf16_supported()})")
+    else:
+        print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads; no CUDA device)")
+    print("fused ops: " + ("capnet_ext extension built (backend auto -> ext)" if EXT_AVAILABLE else
+                           "extension not built, pure torch reference used (python setup.py build_ext --inplace)"))
+    cache = Path("~/.cache/clip").expanduser()
+    print(f"CLIP models (download cache {cache}):")
+    for name, url in KNOWN_MODELS.items():
+        path = cache / os.path.basename(url)
+        print(f"  {name:16s} {'present' if path.exists() else 'absent '}  {path}")
+    prepared = sorted(Path("data").glob("*/dataset.json"))
+    print("prepared datasets: " + (", ".join(p.parent.name for p in prepared) if prepared else "none under data/"))
+
 
 # -----------------------------------------------------------------------------
 # bench
@@ -1690,6 +2816,82 @@ def format_bench(result):
 
 # -----------------------------------------------------------------------------
 # CLI
+
+def parse_bool(text: str) -> bool:
+    import argparse
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_flags(parser):
+    """One strict --key value flag per Config field (underscores become dashes); bools also as bare flags."""
+    kinds = {"int": int, "float": float, "str": str, "bool": parse_bool}
+    for f in dataclasses.fields(Config):
+        kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
+        flag = "--" + f.name.replace("_", "-")
+        if kind is parse_bool:
+            parser.add_argument(flag, type=kind, nargs="?", const=True, default=None, metavar="true|false")
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=f.type.upper() if kind is not str else "TEXT")
+
+
+def config_from_args(args) -> Config:
+    """Preset of --data, then every flag given on the command line."""
+    cfg = preset_config(args.data or Config.data)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    return dataclasses.replace(cfg, **given)
+
+
+def build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(prog="capnet.py", allow_abbrev=False,
+                                     description="CAPNet: CLIP prompts + label-graph GCN for long-tailed multi-label recognition")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", allow_abbrev=False, help="train (default: the embedded synthetic-lt)")
+    add_config_flags(p)
+    p = sub.add_parser("eval", allow_abbrev=False, help="evaluate a checkpoint on its dataset's test set")
+    p.add_argument("--ckpt", default=None, help="default: the latest runs/**/checkpoint.pt")
+    p.add_argument("--tte", type=int, choices=(1, 5, 10), default=None, help="test-time views (default: the run's)")
+    p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--out-dir", default="runs")
+    p = sub.add_parser("predict", allow_abbrev=False, help="labels and probabilities for your own images")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--tte", type=int, choices=(1, 5, 10), default=None)
+    p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("bench", allow_abbrev=False, help="measured speed-ups of the fast paths")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None, metavar="FILE")
+    sub.add_parser("info", help="versions, device, extension, CLIP models present")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return train(config_from_args(args))
+        if args.command == "eval":
+            return evaluate(args.ckpt, args.tte, args.device, args.out_dir, args.workers)
+        if args.command == "predict":
+            return predict(args.ckpt, args.images, args.threshold, args.top_k, args.tte, args.device, args.json)
+        if args.command == "bench":
+            return bench(quick=args.quick, json_path=args.json)
+        return info()
+    except (RunError, ValueError, FileNotFoundError) as e:
+        # user errors: the message says what to do; CAPNET_DEBUG=1 shows the traceback
+        if os.environ.get("CAPNET_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
 
 if __name__ == "__main__":
     main()

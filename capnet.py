@@ -1605,6 +1605,12 @@ if EXT_AVAILABLE:
     torch.library.register_autograd("capnet::graph_propagate", _graph_propagate_backward,
                                     setup_context=_graph_propagate_setup)
 
+    # under autocast the kernels' inner ATen GEMMs would be autocast again and return bf16 (then
+    # the next GCN layer fails its dtype check): the ops take float32 inputs and run outside it
+    for _op in ("capnet::db_focal_loss", "capnet::graph_propagate"):
+        for _device in ("cpu", "cuda"):
+            torch.library.register_autocast(_op, _device, torch.float32)
+
 
 # -----------------------------------------------------------------------------
 # train

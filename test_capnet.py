@@ -1393,3 +1393,20 @@ def test_bench_quick_json_and_table(tmp_path, capsys):
         assert r["max_abs_diff"] < 1e-4, name  # every fp32 fast path gives the same outputs
     # truncation really shortened the text context: 16 context tokens + name + SOT/EOT
     assert "22 of 77 positions" in rows["text_truncated_vs_full"]["note"]
+
+
+def test_bf16_autocast_train_step_close_to_fp32(bench_model):
+    # --amp bf16: the fused ops take float32 under autocast (their inner GEMMs must not be
+    # autocast again), the loss is fp32, and the step stays near the fp32 one
+    model, train_targets = bench_model
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    targets = torch.from_numpy(train_targets[:3])
+    crit = capnet.make_criterion(capnet.Config(), train_targets.sum(0), len(train_targets))
+    fp32 = _bench_forward_backward(model, images, targets, crit)
+    model.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        F_hat = model.class_features()
+        logits = model(images).float()  # the trainer's loss input
+    assert F_hat.dtype == torch.float32
+    scale = fp32[0].abs().max()
+    assert (logits.detach() - fp32[0]).abs().max() < 0.05 * scale  # bf16 keeps ~3 significant digits

@@ -2503,16 +2503,17 @@ def _bench_fused_rows(sizes_loss, sizes_prop, device, warmup, repeats, target_ms
         targets = (torch.rand(b, c, generator=g) < 0.1).float().to(device)
         class_freq = torch.randint(1, 1000, (c,), generator=g).float().to(device)
         num_images = 5000
+        weight = class_aware_weights(class_freq.cpu().numpy(), 4.0).float().to(device)  # as in training
 
         def run(fn):
             def step():
                 logits.grad = None
-                loss = fn(logits, targets, class_freq, num_images)
+                loss = fn(logits, targets, class_freq, num_images, class_weight=weight)
                 loss.backward()
                 return loss.detach(), logits.grad.detach().clone()
             return step
         fns = {"ref": run(db_focal_loss_reference),
-               "fused": run(lambda *a: db_focal_loss(*a, backend="auto"))}
+               "fused": run(lambda *a, **k: db_focal_loss(*a, **k, backend="auto"))}
         inner = _calibrate_inner(fns["ref"], device, target_ms)
         ms, outs = _time_variants(fns, warmup, repeats, device, inner)
         name = "loss_fused_vs_ref" if (b, c) == (256, 80) else f"loss_fused_vs_ref_B{b}_C{c}"
@@ -2538,7 +2539,6 @@ def _bench_fused_rows(sizes_loss, sizes_prop, device, warmup, repeats, target_ms
         rows.append(_row(name, ms["ref"], ms["fused"], _max_abs_diff(outs["ref"], outs["fused"]),
                          "fwd+bwd"))
     return rows
-
 
 
 def _bench_text_row(clip, n_classes, n_ctx, device, warmup, repeats):
@@ -2768,7 +2768,7 @@ def bench(quick=False, json_path=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     machine = _bench_machine(device, quick)
     t_start = time.perf_counter()
-    if quick:  # toy layouts, a few seconds: the test suite runs this
+    if quick:  # toy layouts, seconds: the test suite runs this
         vit, rn, C, batch, eval_batch, img_batch = BENCH_TINY_VIT, BENCH_TINY_RN, 20, 4, 2, 4
         warm, reps, big_warm, big_reps, n_gemm = 1, 2, 1, 2, 256
         loss_sizes, prop_sizes = [(256, 80)], [(80, 512)]
@@ -2784,19 +2784,27 @@ def bench(quick=False, json_path=None):
     machine["fp32_gemm_gflops"] = round(_matmul_gflops(torch.float32, device, n_gemm, reps), 1)
     if machine["bf16"]:
         machine["bf16_gemm_gflops"] = round(_matmul_gflops(torch.bfloat16, device, n_gemm, reps), 1)
+    say = lambda what: print(f"bench: {what} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    say("fused ops")
     rows = _bench_fused_rows(loss_sizes, prop_sizes, device, warm, reps, 2 if quick else 20)
+    say("ViT text tower")
     model, train_targets = _bench_model(vit, C, device)
     rows.append(_bench_text_row(model.clip, C, 16, device, big_warm, big_reps))
+    say(f"ViT train steps: {', '.join(vit_variants)}")
     rows += _bench_train_rows(model, train_targets, "", batch, vit_variants, device, big_warm, big_reps)
+    say("ViT eval and image tower")
     rows.append(_bench_eval_row(model, "_vit", eval_batch, 5, device, big_warm, big_reps))
     rows += _bench_image_rows(model.clip, "_vit", img_batch, n_gemm, device, big_warm, big_reps)
     del model
+    say("RN50 train step, eval, channels-last")
     model, train_targets = _bench_model(rn, C, device)
     rows += _bench_train_rows(model, train_targets, "_rn50", batch, ("fast", "naive"), device, big_warm, big_reps)
     rows.append(_bench_eval_row(model, "_rn50", eval_batch, 5, device, big_warm, big_reps))
     rows.append(_bench_channels_last_row(model.clip, "_rn50", img_batch, device, big_warm, big_reps))
     machine["peak_rss_mb"] = round(_peak_rss_mb())
     machine["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    if hasattr(os, "getloadavg"):  # other processes on the machine make timings noisy: say so
+        machine["loadavg_at_end"] = round(os.getloadavg()[0], 2)
     result = {"machine": machine, "rows": rows}
     print(format_bench(result))
     if json_path:
@@ -2817,7 +2825,7 @@ def format_bench(result):
         diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
         lines.append(f"{r['name']:<36} {r['baseline_ms']:>12.3f} {r['fast_ms']:>10.3f} {r['ratio']:>7.2f} "
                      f"{diff:>10}  {r['note']}")
-    lines.append(f"peak RSS {m['peak_rss_mb']} MB, {m['wall_seconds']} s")
+    lines.append(f"peak RSS {m['peak_rss_mb']} MB, {m['wall_seconds']} s, load at end {m.get('loadavg_at_end')}")
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------

@@ -1198,9 +1198,10 @@ class CAPNet(nn.Module):
         self.prompt_learner = PromptLearner(clip, classnames, cfg.n_ctx, cfg.ctx_init)
         P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p,
                               cfg.cooccur_threshold)
-        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(clip.token_embedding.weight.device)
+        device = clip.token_embedding.weight.device
+        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(device)
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
-        self.peft = "none"
+        self.peft, self.adapter_dim = "none", 0
         if cfg.peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
             self.adapter_dim = add_adaptformer(clip.visual, len(classnames), cfg.adapter_dim)
             self.peft = "adaptformer"
@@ -1260,7 +1261,8 @@ class CAPNet(nn.Module):
         if self.training:
             return self.gcn(self.prompt_learner())
         params = [self.prompt_learner.ctx, self.gcn.W0, self.gcn.W1, self.gcn.W2, self.gcn.P]
-        key = tuple((p.data_ptr(), p._version) for p in params) + (torch.is_autocast_enabled(),)
+        autocast = torch.is_autocast_enabled(self.logit_scale.device.type)
+        key = tuple((p.data_ptr(), p._version) for p in params) + (autocast,)
         if self._text_cache is None or self._text_cache[0] != key:
             with torch.no_grad():
                 self._text_cache = (key, self.gcn(self.prompt_learner()))
@@ -1270,7 +1272,9 @@ class CAPNet(nn.Module):
         v = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # (B, D)
         F_hat = F.normalize(self.class_features().float(), dim=-1)  # (C, D)
         t = self.logit_scale.clamp(max=LOGIT_SCALE_MAX)
-        return t.exp() * v @ F_hat.T  # (B, C)
+        # the head is tiny, so it runs in fp32 even under autocast: logits and loss stay fp32
+        with torch.autocast(v.device.type, enabled=False):
+            return t.exp() * v @ F_hat.T  # (B, C)
 
 
 # -----------------------------------------------------------------------------

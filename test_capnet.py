@@ -761,6 +761,19 @@ def test_temperature_is_clamped_at_100():
     assert math.isclose(model.logit_scale.item(), math.log(100), rel_tol=1e-6)
 
 
+def test_bf16_autocast_gives_fp32_logits():
+    model = tiny_capnet("vit")
+    with torch.no_grad():
+        model.gcn.W2.normal_(std=0.1)
+    x = tiny_images("vit")
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = model(x)
+    assert z.dtype == torch.float32 and not torch.equal(z, ref)  # the towers did run in bf16
+    torch.testing.assert_close(z, ref, rtol=0, atol=0.1 * float(ref.abs().max()))
+
+
 def test_eval_caches_the_text_side():
     model = tiny_capnet("vit")
     with torch.no_grad():

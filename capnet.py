@@ -1447,7 +1447,9 @@ def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.
     z2 = torch.where(pos, zb, lam * zb)                    # (B, C)
     w2 = torch.where(pos, w, w / lam)                      # (B, C)
     # focal term on the elementwise BCE
-    bce = F.binary_cross_entropy_with_logits(z2, y, reduction="none")  # (B, C)
+    # BCEWithLogits(z'', y) written out in its stable form: F.binary_cross_entropy_with_logits takes
+    # log(1 + tiny) without log1p, which loses all relative precision of a near-zero bce
+    bce = z2.clamp(min=0) - z2 * y + torch.log1p(torch.exp(-z2.abs()))  # (B, C)
     one_minus_pt = -torch.expm1(-bce)                      # 1 - p_t, p_t = exp(-bce); no cancellation as p_t -> 1
     loss = balance * one_minus_pt ** gamma * w2 * bce      # (B, C)
     if class_weight is not None:
@@ -1561,27 +1563,15 @@ def graph_propagate(adj, x, weight, *, negative_slope=0.2, activation=True, back
     return out
 
 
-# autograd and fake-tensor (torch.compile) support of the ops, the same torch.library pattern for
-# both: forward saves what backward needs; db_focal_loss's forward already computed the gradient.
+# Autograd of both ops is registered in C++ (csrc/capnet_ops.cpp; a Python register_autograd
+# round trip cost as much as the fused loss itself); the fake (meta) kernels that let
+# torch.compile and torch.library.opcheck trace them are registered here, the same way for both.
 if EXT_AVAILABLE:
     @torch.library.register_fake("capnet::db_focal_loss")
     def _db_focal_loss_fake(logits, targets, class_freq, num_images, alpha, beta, mu, kappa, lam,
                             gamma, balance, class_weight, reduction, compute_grad):
         loss = logits.new_empty(logits.shape if reduction == 0 else ())
         return loss, logits.new_empty(logits.shape if compute_grad else (0,))
-
-    def _db_focal_loss_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1])
-
-    def _db_focal_loss_backward(ctx, grad_loss, _grad_unused):
-        (dloss_dlogits,) = ctx.saved_tensors               # (B, C), mean's 1/(B C) included
-        if dloss_dlogits.numel() == 0 and grad_loss.numel() != 0:
-            raise RuntimeError("db_focal_loss: backward needs the forward to run with grad enabled")
-        return (grad_loss * dloss_dlogits,) + (None,) * 13
-
-    torch.library.register_autograd("capnet::db_focal_loss", _db_focal_loss_backward,
-                                    setup_context=_db_focal_loss_setup)
 
     @torch.library.register_fake("capnet::graph_propagate")
     def _graph_propagate_fake(adj, x, weight, negative_slope, activation):
@@ -1592,22 +1582,6 @@ if EXT_AVAILABLE:
                                        output_mask):
         shapes = (adj.shape, x.shape, weight.shape)
         return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
-
-    def _graph_propagate_setup(ctx, inputs, output):
-        adj, x, weight, negative_slope, activation = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(adj, x, weight, output[1], output[0])   # h = x @ weight, out
-        ctx.negative_slope, ctx.activation = negative_slope, activation
-
-    def _graph_propagate_backward(ctx, grad_out, _grad_h):
-        adj, x, weight, h, out = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:3])
-        grads = torch.ops.capnet.graph_propagate_backward(
-            grad_out, adj, x, weight, h, out, ctx.negative_slope, ctx.activation, mask)
-        return tuple(g if need else None for g, need in zip(grads, mask)) + (None, None)
-
-    torch.library.register_autograd("capnet::graph_propagate", _graph_propagate_backward,
-                                    setup_context=_graph_propagate_setup)
 
     # under autocast the kernels' inner ATen GEMMs would be autocast again and return bf16 (then
     # the next GCN layer fails its dtype check): the ops take float32 inputs and run outside it

@@ -502,13 +502,16 @@ def build_clip(state_dict):
         grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
         patch, image_resolution = None, grid * 32
     width = sd["ln_final.weight"].shape[0]
-    model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
-                 vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=patch,
-                 context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                 transformer_width=width, transformer_heads=width // 64,
-                 transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # OpenAI ships fp16
-    model.load_state_dict(sd, strict=True)
+    n_text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    with torch.device("meta"):  # no memory and no random init: every tensor comes from sd
+        model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
+                     vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=patch,
+                     context_length=sd["positional_embedding"].shape[0],
+                     vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=width,
+                     transformer_heads=width // 64, transformer_layers=n_text_layers)
+    # fp32 copies (OpenAI ships fp16; a copy also keeps the caller's tensors out of the model)
+    sd = {k: v.float().clone() if v.is_floating_point() else v.clone() for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
     return model.float().eval()
 
 

@@ -41,20 +41,23 @@ VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_wid
                transformer_layers=12)
 
 
-def _random_clip_state_dict(clip_cls, seed=0, **sizes):
-    """A random-weight checkpoint: `clip_cls` initialises it, then BatchNorm affine parameters and
-    running statistics are drawn too (OpenAI's init zeroes bn3, which would hide the residual
-    branches from the comparison)."""
+def _random_clip(clip_cls, seed=0, **sizes):
+    """A random-weight CLIP (fp32, eval): `clip_cls` initialises it, then BatchNorm affine
+    parameters and running statistics are drawn too (OpenAI's init zeroes bn3, which would
+    hide the residual branches from the comparison)."""
     torch.manual_seed(seed)
-    model = clip_cls(**sizes)
-    sd = model.state_dict()
-    for key, t in sd.items():
+    model = clip_cls(**sizes).float().eval()
+    for key, t in model.state_dict().items():  # state_dict tensors share storage with the model
         if ("bn" in key or "downsample.1" in key) and t.is_floating_point():
             if key.endswith(("weight", "running_var")):
                 t.uniform_(0.5, 1.5)
             else:
                 t.normal_(0, 0.1)
-    return {k: v.clone() for k, v in sd.items()}
+    return model
+
+
+def _random_clip_state_dict(clip_cls, seed=0, **sizes):
+    return {k: v.clone() for k, v in _random_clip(clip_cls, seed, **sizes).state_dict().items()}
 
 
 def _relerr(a, b):
@@ -104,9 +107,8 @@ def test_tokenize_overflow_and_truncate():
 def test_build_clip_matches_openai(family):
     ref_model = _openai_module("model")
     sizes = SMALL_RN if family == "rn" else SMALL_VIT
-    sd = _random_clip_state_dict(ref_model.CLIP, seed=2, **sizes)
-    ref = ref_model.CLIP(**sizes).float().eval()
-    ref.load_state_dict(sd)
+    ref = _random_clip(ref_model.CLIP, seed=2, **sizes)
+    sd = ref.state_dict()
     ours = capnet.build_clip(sd)
     assert set(ours.state_dict()) == set(sd)
     assert ours.embed_dim == 64 and ours.context_length == 77 and ours.vocab_size == 49408
@@ -122,13 +124,10 @@ def test_build_clip_matches_openai(family):
 
 def test_vit_b16_full_size_matches_openai():
     ref_model = _openai_module("model")
-    sd = _random_clip_state_dict(ref_model.CLIP, seed=4, **VIT_B16)
-    ours = capnet.build_clip(sd)
+    ref = _random_clip(ref_model.CLIP, seed=4, **VIT_B16)
+    ours = capnet.build_clip(ref.state_dict())
     assert ours.embed_dim == 512 and ours.visual.patch_size == 16 and len(ours.visual.transformer.resblocks) == 12
     assert ours.visual.transformer.resblocks[0].attn.n_head == 12 and ours.transformer.resblocks[0].attn.n_head == 8
-    ref = ref_model.CLIP(**VIT_B16).float().eval()
-    ref.load_state_dict(sd)
-    del sd
     torch.manual_seed(5)
     image = torch.randn(1, 3, 224, 224)
     tokens = capnet.tokenize(TEXTS[:2])
@@ -227,6 +226,8 @@ def test_known_models_carry_their_sha256():
         assert url.startswith("https://openaipublic.azureedge.net/clip/models/")
         assert len(url.split("/")[-2]) == 64 and url.endswith(".pt")
     assert capnet.KNOWN_MODELS["ViT-B/16"].split("/")[-2].startswith("5806e77c")
+    assert capnet.clip_cache_dir() == Path.home() / ".cache" / "clip"
+    assert capnet.clip_cache_dir("~/elsewhere") == Path.home() / "elsewhere"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -1227,6 +1228,515 @@ def test_cuda_kernels_compile_with_plain_nvcc(tmp_path):
 
 # -----------------------------------------------------------------------------
 # data preparation and datasets
+
+import io
+import json
+import pickle
+
+import data_prep  # noqa: E402
+
+
+def _jpeg_bytes(color=(200, 30, 30)):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+JPEG = _jpeg_bytes()
+
+
+def _write_images(root, relpaths):
+    for rel in relpaths:
+        p = Path(root) / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(JPEG)
+
+
+def _write_json(path, d):
+    Path(path).write_text(json.dumps(d))
+    return path
+
+
+def _dataset_dict(**over):
+    d = {"name": "toy", "classes": ["cat", "dog", "traffic light"], "image_root": "images",
+         "train": [["a.jpg", [0, 2]], ["b.jpg", [1]]], "test": [["c.jpg", [0]], ["d.jpg", []]], "source": {}}
+    d.update(over)
+    return d
+
+
+def test_class_group_boundaries():
+    assert [capnet.class_group(n) for n in (1000, 100, 99, 20, 19, 1)] == \
+        ["head", "head", "medium", "medium", "tail", "tail"]
+
+
+def test_multihot_counts_and_stats():
+    items = [("a", [0, 2]), ("b", [2]), ("c", [])]
+    y = capnet.multihot(items, 3)
+    assert y.dtype == np.float32 and y.tolist() == [[1, 0, 1], [0, 0, 1], [0, 0, 0]]
+    counts = capnet.class_counts(items * 50, 3)
+    assert counts.tolist() == [50, 0, 100]
+    text = capnet.format_class_stats(["cat", "dog", "bird"], np.array([150, 20, 3]), num_images=170)
+    assert "images: 170" in text and "classes: 3" in text
+    assert "head n>=100: 1" in text and "medium 20<=n<100: 1" in text and "tail n<20: 1" in text
+    assert any(line.split()[1:] == ["dog", "20", "medium"] for line in text.splitlines())
+
+
+def test_load_prepared_roundtrip(tmp_path):
+    p = _write_json(tmp_path / "dataset.json", _dataset_dict())
+    d = capnet.load_prepared(p)
+    assert d.classes == ["cat", "dog", "traffic light"]
+    assert d.image_root == (tmp_path / "images").resolve()  # relative root hangs from the json folder
+    assert d.train == [("a.jpg", [0, 2]), ("b.jpg", [1])] and d.test[1] == ("d.jpg", [])
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(train=[["a.jpg", [0, 3]], ["b.jpg", [1, 2]]]), "'a.jpg' has label 3, out of range for 3 classes"),
+    (dict(test=[["c.jpg", [-1]]]), "'c.jpg' has label -1, out of range"),
+    (dict(train=[["a.jpg", [0, 2]], ["a.jpg", [1]]]), "duplicate image 'a.jpg' in train"),
+    (dict(test=[["b.jpg", [0]]]), "in both train and test, e.g. 'b.jpg'"),
+    (dict(classes=[]), "empty class list"),
+    (dict(train=[["a.jpg", [0]], ["b.jpg", [0]]]), "class 'dog' has no training image (also ['traffic light'])"),
+    (dict(train=[["a.jpg", [0, 0, 1, 2]]]), "repeats a label"),
+    (dict(train=[["a.jpg", [0, 1.0, 2]]]), "non-integer label 1.0"),
+    (dict(train=[]), "train split is empty"),
+])
+def test_load_prepared_rejects_bad_input(tmp_path, over, message):
+    p = _write_json(tmp_path / "dataset.json", _dataset_dict(**over))
+    with pytest.raises(ValueError) as e:
+        capnet.load_prepared(p)
+    assert message in str(e.value)
+
+
+def test_load_prepared_missing_and_corrupt(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no prepared dataset at .*nothing.json"):
+        capnet.load_prepared(tmp_path / "nothing.json")
+    (tmp_path / "bad.json").write_text('{"name": "x", "classes": [')
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        capnet.load_prepared(tmp_path / "bad.json")
+
+
+# ---- raw formats -> dataset.json
+
+def _voc_xml(objects):
+    objs = "".join(f"<object><name>{n}</name><pose>Unspecified</pose><difficult>{int(d)}</difficult>"
+                   f"<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>"
+                   for n, d in objects)
+    return f"<annotation><folder>VOC</folder><size><width>12</width><height>10</height></size>{objs}</annotation>"
+
+
+def _make_voc(root, train, test, extra_trainval=()):
+    """VOCdevkit with VOC2012 (trainval = train + extra) and VOC2007 test; {id: [(name, difficult)]}."""
+    dev = Path(root) / "VOCdevkit"
+    for year, anns in (("VOC2012", {**train, **dict(extra_trainval)}), ("VOC2007", test)):
+        (dev / year / "Annotations").mkdir(parents=True)
+        (dev / year / "ImageSets/Main").mkdir(parents=True)
+        for i, objs in anns.items():
+            (dev / year / "Annotations" / f"{i}.xml").write_text(_voc_xml(objs))
+        _write_images(dev / year / "JPEGImages", [f"{i}.jpg" for i in anns])
+        name = "trainval.txt" if year == "VOC2012" else "test.txt"
+        (dev / year / "ImageSets/Main" / name).write_text("\n".join(anns) + "\n")
+    return dev
+
+
+def _voc_toy(tmp_path):
+    V = data_prep.VOC_CLASSES
+    train = {f"2008_00000{k}": [(V[c], False) for c in range(k, 20, 4)] for k in range(4)}
+    train["2008_000001"].append(("person", True))  # difficult objects count
+    train["2008_000002"].append(("dog", False))     # a second dog object: still one label
+    test = {"000001": [("cat", False), ("dog", True)], "000002": [("train", False)]}
+    extra = {"2011_000009": [("cow", False)]}  # in trainval, not in the split
+    dev = _make_voc(tmp_path / "raw", train, test, extra)
+    split = tmp_path / "img_id.txt"
+    split.write_text("\n".join(train) + "\n")
+    return dev, split, train
+
+
+def test_voc_lt_from_vocdevkit(tmp_path, capsys):
+    dev, split, train = _voc_toy(tmp_path)
+    data_prep.main(["voc-lt", "--voc-root", str(dev.parent), "--split", str(split), "--root", str(tmp_path / "out")])
+    d = capnet.load_prepared(tmp_path / "out/voc-lt/dataset.json")
+    V = data_prep.VOC_CLASSES
+    assert d.classes == V and d.image_root == dev.resolve()
+    assert [r for r, _ in d.train] == [f"VOC2012/JPEGImages/{i}.jpg" for i in train]
+    assert d.train[0][1] == [0, 4, 8, 12, 16]
+    assert d.train[1][1] == sorted([1, 5, 9, 13, 17, V.index("person")])  # difficult person kept
+    assert d.test == [("VOC2007/JPEGImages/000001.jpg", [V.index("cat"), V.index("dog")]),
+                      ("VOC2007/JPEGImages/000002.jpg", [V.index("train")])]
+    out = capsys.readouterr().out
+    assert "train: 4 images, test: 2 images" in out and "classes: 20" in out and "tail n<20: 20" in out
+
+
+def test_voc_lt_make_split_says_not_official(tmp_path, capsys):
+    dev, split, train = _voc_toy(tmp_path)
+    data_prep.main(["voc-lt", "--voc-root", str(dev), "--make-split", "--seed", "3", "--root", str(tmp_path / "o")])
+    assert "NOT the official voc-lt split" in capsys.readouterr().err
+    d = json.loads((tmp_path / "o/voc-lt/dataset.json").read_text())
+    assert d["source"]["official"] is False and d["source"]["make_split"]["seed"] == 3
+    assert d["source"]["make_split"]["pool_images"] == 5  # the VOC2012 trainval list
+
+
+def test_voc_lt_bad_inputs(tmp_path):
+    dev, split, train = _voc_toy(tmp_path)
+    out = str(tmp_path / "out")
+    (dev / "VOC2012/Annotations/2008_000003.xml").write_text(_voc_xml([("unicorn", False)]))
+    with pytest.raises(ValueError, match="2008_000003.xml has an unknown class 'unicorn'"):
+        data_prep.prepare_voc_lt(dev, split, out)
+    with pytest.raises(SystemExit, match="voc-lt: error: .*2008_000003.xml has an unknown class"):
+        data_prep.main(["voc-lt", "--voc-root", str(dev), "--split", str(split), "--root", out])
+    with pytest.raises(ValueError, match="exactly one of --split"):
+        data_prep.prepare_voc_lt(dev, split, out, make_split=True)
+    (dev / "VOC2007").rename(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="VOCdevkit/VOC2007 not found"):
+        data_prep.prepare_voc_lt(dev, split, out)
+
+
+def test_data_prep_verifies_images(tmp_path, capsys):
+    dev, split, train = _voc_toy(tmp_path)
+    out = tmp_path / "out"
+    bad = dev / "VOC2007/JPEGImages/000002.jpg"
+    bad.write_bytes(JPEG[:40])  # truncated JPEG
+    with pytest.raises(ValueError, match=r"test image .*000002.jpg is unreadable"):
+        data_prep.prepare_voc_lt(dev, split, out)
+    assert not (out / "voc-lt/dataset.json").exists()
+    data_prep.prepare_voc_lt(dev, split, out, skip_bad=True)
+    d = json.loads((out / "voc-lt/dataset.json").read_text())
+    assert [r for r, _ in d["test"]] == ["VOC2007/JPEGImages/000001.jpg"]
+    assert d["source"]["bad_images_skipped"] == {"train": 0, "test": 1}
+    assert "skipped 0 bad train and 1 bad test images" in capsys.readouterr().out
+    (dev / "VOC2012/JPEGImages/2008_000000.jpg").unlink()
+    with pytest.raises(ValueError, match=r"train image .*2008_000000.jpg is missing"):
+        data_prep.prepare_voc_lt(dev, split, out)
+
+
+COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
+            31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
+            56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
+            85, 86, 87, 88, 89, 90]  # the 80 COCO category ids, ascending
+
+
+def _coco_json(path, names, images, seed=0):
+    """instances JSON: images = [(id, [class indices])]; categories written shuffled (order by id is ours)."""
+    rng = np.random.default_rng(seed)
+    cats = [{"id": COCO_IDS[i], "name": n, "supercategory": "x"} for i, n in enumerate(names)]
+    cats = [cats[i] for i in rng.permutation(len(cats))]
+    anns, k = [], 0
+    for img_id, labels in images:
+        for c in list(labels) + list(labels[:1]):  # a repeated object of the first class
+            k += 1
+            anns.append({"id": k, "image_id": img_id, "category_id": COCO_IDS[c], "iscrowd": 0,
+                         "bbox": [0, 0, 2, 2], "area": 4})
+    ims = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 12, "height": 10} for i, _ in images]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {"images": ims, "annotations": anns, "categories": cats})
+
+
+def _make_coco(root, names, train_images, val_images):
+    _coco_json(root / "annotations/instances_train2017.json", names, train_images)
+    _coco_json(root / "annotations/instances_val2017.json", names, val_images, seed=1)
+    _write_images(root / "train2017", [f"{i:012d}.jpg" for i, _ in train_images])
+    _write_images(root / "val2017", [f"{i:012d}.jpg" for i, _ in val_images])
+
+
+def test_coco_lt_from_instances_json(tmp_path):
+    names = ["person", "bicycle", "car", "motorcycle", "airplane"]
+    train = [(9, [4, 0]), (25, [1, 2]), (7, [3]), (30, [0])]
+    val = [(5, [2]), (3, []), (8, [0, 4])]  # image 3 has no annotation: kept
+    root = tmp_path / "coco"
+    _make_coco(root, names, train, val)
+    split = tmp_path / "img_id.pkl"
+    split.write_text("7\n9\n25\n")  # plain text despite the name, as the official file
+    path = data_prep.prepare_coco_lt(root, split, tmp_path / "out")
+    d = capnet.load_prepared(path)
+    assert d.classes == names  # ascending category id, although the JSON lists them shuffled
+    assert d.train == [("train2017/000000000007.jpg", [3]), ("train2017/000000000009.jpg", [0, 4]),
+                       ("train2017/000000000025.jpg", [1, 2])]
+    assert d.test == [("val2017/000000000005.jpg", [2]), ("val2017/000000000003.jpg", []),
+                      ("val2017/000000000008.jpg", [0, 4])]
+    split.write_bytes(pickle.dumps([7, 9, 25]))  # a real pickle is read too
+    assert capnet.load_prepared(data_prep.prepare_coco_lt(root, split, tmp_path / "out2")).train == d.train
+    split.write_text("7\n9\n26\n")
+    with pytest.raises(ValueError, match="image id 26 is not in instances_train2017.json"):
+        data_prep.prepare_coco_lt(root, split, tmp_path / "out3")
+
+
+def _make_nus(root, concepts, train, test, missing=()):
+    """NUS-WIDE release layout: Concepts81.txt, ImageList/*Imagelist.txt (Windows paths), one 0/1 label
+    file per concept and split. train/test: [(relpath, [concept indices])]."""
+    (root / "ImageList").mkdir(parents=True)
+    (root / "Groundtruth/TrainTestLabels").mkdir(parents=True)
+    (root / "Concepts81.txt").write_text("\n".join(concepts) + "\n")
+    for part, items in (("Train", train), ("Test", test)):
+        (root / f"ImageList/{part}Imagelist.txt").write_text(
+            "".join(r.replace("/", "\\") + "\n" for r, _ in items))
+        for c, name in enumerate(concepts):
+            (root / f"Groundtruth/TrainTestLabels/Labels_{name}_{part}.txt").write_text(
+                "".join(f"{int(c in labels)}\n" for _, labels in items))
+        _write_images(root / "Flickr", [r for r, _ in items if r not in missing])
+
+
+def test_nus_wide_lt(tmp_path, capsys):
+    concepts = ["sky", "clouds", "person", "tiger"]
+    rng = np.random.default_rng(0)
+    train = [(f"{['sky', 'person'][k % 2]}/{k:04d}_{k}.jpg",
+              sorted(set(rng.choice(4, size=rng.integers(0, 3), p=[.5, .3, .15, .05]).tolist())))
+             for k in range(300)]
+    test = [("sky/9000_1.jpg", [0, 1]), ("person/9001_2.jpg", []), ("tiger/9002_3.jpg", [3])]
+    missing = {train[5][0], train[6][0], "tiger/9002_3.jpg"}
+    _make_nus(tmp_path / "nus", concepts, train, test, missing)
+    path = data_prep.prepare_nus_wide_lt(tmp_path / "nus", out_root=tmp_path / "out", seed=0)
+    d = capnet.load_prepared(path)
+    assert d.classes == concepts and d.image_root == (tmp_path / "nus/Flickr").resolve()
+    assert d.test == [("sky/9000_1.jpg", [0, 1]), ("person/9001_2.jpg", [])]  # unlabelled kept, missing out
+    labels = dict(train)
+    assert all(labels[r] == l and l for r, l in d.train) and not {r for r, _ in d.train} & missing
+    src = json.loads(path.read_text())["source"]
+    assert src["missing_train"] == 2 and src["missing_test"] == 1 and src["official"] is False
+    assert "skipped 2 missing train and 1 missing test images" in capsys.readouterr().out
+    # the seeded long-tail draw: the same seed gives the same subset, another seed another one
+    again = capnet.load_prepared(data_prep.prepare_nus_wide_lt(tmp_path / "nus", out_root=tmp_path / "o2", seed=0))
+    other = capnet.load_prepared(data_prep.prepare_nus_wide_lt(tmp_path / "nus", out_root=tmp_path / "o3", seed=1))
+    assert again.train == d.train and other.train != d.train
+
+
+def test_lists_format(tmp_path):
+    (tmp_path / "classes.txt").write_text("person 0\ntraffic light 1 \nfire hydrant 2\n")
+    (tmp_path / "train.txt").write_text("imgs/a.jpg 0 2 \nimgs/b.jpg 1 1\n")  # repeated label -> once
+    (tmp_path / "test.txt").write_text("imgs/c.jpg 2\nimgs/d.jpg")
+    _write_images(tmp_path, ["imgs/a.jpg", "imgs/b.jpg", "imgs/c.jpg", "imgs/d.jpg"])
+    args = ["lists", "--train", str(tmp_path / "train.txt"), "--test", str(tmp_path / "test.txt"),
+            "--classes", str(tmp_path / "classes.txt"), "--image-root", str(tmp_path), "--name", "mine",
+            "--root", str(tmp_path / "out")]
+    data_prep.main(args)
+    d = capnet.load_prepared(tmp_path / "out/mine/dataset.json")
+    assert d.classes == ["person", "traffic light", "fire hydrant"]
+    assert d.train == [("imgs/a.jpg", [0, 2]), ("imgs/b.jpg", [1])] and d.test[1] == ("imgs/d.jpg", [])
+    (tmp_path / "train.txt").write_text("imgs/a.jpg 0 2\nimgs/b.jpg 1 3\n")
+    with pytest.raises(SystemExit, match=r"train.txt:2: label 3 of imgs/b.jpg is out of range for 3 classes"):
+        data_prep.main(args)
+    (tmp_path / "train.txt").write_text("imgs/a.jpg 0 2\nimgs/b.jpg 1\n")
+    (tmp_path / "classes.txt").write_text("person 0\ntraffic light 2\nfire hydrant 2\n")
+    with pytest.raises(SystemExit, match="line 2 gives index 2"):
+        data_prep.main(args)
+
+
+# ---- long-tail sampling
+
+def test_pareto_targets():
+    t = data_prep.pareto_targets(20, 775, 4, 0.2)
+    assert t[0] == 775 and t[-1] == 4 and (np.diff(t) <= 0).all()
+    # alpha -> 0 tends to the geometric profile; a larger alpha drops faster from the head
+    assert (data_prep.pareto_targets(20, 775, 4, 0.5)[1:-1] < t[1:-1]).all()
+
+
+def test_long_tail_split_hits_targets():
+    rng = np.random.default_rng(0)
+    y = rng.random((4000, 12)) < rng.random(12) * 0.05 + 0.01  # (N, C) a few extra labels
+    y[np.arange(4000), rng.integers(0, 12, 4000)] = True  # one main label per image
+    y[:, 1] |= y[:, 0] & (rng.random(4000) < 0.8)  # class 1 rides along with class 0
+    keep = data_prep.long_tail_split(y, 300, 5, 0.3, seed=0)
+    n = y[keep].sum(0)
+    pairs = y.T.astype(int) @ y  # targets go by co-occurrence rank: class 1 co-occurs most
+    order = np.argsort(-(pairs.sum(1) - y.sum(0)), kind="stable")
+    assert order[0] == 1
+    target = np.zeros(12, int)
+    target[order] = data_prep.pareto_targets(12, 300, 5, 0.3)
+    assert n.tolist() == target.tolist()
+    assert (keep == data_prep.long_tail_split(y, 300, 5, 0.3, seed=0)).all()
+    assert set(keep) != set(data_prep.long_tail_split(y, 300, 5, 0.3, seed=1))
+
+
+# ---- the official split files in ../shared/data (skipped when absent)
+
+OFFICIAL = Path(os.environ.get("CAPNET_SHARED_DATA") or SHARED_DATA)  # the env var points elsewhere
+needs_shared = pytest.mark.skipif(not (OFFICIAL / "voc_lt").is_dir(), reason=f"{OFFICIAL} not present")
+
+
+def _official(name):
+    with open(OFFICIAL / name / "class_freq.pkl", "rb") as f:
+        freq = pickle.load(f)["class_freq"]
+    with open(OFFICIAL / name / "class_split.pkl", "rb") as f:
+        split = pickle.load(f)
+    return np.asarray(freq), split
+
+
+def _check_official(d, name, n_train, groups):
+    freq, split = _official(name)
+    counts = capnet.class_counts(d.train, len(d.classes))
+    assert len(d.train) == n_train and len(d.classes) == len(freq)
+    assert counts.tolist() == freq.tolist()
+    got = {g: {c for c in range(len(counts)) if capnet.class_group(counts[c]) == g} for g in ("head", "medium", "tail")}
+    assert [len(got[g]) for g in ("head", "medium", "tail")] == groups
+    assert got == {"head": set(map(int, split["head"])), "medium": set(map(int, split["middle"])),
+                   "tail": set(map(int, split["tail"]))}
+
+
+@needs_shared
+def test_official_voc_lt_statistics(tmp_path):
+    # a VOCdevkit whose XMLs carry the released VOC2012 trainval labels (terse_gt_2012.pkl) of the
+    # VOC-LT ids plus unlisted ones; odd images mark their objects difficult (they must still count)
+    with open(OFFICIAL / "voc_lt/terse_gt_2012.pkl", "rb") as f:
+        terse = pickle.load(f)
+    V = data_prep.VOC_CLASSES
+    ids = (OFFICIAL / "voc_lt/img_id.txt").read_text().split()
+    pool = ids + [i for i in terse["idx2img_id"][:400] if i not in set(ids)]
+    train = {i: [(V[c], k % 2 == 1) for c in np.flatnonzero(terse["gt_labels"][terse["img_id2idx"][i]])]
+             for k, i in enumerate(pool)}
+    lmpt_test = (OFFICIAL / "lmpt/voc_lt_test.txt").read_text().splitlines()[:30]
+    test = {Path(l.split()[0]).stem: [(V[int(c)], False) for c in l.split()[1:]] for l in lmpt_test}
+    dev = _make_voc(tmp_path / "raw", {i: train[i] for i in ids}, test, {i: train[i] for i in pool[len(ids):]})
+    d = capnet.load_prepared(data_prep.prepare_voc_lt(dev, OFFICIAL / "voc_lt/img_id.txt", tmp_path / "out"))
+    _check_official(d, "voc_lt", 1142, [6, 6, 8])
+    assert [Path(r).stem for r, _ in d.train] == ids
+
+
+@needs_shared
+def test_official_coco_lt_statistics(tmp_path):
+    # instances JSONs carrying the labels of LMPT's COCO-LT train list (+ unlisted images); the
+    # official img_id.pkl selects the 1,909; classes must come out in category-id order
+    names = data_prep.read_classes(OFFICIAL / "lmpt/coco_labels.txt")
+    lines = (OFFICIAL / "lmpt/coco_lt_train.txt").read_text().splitlines()
+    train = [(int(Path(l.split()[0]).stem), sorted({int(c) for c in l.split()[1:]})) for l in lines if l.strip()]
+    extra = [(10**8 + k, [k % 80]) for k in range(50)]
+    val = [(int(Path(l.split()[0]).stem), [int(c) for c in l.split()[1:]])
+           for l in (OFFICIAL / "lmpt/coco_lt_test.txt").read_text().splitlines()[:40]]
+    root = tmp_path / "coco"
+    _make_coco(root, names, train + extra, val)
+    d = capnet.load_prepared(data_prep.prepare_coco_lt(root, OFFICIAL / "coco_lt/img_id.pkl", tmp_path / "out"))
+    assert d.classes == names and d.classes[:3] == ["person", "bicycle", "car"]
+    _check_official(d, "coco_lt", 1909, [22, 33, 25])
+    assert any(not labels for _, labels in d.test)  # val2017 images with no label are kept
+
+
+@needs_shared
+@pytest.mark.parametrize("name, n_train, groups", [("voc", 1142, [6, 6, 8]), ("coco", 1909, [22, 33, 25])])
+def test_official_lmpt_lists_statistics(tmp_path, name, n_train, groups):
+    lists = OFFICIAL / "lmpt"
+    rel = [l.split()[0] for f in (f"{name}_lt_train.txt", f"{name}_lt_test.txt")
+           for l in (lists / f).read_text().splitlines() if l.strip()]
+    _write_images(tmp_path / "img", rel)
+    path = data_prep.prepare_lists(lists / f"{name}_lt_train.txt", lists / f"{name}_lt_test.txt",
+                                   lists / f"{name}_labels.txt", tmp_path / "img", f"{name}-lt", tmp_path / "out")
+    d = capnet.load_prepared(path)
+    _check_official(d, f"{name}_lt", n_train, groups)
+    assert len(d.test) == {"voc": 4952, "coco": 5000}[name]
+
+
+@needs_shared
+def test_make_split_on_voc2012_trainval():
+    # our sampler on the pool VOC-LT was drawn from: same group sizes as the official split, per-class
+    # counts within a mean factor exp(0.2) of the official ones (measured: 0.15)
+    with open(OFFICIAL / "voc_lt/terse_gt_2012.pkl", "rb") as f:
+        y = np.stack(pickle.load(f)["gt_labels"])
+    freq, _ = _official("voc_lt")
+    keep = data_prep.long_tail_split(y, seed=0, **data_prep.LT_DEFAULTS["voc-lt"])
+    n = y[keep].sum(0)
+    assert [sum(capnet.class_group(c) == g for c in n) for g in ("head", "medium", "tail")] == [6, 6, 8]
+    assert np.abs(np.log(n / freq)).mean() < 0.2
+    assert 1142 <= len(keep) < 1600
+
+
+# ---- datasets
+
+def _toy_images(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    return [(f"{k}.png", [k % 3]) for k in range(4)]
+
+
+def test_dataset_train_mode_is_seeded(tmp_path):
+    items = _toy_images(tmp_path)
+    ds = capnet.MultiLabelDataset(items, tmp_path, 3, size=32, mode="train", seed=1)
+    x, y, i = ds[2]
+    assert x.shape == (3, 32, 32) and y.tolist() == [0, 0, 1] and i == 2
+    assert torch.equal(ds[2][0], x)  # a function of (seed, epoch, index) only
+    ds.set_epoch(1)
+    assert not torch.equal(ds[2][0], x)
+    again = capnet.MultiLabelDataset(items, tmp_path, 3, size=32, mode="train", seed=1)
+    again.set_epoch(1)
+    assert torch.equal(again[2][0], ds[2][0])
+    ev = capnet.MultiLabelDataset(items, tmp_path, 3, size=32, mode="eval", n_views=5)
+    assert ev[0][0].shape == (5, 3, 32, 32)
+
+
+def test_dataset_bad_images(tmp_path):
+    items = _toy_images(tmp_path) + [("gone.png", [0]), ("broken.png", [1])]
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    ds = capnet.MultiLabelDataset(items, tmp_path, 3, size=32, mode="eval", n_views=1)
+    with pytest.raises(Exception, match="gone.png"):
+        ds[4]
+    with pytest.raises(Exception, match="broken.png"):
+        ds[5]
+    ds = capnet.MultiLabelDataset(items, tmp_path, 3, size=32, mode="train", skip_bad=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=capnet.collate_skip_bad,
+                                         worker_init_fn=capnet.seed_worker)
+    batches = list(loader)
+    assert [b[0].shape[0] for b in batches] == [3, 1]
+    assert batches[1][2].tolist() == [3] and ds.bad_count == 2  # counted across worker processes
+    assert capnet.collate_skip_bad([None, None]) is None
+
+
+# ---- metrics
+
+def _ap_brute_force(scores, y):
+    # independent definition: precision and recall at every distinct threshold, AP = sum dR * P
+    y = y.astype(np.float64)
+    if y.sum() == 0:
+        return float("nan")
+    ap, prev_recall = 0.0, 0.0
+    for t in sorted(set(scores.tolist()), reverse=True):
+        hit = scores >= t
+        tp = float((hit & (y == 1)).sum())
+        recall, precision = tp / y.sum(), tp / hit.sum()
+        ap += (recall - prev_recall) * precision
+        prev_recall = recall
+    return ap
+
+
+def test_average_precision_with_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, (80, 7)).astype(np.float32)  # many ties
+    scores[:, 0] = rng.random(80)  # no tie
+    y = (rng.random((80, 7)) < 0.3).astype(np.float32)
+    y[:, 4] = 0  # no positive -> NaN
+    ap = capnet.average_precision(torch.from_numpy(scores), torch.from_numpy(y))
+    ref = np.array([_ap_brute_force(scores[:, c], y[:, c]) for c in range(7)])
+    assert ap.shape == (7,) and torch.isnan(ap[4]) and np.isnan(ref[4])
+    np.testing.assert_allclose(ap.numpy(), ref, rtol=1e-12, atol=1e-12)
+    # by hand: scores (3, 2, 2, 1), y (0, 1, 0, 1): thresholds 3: R 0; 2: P 1/3 R 1/2; 1: P 2/4 R 1
+    hand = capnet.average_precision(np.array([[3.0], [2], [2], [1]]), np.array([[0.0], [1], [0], [1]]))
+    assert abs(float(hand[0]) - (0.5 / 3 + 0.5 * 0.5)) < 1e-12
+
+
+def test_average_precision_equals_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.normal(size=(200, 9)), 1)  # rounding makes ties
+    y = (rng.random((200, 9)) < np.linspace(0.02, 0.6, 9)).astype(np.int64)
+    ap = capnet.average_precision(scores, y).numpy()
+    ref = [metrics.average_precision_score(y[:, c], scores[:, c]) for c in range(9)]
+    np.testing.assert_allclose(ap, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_average_precision_bad_input():
+    with pytest.raises(ValueError, match="must both be"):
+        capnet.average_precision(np.zeros((4, 3)), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="0/1"):
+        capnet.average_precision(np.zeros((4, 3)), np.full((4, 3), 0.5))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        capnet.average_precision(np.full((4, 3), np.nan), np.zeros((4, 3)))
+
+
+def test_lt_map_groups_at_the_boundaries():
+    ap = torch.tensor([0.9, 0.5, 0.3, 0.1, float("nan"), 0.7])
+    freq = np.array([100, 99, 20, 19, 5, 250])  # 100 is head, 20 is medium, 19 is tail
+    m = capnet.lt_map(ap, freq)
+    assert m["head"] == pytest.approx(80.0) and m["medium"] == pytest.approx(40.0)
+    assert m["tail"] == pytest.approx(10.0) and m["total"] == pytest.approx(50.0) and m["n_nan"] == 1
+    only_nan_tail = capnet.lt_map(torch.tensor([0.5, float("nan")]), [150, 3])
+    assert np.isnan(only_nan_tail["tail"]) and only_nan_tail["total"] == pytest.approx(50.0)
 
 # -----------------------------------------------------------------------------
 # synthetic-lt

@@ -1744,5 +1744,439 @@ def test_lt_map_groups_at_the_boundaries():
 # -----------------------------------------------------------------------------
 # train, eval, predict, CLI, faults
 
+# Everything here runs on a tiny world made by the fixture: 4 classes drawn as coloured quadrants,
+# 32 train / 16 test images of 32x32 pixels, and a random tiny CLIP saved in OpenAI's state-dict
+# format. Runs take seconds; the subprocess tests (SIGKILL + resume, torchrun) are the slow ones.
+import dataclasses
+import json as _json
+import math
+import signal
+import subprocess
+import time as _time
+
+TINY_CLASSES = ["red_square", "green square", "blue square", "yellow square"]
+TINY_COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 20)]
+
+
+def _tiny_image(labels, rng):
+    img = rng.integers(0, 60, size=(32, 32, 3)).astype(np.uint8)  # dark noise
+    for c in labels:  # class c paints quadrant c
+        y, x = 16 * (c // 2), 16 * (c % 2)
+        img[y:y + 16, x:x + 16] = TINY_COLOURS[c]
+    return img
+
+
+def _tiny_split(n, rng, prefix, folder):
+    from PIL import Image
+    items = []
+    probs = np.array([0.7, 0.45, 0.25, 0.12])  # long-tailed label frequencies
+    for i in range(n):
+        labels = [c for c in range(4) if rng.random() < probs[c]] or [int(rng.integers(4))]
+        if i < 4:
+            labels = sorted(set(labels) | {i})  # every class appears in every split
+        rel = f"{prefix}/{i:03d}.png"
+        Image.fromarray(_tiny_image(labels, rng)).save(folder / rel)
+        items.append([rel, labels])
+    return items
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data = root / "data" / "tiny"
+    (data / "images" / "train").mkdir(parents=True)
+    (data / "images" / "test").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    dataset = {"name": "tiny", "classes": TINY_CLASSES, "image_root": "images",
+               "train": _tiny_split(32, rng, "train", data / "images"),
+               "test": _tiny_split(16, rng, "test", data / "images"), "source": {"made_by": "test_capnet.py"}}
+    (data / "dataset.json").write_text(_json.dumps(dataset))
+    clips = []
+    for seed in (0, 1):  # two different random backbones (the second for mismatch tests)
+        torch.manual_seed(seed)
+        clip = capnet.CLIP(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
+                           vision_patch_size=16, context_length=77, vocab_size=49408,
+                           transformer_width=64, transformer_heads=1, transformer_layers=1)
+        torch.save(clip.state_dict(), root / f"clip{seed}.pt")
+        clips.append(root / f"clip{seed}.pt")
+    return {"root": root, "data_root": root / "data", "clip": clips[0], "clip_other": clips[1],
+            "test_images": data / "images" / "test"}
+
+
+def tiny_args(tiny, out_dir, name, *extra):
+    return ["train", "--data", "tiny", "--data-root", str(tiny["data_root"]), "--clip", str(tiny["clip"]),
+            "--out-dir", str(out_dir), "--name", name, "--epochs", "3", "--batch-size", "8",
+            "--input-size", "32", "--n-ctx", "4", "--lr", "0.05", "--workers", "0", "--log-every", "2",
+            "--eval-batch-size", "40", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    out = tiny["root"] / "runs"
+    results = capnet.main(tiny_args(tiny, out, "base"))
+    return {"dir": out / "base", "results": results, "out": out}
+
+
+def test_cli_flags_are_generated_from_config_and_strict(capsys):
+    parser = capnet.build_parser()
+    cfg = capnet.config_from_args(parser.parse_args(
+        ["train", "--data", "voc-lt", "--tau-prime", "inf", "--epochs", "3", "--compile", "--resume", "false"]))
+    assert cfg.data == "voc-lt" and cfg.mu == 0.3 and cfg.lam == 5.0 and cfg.clip == "ViT-B/16"  # preset
+    assert cfg.tau_prime == float("inf") and cfg.epochs == 3 and cfg.compile is True and cfg.resume is False
+    assert capnet.config_from_args(parser.parse_args(["train"])) == capnet.Config(**capnet.PRESETS["synthetic-lt"])
+    for argv, named in ((["train", "--epochz", "3"], "--epochz"), (["train", "--epochs", "x"], "--epochs"),
+                        (["train", "--compile", "maybe"], "--compile"), (["train", "--epoch", "3"], "--epoch")):
+        with pytest.raises(SystemExit) as e:
+            capnet.main(argv)
+        assert e.value.code == 2 and named in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a bad choice fails before any data is read
+        capnet.main(["train", "--graph", "cooc", "--data-root", "/nonexistent"])
+    assert e.value.code == 1 and "--graph 'cooc'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--seeds"):
+        capnet.resolve_config(capnet.Config(seeds="0,x"))
+    assert capnet.resolve_config(capnet.Config(graph="identity", loss="bce")).name == \
+        "synthetic-lt-graph-identity-loss-bce"  # ablations get their own run folder
+
+
+def test_schedule_and_batches_are_pure_functions():
+    f = [capnet.lr_factor(s, 4, 20) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0  # linear warm-up to the peak
+    assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    a = capnet.epoch_batches(50, 8, seed=3, epoch=2)
+    assert a == capnet.epoch_batches(50, 8, seed=3, epoch=2) and a != capnet.epoch_batches(50, 8, seed=3, epoch=1)
+    assert len(a) == 6 and all(len(b) == 8 for b in a) and len({i for b in a for i in b}) == 48
+    shards = [capnet.epoch_batches(50, 8, 3, 2, rank=r, world=2) for r in range(2)]
+    assert [sorted(x + y) for x, y in zip(*shards)] == [sorted(b) for b in a]  # DDP shards = global batch
+
+
+def test_train_writes_every_output(trained, tiny):
+    run, res = trained["dir"], trained["results"]
+    for f in ("config.json", "log.txt", "checkpoint.pt", "results.json", "per_class_ap.csv", "ap_vs_freq.png"):
+        assert (run / f).is_file(), f
+    saved = _json.loads((run / "results.json").read_text())
+    for kind in ("zero_shot", "trained"):
+        for g in ("total", "head", "medium", "tail"):
+            assert g in saved[kind]
+        assert 0 < saved[kind]["total"] <= 100 and saved[kind]["total"] == pytest.approx(res[kind]["total"])
+    assert [c["name"] for c in saved["per_class"]] == TINY_CLASSES
+    assert [c["train_count"] for c in saved["per_class"]] == \
+        list(capnet.class_counts(capnet.load_prepared(tiny["data_root"] / "tiny" / "dataset.json").train, 4))
+    assert saved["config"]["epochs"] == 3 and saved["seed"] == 0 and "torch" in saved["versions"]
+    assert saved["wall_seconds"] > 0
+    # mean of the per-class APs is the total (all classes are tail here: n < 20)
+    assert np.mean([c["ap"] for c in saved["per_class"]]) == pytest.approx(saved["trained"]["total"])
+    log = (run / "log.txt").read_text()
+    assert "zero-shot mAP (step 0" in log and "steps/s" in log and "eta" in log and "trainable" in log
+    assert "step 12/12" in log  # 3 epochs x (32 // 8) steps
+    # the coloured quadrants are learnable: training beats the random backbone's zero-shot
+    assert saved["trained"]["total"] > saved["zero_shot"]["total"] + 5
+    from PIL import Image
+    with Image.open(run / "ap_vs_freq.png") as im:
+        assert im.size == (960, 600)
+        assert (220, 90, 20) in {px for _, px in im.convert("RGB").getcolors(1 << 16)}  # trained markers drawn
+    rows = (run / "per_class_ap.csv").read_text().splitlines()
+    assert rows[0] == "name,train_count,group,ap_zero_shot,ap" and len(rows) == 5
+
+
+def test_eval_rebuilds_from_checkpoint(trained, capsys):
+    ckpt = str(trained["dir"] / "checkpoint.pt")
+    again = capnet.main(["eval", "--ckpt", ckpt, "--workers", "0"])
+    for g in ("total", "head", "medium", "tail"):
+        a, b = again[g], trained["results"]["trained"][g]
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9)
+    assert "mAP total" in capsys.readouterr().out
+    one = capnet.main(["eval", "--ckpt", ckpt, "--tte", "1", "--workers", "0"])
+    assert 0 < one["total"] <= 100
+    latest = capnet.evaluate(None, out_dir=str(trained["out"]), workers=0)  # default: the latest run
+    assert latest["total"] == pytest.approx(trained["results"]["trained"]["total"], abs=1e-9)
+
+
+def test_predict_table_and_json(trained, tiny, capsys):
+    ckpt = str(trained["dir"] / "checkpoint.pt")
+    rows = capnet.main(["predict", "--ckpt", ckpt, str(tiny["test_images"]), "--json", "--threshold", "0.3",
+                        "--top-k", "2"])
+    printed = _json.loads(capsys.readouterr().out)
+    assert printed == rows and len(rows) == 16
+    for r in rows:
+        probs = [l["prob"] for l in r["labels"]]
+        assert len(probs) <= 2 and all(0.3 <= p <= 1 for p in probs) and probs == sorted(probs, reverse=True)
+        assert set(l["name"] for l in r["labels"]) <= set(TINY_CLASSES)
+    one = str(tiny["test_images"] / "000.png")
+    capnet.main(["predict", "--ckpt", ckpt, one])
+    out = capsys.readouterr().out
+    assert "000.png" in out and "probability >= 0.50" in out
+    with pytest.raises(SystemExit):
+        capnet.main(["predict", "--ckpt", ckpt, str(tiny["root"] / "missing.png")])
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_checkpoint_from_other_data_classes_or_backbone_is_refused(trained, tiny):
+    ckpt = capnet.load_checkpoint(trained["dir"] / "checkpoint.pt")
+    src = ckpt["clip"]
+    with pytest.raises(capnet.RunError, match="dataset 'tiny', not 'voc-lt'"):
+        capnet.check_checkpoint(ckpt, "voc-lt", TINY_CLASSES, src, "x")
+    with pytest.raises(capnet.RunError, match="class list differs.*#1: 'green square' vs 'lime'"):
+        capnet.check_checkpoint(ckpt, "tiny", ["red_square", "lime", "blue square", "yellow square"], src, "x")
+    with pytest.raises(capnet.RunError, match="backbone differs"):
+        capnet.check_checkpoint(ckpt, "tiny", TINY_CLASSES, {"name": "other", "sha256": "0" * 64}, "x")
+    cfg = capnet.config_from_args(capnet.build_parser().parse_args(
+        tiny_args(tiny, trained["out"], "base", "--resume", "--clip", str(tiny["clip_other"]))))
+    with pytest.raises(capnet.RunError, match="backbone differs"):
+        capnet.train(cfg)
+    with pytest.raises(capnet.RunError, match="already holds a run"):  # never overwrite a run silently
+        capnet.train(dataclasses.replace(cfg, resume=False, clip=str(tiny["clip"])))
+    with pytest.raises(capnet.RunError, match=r"epochs \(3 -> 5\)"):
+        capnet.train(dataclasses.replace(cfg, clip=str(tiny["clip"]), epochs=5))
+
+
+def test_corrupted_checkpoint_and_atomic_writes(trained, tmp_path, monkeypatch, capsys):
+    good = trained["dir"] / "checkpoint.pt"
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(SystemExit):
+        capnet.main(["eval", "--ckpt", str(bad)])
+    err = capsys.readouterr().err
+    assert "truncated or corrupted" in err and str(bad) in err
+    torch.save({"weights": torch.zeros(2)}, bad)
+    with pytest.raises(capnet.RunError, match="not a CAPNet checkpoint"):
+        capnet.load_checkpoint(bad)
+    # a crash while saving leaves the previous checkpoint intact
+    target = tmp_path / "ck.pt"
+    payload = capnet.load_checkpoint(good)
+    capnet.save_checkpoint(target, payload)
+    before = target.read_bytes()
+
+    def crashing_save(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        capnet.save_checkpoint(target, payload)
+    assert target.read_bytes() == before and capnet.load_checkpoint(target)["step"] == 12
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    real = capnet.make_criterion
+    calls = []
+
+    def poisoned(cfg, class_freq, num_images):
+        criterion = real(cfg, class_freq, num_images)
+
+        def fn(logits, targets):
+            calls.append(1)
+            loss = criterion(logits, targets)
+            return loss * float("nan") if len(calls) == 6 else loss
+        return fn
+    monkeypatch.setattr(capnet, "make_criterion", poisoned)
+    cfg = capnet.config_from_args(capnet.build_parser().parse_args(tiny_args(tiny, tmp_path, "nan")))
+    with pytest.raises(capnet.RunError, match=r"non-finite loss \(nan\) at step 6;.*\(step 4\) is kept"):
+        capnet.train(cfg)
+    ckpt = capnet.load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "nan" / "results.json").exists()
+
+
+def test_missing_data_or_weights_is_a_clear_error(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        capnet.main(["train", "--data", "coco-lt", "--data-root", str(tmp_path), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "coco-lt" in err and "python data_prep.py coco-lt --coco-root DIR --split img_id.pkl" in err
+    missing = str(tmp_path / "ViT-B-16.pt")
+    with pytest.raises(SystemExit):
+        capnet.main(tiny_args(tiny, tmp_path, "w", "--clip", missing))
+    assert missing in capsys.readouterr().err
+
+
+def _run_capnet(args, env_extra=None, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, str(Path(capnet.__file__)), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path):
+    extra = ("--epochs", "5", "--ckpt-every", "3")  # checkpoints at steps 3, 4, 6, 8, 9, ... (mid-epoch too)
+    full = _run_capnet(tiny_args(tiny, tmp_path, "full", *extra))
+    killed = _run_capnet(tiny_args(tiny, tmp_path, "killed", *extra))
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = _time.time() + 120
+    while not ckpt.exists() and killed.poll() is None and _time.time() < deadline:
+        _time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)  # a real kill -9: no cleanup, no atexit
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
+    assert not (tmp_path / "killed" / "results.json").exists()
+    step = capnet.load_checkpoint(ckpt)["step"]
+    assert 3 <= step < 20
+    resumed = _run_capnet(tiny_args(tiny, tmp_path, "killed", *extra, "--resume"))
+    out_resumed, _ = resumed.communicate(timeout=300)
+    out_full, _ = full.communicate(timeout=300)
+    assert resumed.returncode == 0, out_resumed
+    assert full.returncode == 0, out_full
+    assert f"resuming at step {step}" in out_resumed
+    a = _json.loads((tmp_path / "full" / "results.json").read_text())
+    b = _json.loads((tmp_path / "killed" / "results.json").read_text())
+    for key in ("zero_shot", "trained", "per_class"):
+        assert a[key] == b[key], key  # exactly equal, not approximately
+    pa = capnet.load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    pb = capnet.load_checkpoint(ckpt)["model"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_torchrun_two_processes_matches_one(trained, tiny, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(capnet.__file__)), *tiny_args(tiny, tmp_path, "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es), DDP gloo" in (tmp_path / "ddp" / "log.txt").read_text()
+    ddp = _json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert ddp["world_size"] == 2
+    # global batch 8 = 2 x 4 and equal shards: the same optimisation as one process, up to float sums
+    one = trained["results"]
+    assert ddp["zero_shot"]["total"] == pytest.approx(one["zero_shot"]["total"], abs=1e-6)
+    assert ddp["trained"]["total"] == pytest.approx(one["trained"]["total"], abs=1.0)
+    pa = capnet.load_checkpoint(trained["dir"] / "checkpoint.pt")["model"]
+    pb = capnet.load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"]
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-3, atol=1e-5)
+
+
+def test_seeds_report_mean_and_std(tiny, tmp_path, capsys):
+    summary = capnet.main(tiny_args(tiny, tmp_path, "s", "--seeds", "0,1", "--epochs", "1"))
+    runs = [_json.loads((tmp_path / "s" / f"seed{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in runs] == [0, 1]
+    totals = [r["trained"]["total"] for r in runs]
+    assert summary["trained"]["total"]["mean"] == pytest.approx(np.mean(totals))
+    assert summary["trained"]["total"]["std"] == pytest.approx(np.std(totals, ddof=1))
+    assert _json.loads((tmp_path / "s" / "seeds.json").read_text())["seeds"] == [0, 1]
+    assert "mean +- std" in capsys.readouterr().out
+
+
+def test_info_lists_models_and_extension(capsys):
+    capnet.main(["info"])
+    out = capsys.readouterr().out
+    assert "torch" in out and "ViT-B/16" in out and "RN50" in out and ("extension" in out)
+
+
 # -----------------------------------------------------------------------------
 # bench
+
+@pytest.fixture(scope="module")
+def bench_model():
+    model, train_targets = capnet._bench_model(dict(capnet.BENCH_TINY_VIT, transformer_layers=1), 6,
+                                               torch.device("cpu"))
+    return model, train_targets
+
+
+def _bench_forward_backward(model, images, targets, criterion):
+    """Logits and the gradients of every trainable parameter for one train-mode step."""
+    model.train()
+    params = [p for part in model.trainable_parts().values() for p in part]
+    for p in params:
+        p.grad = None
+    logits = model(images)  # (B, C)
+    criterion(logits, targets).backward()
+    return [logits.detach()] + [p.grad.clone() for p in params]
+
+
+def test_fast_paths_exact_on_and_off(bench_model):
+    # each fast path of the train step on vs off: same logits and gradients (float rounding only)
+    model, train_targets = bench_model
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    targets = torch.from_numpy(train_targets[:3])
+    cfg = capnet.Config()
+    crit = capnet.make_criterion(cfg, train_targets.sum(0), len(train_targets))
+    crit_ref = capnet.make_criterion(capnet.Config(backend="torch"), train_targets.sum(0), len(train_targets))
+    fast = _bench_forward_backward(model, images, targets, crit)
+    try:
+        capnet._set_fast_paths(model, truncate=False, fused=True)
+        no_truncate = _bench_forward_backward(model, images, targets, crit)
+        capnet._set_fast_paths(model, truncate=True, fused=False)
+        no_fused = _bench_forward_backward(model, images, targets, crit_ref)
+        capnet._set_fast_paths(model)
+        with capnet._attention_context(sdpa=False):
+            no_sdpa = _bench_forward_backward(model, images, targets, crit)
+    finally:
+        capnet._set_fast_paths(model)
+    for other in (no_truncate, no_fused, no_sdpa):
+        for a, b in zip(fast, other):  # logits carry exp(t) = 14.3: cosines agree to ~1e-7
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fast[0].abs().max() > 0.1  # logits are not trivially zero
+
+
+def test_eval_cache_exact(bench_model):
+    model, _ = bench_model
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        cached = [model(images) for _ in range(2)]  # the second call reads the cache
+        model._text_cache = None
+        fresh = model(images)
+    torch.testing.assert_close(cached[1], fresh, rtol=0, atol=0)
+    torch.testing.assert_close(cached[0], fresh, rtol=0, atol=0)
+
+
+def test_compile_matches_eager(bench_model):
+    # torch.compile through the fused ops (custom ops when the extension is built): the
+    # aot_eager backend traces forward and backward like inductor does, without its C++ build
+    model, train_targets = bench_model
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    targets = torch.from_numpy(train_targets[:2])
+    crit = capnet.make_criterion(capnet.Config(), train_targets.sum(0), len(train_targets))
+    eager = _bench_forward_backward(model, images, targets, crit)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    got = _bench_forward_backward(compiled, images, targets, crit)
+    for a, b in zip(eager, got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_vit_flop_formula_matches_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    clip = capnet._bench_clip(capnet.BENCH_TINY_VIT, torch.device("cpu"))
+    images = torch.randn(2, 3, 32, 32)
+    # the math attention path shows its two matmuls to the counter (the fused SDPA kernel does not)
+    with torch.no_grad(), capnet._attention_context(sdpa=False), FlopCounterMode(display=False) as counter:
+        clip.encode_image(images)
+    assert capnet._vit_forward_flops(clip.visual, 2) == counter.get_total_flops()
+
+
+def test_bench_quick_json_and_table(tmp_path, capsys):
+    import json
+    path = tmp_path / "bench.json"
+    result = capnet.bench(quick=True, json_path=str(path))
+    assert json.loads(path.read_text()) == result
+    machine, rows = result["machine"], {r["name"]: r for r in result["rows"]}
+    assert machine["quick"] is True and machine["fp32_gemm_gflops"] > 0
+    required = ["loss_fused_vs_ref", "propagate_fused_vs_ref", "text_truncated_vs_full",
+                "train_step_fast_vs_naive"] + (["train_step_bf16_vs_fp32"] if machine["bf16"] else [])
+    assert set(required) <= set(rows)
+    table = capsys.readouterr().out
+    for name, r in rows.items():
+        assert {"name", "baseline_ms", "fast_ms", "ratio", "max_abs_diff"} <= set(r)
+        assert r["baseline_ms"] > 0 and r["fast_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["baseline_ms"] / r["fast_ms"], rel=1e-3)
+        assert name in table
+        if name.startswith(("train_step_bf16", "image_fwd_vs_gemm")):
+            continue
+        assert r["max_abs_diff"] < 1e-4, name  # every fp32 fast path gives the same outputs
+    # truncation really shortened the text context: 16 context tokens + name + SOT/EOT
+    assert "22 of 77 positions" in rows["text_truncated_vs_full"]["note"]
+
+
+def test_bf16_autocast_train_step_close_to_fp32(bench_model):
+    # --amp bf16: the fused ops take float32 under autocast (their inner GEMMs must not be
+    # autocast again), the loss is fp32, and the step stays near the fp32 one
+    model, train_targets = bench_model
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    targets = torch.from_numpy(train_targets[:3])
+    crit = capnet.make_criterion(capnet.Config(), train_targets.sum(0), len(train_targets))
+    fp32 = _bench_forward_backward(model, images, targets, crit)
+    model.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        F_hat = model.class_features()
+        logits = model(images).float()  # the trainer's loss input
+    assert F_hat.dtype == torch.float32
+    scale = fp32[0].abs().max()
+    assert (logits.detach() - fp32[0]).abs().max() < 0.05 * scale  # bf16 keeps ~3 significant digits

@@ -799,9 +799,7 @@ class _SynCaptioner:
             phrases = [self.context[k] for k in (sky, ground) if k in self.context]
             if phrases:
                 ids += phrases[int(rng.integers(len(phrases)))]
-        return [49406, *ids, *self.dot, 49407]  # SOT ... EOT
-
-
+        return [capnet.SOT, *ids, *self.dot, capnet.EOT]
 
 
 def _syn_to_tensor(images):
@@ -880,8 +878,8 @@ def _syn_save_png(img_array, path):
 
 
 def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000, n_pretrain=16000,
-                      pretrain_steps=1000, batch_size=128, lr=1e-3, patch=8, width=128, layers=4,
-                      text_width=128, text_layers=3, embed_dim=128, tail_exponent=1.3, extra_rate=0.4,
+                      pretrain_steps=1200, batch_size=64, lr=1e-3, patch=8, width=96, layers=3,
+                      text_width=96, text_layers=2, embed_dim=96, tail_exponent=1.3, extra_rate=0.4,
                       test_extra_rate=0.25, p_mention=0.75, log=print):
     """Draw the synthetic-lt world and pretrain its CLIP -> Path of <root>/synthetic-lt/dataset.json.
 
@@ -911,8 +909,11 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
 
     pre = _syn_draw_split(np.random.default_rng([seed, 2]), n_pretrain, uniform, np.full(C, test_extra_rate), size)
     log(f"synthetic-lt: drew {n_pretrain} captioned pretraining scenes, {time.time() - t0:.1f}s")
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    # One thread: the same seed gives the same weights on any machine (a multi-threaded GEMM may
+    # split its sums differently by core count), and these small matrices gain little from more.
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
         # OpenAI's constructor (heads = width // 64, as build_clip infers). Context 77 as every
@@ -931,6 +932,7 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
         ap, zs = _syn_zero_shot(clip, test[0], test[1], counts)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
     log(f"synthetic-lt: pretrained CLIP in {pretrain_steps} steps (final loss {final_loss:.3f}); zero-shot mAP "
         f"{zs['total']:.1f} (head {zs['head']:.1f}, medium {zs['medium']:.1f}, tail {zs['tail']:.1f}); "
         f"{time.time() - t0:.0f}s in all")

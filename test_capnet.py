@@ -1741,6 +1741,87 @@ def test_lt_map_groups_at_the_boundaries():
 # -----------------------------------------------------------------------------
 # synthetic-lt
 
+_SYN_TINY = dict(size=16, n_train=500, n_test=40, n_pretrain=48, pretrain_steps=2, batch_size=16, width=64,
+                 layers=1, text_width=64, text_layers=1, embed_dim=32, log=None)
+
+
+def _syn_make(tmp_path, name, seed=0):
+    return data_prep.make_synthetic_lt(root=tmp_path / name, seed=seed, **_SYN_TINY)
+
+
+def test_synthetic_lt_tiny_world_is_deterministic_and_loads(tmp_path):
+    path = _syn_make(tmp_path, "a")
+    again = _syn_make(tmp_path, "b")
+    other = _syn_make(tmp_path, "c", seed=1)
+    d, d2, d3 = (json.loads(p.read_text()) for p in (path, again, other))
+    assert d["train"] == d2["train"] and d["test"] == d2["test"] and d["source"]["clip"] == d2["source"]["clip"]
+    assert d["train"] != d3["train"]
+    for rel in ("train/00000.png", "test/00039.png"):  # same pixels
+        assert (path.parent / "images" / rel).read_bytes() == (again.parent / "images" / rel).read_bytes()
+    sd, sd2 = (torch.load(p.parent / "clip.pt", weights_only=True) for p in (path, again))
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+    prepared = capnet.load_prepared(path)  # the format checks training applies
+    assert len(prepared.classes) >= 20 and len(prepared.test) == 40 and all(" " not in c.strip() or c for c in prepared.classes)
+    groups = {capnet.class_group(int(n)) for n in capnet.class_counts(prepared.train, len(prepared.classes))}
+    assert groups == {"head", "medium", "tail"}
+    assert d["source"]["seed"] == 0 and set(d["source"]["zero_shot_map"]) == {"total", "head", "medium", "tail"}
+    from PIL import Image
+    assert Image.open(prepared.image_root / prepared.train[0][0]).size == (16, 16)
+
+    clip = capnet.load_clip(path.parent / "clip.pt")  # like any real checkpoint
+    assert isinstance(clip.visual, capnet.VisionTransformer)  # AdaptFormer applies
+    assert clip.visual.input_resolution == 16 and clip.context_length == 77
+    assert clip.source["sha256"] == d["source"]["clip"]["sha256"]
+    tokens = capnet.tokenize(["a photo of a pine tree."])
+    assert clip.encode_text(tokens).shape == (1, 32) and clip.encode_image(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
+
+
+def test_synthetic_captions_are_exact_tokenizations():
+    import re
+    captioner = data_prep._SynCaptioner(capnet._tokenizer().encode, p_mention=0.75)
+    rng = np.random.default_rng(0)
+    lengths = []
+    for _ in range(50):
+        labels, sky, ground = data_prep._syn_sample_labels(rng, np.full(24, 1 / 24), np.full(24, 0.3), 5)
+        ids = captioner.tokens(rng, labels, sky, ground)
+        text = capnet._tokenizer().decode(ids[1:-1])
+        assert capnet.tokenize([text])[0, :len(ids)].tolist() == ids, text
+        words = [data_prep.SYN_CAPTION_WORDS.get(n, n) for n in data_prep.SYN_CLASSES]
+        said = {c for c, w in enumerate(words) if re.search(rf"\ba {w}\b", text)}
+        assert said and said <= set(labels), text  # only objects in the scene, by their caption word
+        assert not any(re.search(rf"\b{n}\b", text) for n in data_prep.SYN_CAPTION_WORDS), text
+        lengths.append(len(ids))
+    # CAPNet's prompts put EOT at 1 + 16 + name + 1: captions must train positions that far
+    assert max(lengths) >= 20
+
+
+def test_synthetic_scenes_follow_their_names():
+    rng = np.random.default_rng(0)
+    names = data_prep.SYN_CLASSES
+    C = len(names)
+    pair = np.zeros((C, C), int)
+    for _ in range(3000):
+        labels, sky, ground = data_prep._syn_sample_labels(rng, np.full(C, 1 / C), np.full(C, 0.3), 5)
+        assert 1 <= len(labels) <= 5 and data_prep._syn_compatible(sky, ground)[labels].all()
+        pair[np.ix_(labels, labels)] += 1
+    idx = names.index
+    assert pair[idx("boat"), idx("fish")] > 20 and pair[idx("moon"), idx("star")] > 20
+    for a, b in (("sun", "moon"), ("fish", "car"), ("snowman", "palm tree"), ("crab", "duck")):
+        assert pair[idx(a), idx(b)] == 0, (a, b)
+
+
+def test_synthetic_default_long_tail_and_too_small_train_set(tmp_path):
+    # the default knobs' label draw (no rendering): all three groups non-empty, every class present
+    C = len(data_prep.SYN_CLASSES)
+    w = (np.arange(C) + 1.0) ** -1.4
+    rng = np.random.default_rng([0, 0])
+    labels = [data_prep._syn_sample_labels(rng, w / w.sum(), 0.3 * w / w[0], 5)[0] for _ in range(1500)]
+    counts = capnet.class_counts([(None, lab) for lab in labels], C)
+    assert counts.min() > 0 and {capnet.class_group(int(n)) for n in counts} == {"head", "medium", "tail"}
+    with pytest.raises(ValueError, match="n_train=50"):
+        data_prep.make_synthetic_lt(root=tmp_path, **dict(_SYN_TINY, n_train=50))
+
 # -----------------------------------------------------------------------------
 # train, eval, predict, CLI, faults
 

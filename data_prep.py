@@ -489,6 +489,13 @@ SYN_OBJECTS = {
     "crab": ("ground", ("day",), ("sand",)),
 }
 SYN_CLASSES = list(SYN_OBJECTS)  # the order is also the long-tail rank (head first)
+# Captions call these objects by another word and never use the class name, as web text says
+# "yacht" or "fir" where a benchmark says "sailboat" or "pine tree". The text encoder meets the
+# class name only in prompts, so zero-shot must guess it from word pieces ("sail"+"boat" ->
+# near "boat") or not at all ("person"), while the image tower did learn to see the object:
+# exactly the gap class-specific prompts trained on labelled images can close.
+SYN_CAPTION_WORDS = {"person": "man", "mountain": "peak", "sailboat": "yacht", "airplane": "jet",
+                     "pine tree": "fir"}
 SYN_CONTEXT_PHRASES = {"night": "at night", "grass": "on the grass", "water": "on the water",
                        "sand": "on the beach", "snow": "in the snow"}
 
@@ -775,14 +782,14 @@ SYN_CAPTION_PREFIXES = ("a photo of", "a picture of", "an image of", "")
 
 
 class _SynCaptioner:
-    """Random captions from labels: 'a photo of a sun, a cloud and a boat on the water.'.
+    """Random captions from labels: 'a photo of a sun, a cloud and a yacht on the water.'.
     Each present object is mentioned with probability p_mention (at least one is), in random
     order; half the captions add the scene phrase. Always "a {name}" (never "an"), to match
     the zero-shot template "a photo of a {name}."."""
 
     def __init__(self, encode, p_mention):
         self.p_mention = p_mention
-        self.obj = [encode("a " + n) for n in SYN_CLASSES]
+        self.obj = [encode("a " + SYN_CAPTION_WORDS.get(n, n)) for n in SYN_CLASSES]
         self.prefix = [encode(p) for p in SYN_CAPTION_PREFIXES]
         self.context = {k: encode(v) for k, v in SYN_CONTEXT_PHRASES.items()}
         self.comma, self.and_, self.dot = encode(","), encode("and"), encode(".")
@@ -799,9 +806,7 @@ class _SynCaptioner:
             phrases = [self.context[k] for k in (sky, ground) if k in self.context]
             if phrases:
                 ids += phrases[int(rng.integers(len(phrases)))]
-        return [49406, *ids, *self.dot, 49407]  # SOT ... EOT
-
-
+        return [capnet.SOT, *ids, *self.dot, capnet.EOT]
 
 
 def _syn_to_tensor(images):
@@ -879,9 +884,9 @@ def _syn_save_png(img_array, path):
     Image.fromarray(img_array).save(path, optimize=False, compress_level=1)
 
 
-def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000, n_pretrain=16000,
-                      pretrain_steps=1000, batch_size=128, lr=1e-3, patch=8, width=128, layers=4,
-                      text_width=128, text_layers=3, embed_dim=128, tail_exponent=1.3, extra_rate=0.4,
+def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000, n_pretrain=12000,
+                      pretrain_steps=1000, batch_size=64, lr=1e-3, patch=8, width=96, layers=3,
+                      text_width=96, text_layers=2, embed_dim=96, tail_exponent=1.4, extra_rate=0.3,
                       test_extra_rate=0.25, p_mention=0.75, log=print):
     """Draw the synthetic-lt world and pretrain its CLIP -> Path of <root>/synthetic-lt/dataset.json.
 
@@ -911,8 +916,11 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
 
     pre = _syn_draw_split(np.random.default_rng([seed, 2]), n_pretrain, uniform, np.full(C, test_extra_rate), size)
     log(f"synthetic-lt: drew {n_pretrain} captioned pretraining scenes, {time.time() - t0:.1f}s")
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    # One thread: the same seed gives the same weights on any machine (a multi-threaded GEMM may
+    # split its sums differently by core count), and these small matrices gain little from more.
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
         # OpenAI's constructor (heads = width // 64, as build_clip infers). Context 77 as every
@@ -931,6 +939,7 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
         ap, zs = _syn_zero_shot(clip, test[0], test[1], counts)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
     log(f"synthetic-lt: pretrained CLIP in {pretrain_steps} steps (final loss {final_loss:.3f}); zero-shot mAP "
         f"{zs['total']:.1f} (head {zs['head']:.1f}, medium {zs['medium']:.1f}, tail {zs['tail']:.1f}); "
         f"{time.time() - t0:.0f}s in all")
@@ -946,7 +955,8 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
                  "vision": f"ViT width {width}, {layers} blocks, patch {patch}, {size}px", "embed_dim": embed_dim,
                  "text": f"width {text_width}, {text_layers} blocks, context 77", "pretrain_images": n_pretrain,
                  "pretrain_steps": pretrain_steps, "batch_size": batch_size, "lr": lr, "p_mention": p_mention,
-                 "loss": "symmetric InfoNCE", "final_loss": round(final_loss, 4)},
+                 "caption_words": SYN_CAPTION_WORDS, "loss": "symmetric InfoNCE",
+                 "final_loss": round(final_loss, 4)},
         "zero_shot_map": {k: round(v, 2) for k, v in zs.items() if k != "n_nan"},
         "zero_shot_ap": {n: round(float(a), 2) for n, a in zip(SYN_CLASSES, ap)},
         "seconds": round(time.time() - t0, 1),

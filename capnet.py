@@ -1641,7 +1641,7 @@ def run_name(cfg: Config) -> str:
     for key in ABLATION_FIELDS:
         value = getattr(cfg, key)
         if value != getattr(base, key):
-            parts.append(f"{key.replace('_', '-')}-{value}".replace(" ", "_"))
+            parts.append(f"{key.replace('_', '-')}-{value if value != '' else 'none'}".replace(" ", "_"))
     return "-".join(parts)
 
 

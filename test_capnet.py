@@ -1915,8 +1915,8 @@ def test_cli_flags_are_generated_from_config_and_strict(capsys):
     assert e.value.code == 1 and "--graph 'cooc'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--seeds"):
         capnet.resolve_config(capnet.Config(seeds="0,x"))
-    assert capnet.resolve_config(capnet.Config(graph="identity", loss="bce")).name == \
-        "synthetic-lt-graph-identity-loss-bce"  # ablations get their own run folder
+    ablation = dataclasses.replace(capnet.preset_config("synthetic-lt"), graph="identity", loss="bce")
+    assert capnet.resolve_config(ablation).name == "synthetic-lt-graph-identity-loss-bce"  # own run folder
 
 
 def test_schedule_and_batches_are_pure_functions():

@@ -465,22 +465,22 @@ SYN_GROUNDS = ("grass", "water", "sand", "snow")
 SYN_OBJECTS = {
     "sun": ("sky", ("day",), SYN_GROUNDS),
     "cloud": ("sky", ("day",), SYN_GROUNDS),
+    "person": ("ground", SYN_SKIES, ("grass", "sand", "snow")),
     "tree": ("ground", SYN_SKIES, ("grass",)),
+    "mountain": ("horizon", SYN_SKIES, ("grass", "snow")),
+    "sailboat": ("ground", ("day",), ("water",)),
+    "airplane": ("sky", SYN_SKIES, SYN_GROUNDS),
+    "pine tree": ("ground", SYN_SKIES, ("grass", "snow")),
     "house": ("ground", SYN_SKIES, ("grass", "snow")),
     "boat": ("ground", SYN_SKIES, ("water",)),
-    "person": ("ground", SYN_SKIES, ("grass", "sand", "snow")),
     "bird": ("sky", ("day",), SYN_GROUNDS),
     "car": ("ground", SYN_SKIES, ("grass", "snow")),
     "moon": ("sky", ("night",), SYN_GROUNDS),
     "flower": ("ground", ("day",), ("grass",)),
     "fish": ("ground", SYN_SKIES, ("water",)),
     "star": ("sky", ("night",), SYN_GROUNDS),
-    "mountain": ("horizon", SYN_SKIES, ("grass", "snow")),
     "dog": ("ground", SYN_SKIES, ("grass", "sand", "snow")),
-    "sailboat": ("ground", ("day",), ("water",)),
-    "airplane": ("sky", SYN_SKIES, SYN_GROUNDS),
     "umbrella": ("ground", ("day",), ("sand",)),
-    "pine tree": ("ground", SYN_SKIES, ("grass", "snow")),
     "kite": ("sky", ("day",), ("grass", "sand")),
     "duck": ("ground", ("day",), ("water",)),
     "palm tree": ("ground", SYN_SKIES, ("sand",)),
@@ -495,7 +495,7 @@ SYN_CLASSES = list(SYN_OBJECTS)  # the order is also the long-tail rank (head fi
 # near "boat") or not at all ("person"), while the image tower did learn to see the object:
 # exactly the gap class-specific prompts trained on labelled images can close.
 SYN_CAPTION_WORDS = {"person": "man", "mountain": "peak", "sailboat": "yacht", "airplane": "jet",
-                     "pine tree": "fir"}
+                     "pine tree": "fir", "house": "cottage", "car": "automobile"}
 SYN_CONTEXT_PHRASES = {"night": "at night", "grass": "on the grass", "water": "on the water",
                        "sand": "on the beach", "snow": "in the snow"}
 

@@ -29,6 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# `python capnet.py` runs this file as __main__; data_prep's `import capnet` must get this same
+# module, not a second copy that would register the custom ops' kernels a second time
+if __name__ == "__main__":
+    sys.modules.setdefault("capnet", sys.modules[__name__])
+
 # -----------------------------------------------------------------------------
 # config
 

@@ -72,7 +72,12 @@ def write_dataset(out_root, name, classes, image_root, train, test, source):
     out_dir = Path(out_root) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     norm = lambda items: [[rel, sorted({int(i) for i in labels})] for rel, labels in items]
-    d = {"name": name, "classes": list(classes), "image_root": str(Path(image_root).resolve()),
+    # images inside the data folder (synthetic-lt) are stored relative to the json, so the folder
+    # can move; raw releases elsewhere keep their absolute path
+    root = Path(image_root).resolve()
+    if root.is_relative_to(out_dir.resolve()):
+        root = root.relative_to(out_dir.resolve())
+    d = {"name": name, "classes": list(classes), "image_root": str(root),
          "train": norm(train), "test": norm(test), "source": source}
     path = out_dir / "dataset.json"
     tmp = out_dir / "dataset.json.tmp"

@@ -16,12 +16,15 @@ see README.md, "Choices and assumptions".
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gzip
+import html
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,9 +117,6 @@ PRESETS = {
 # merges table), re-implemented here. The merges file bpe_simple_vocab_16e6.txt.gz (MIT,
 # OpenAI) is vendored at the repository root.
 
-import functools
-import gzip
-import html
 
 BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # common: writing dataset.json, class statistics
@@ -457,11 +461,7 @@ def _make_split_items(pool, num_classes, name, seed, alpha=None, warn=True):
 # Captions mention a random subset of the objects, as web alt-text does, so zero-shot is
 # decent but imperfect (measured and stored in dataset.json "source").
 
-import math  # noqa: E402
-import time  # noqa: E402
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 SYN_SKIES = ("day", "night")
 SYN_GROUNDS = ("grass", "water", "sand", "snow")

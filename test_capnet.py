@@ -1,14 +1,26 @@
 """CAPNet test suite: `python -m pytest -q test_capnet.py`."""
+import dataclasses
+import io
+import json
+import json as _json
+import math
 import os
+import pickle
+import shutil
+import signal
+import subprocess
 import sys
+import time as _time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import capnet  # noqa: E402
+import data_prep  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
@@ -383,9 +395,7 @@ def test_encode_image_at_another_size(small_ckpts, family, key):
 # -----------------------------------------------------------------------------
 # model, graph, GCN, prompts, losses, metrics
 
-import math  # noqa: E402
 
-import torch.nn.functional as F  # noqa: E402
 
 
 def tiny_clip_state_dict(vision="vit", seed=0, embed_dim=32, width=64, layers=2):
@@ -979,8 +989,6 @@ def test_make_criterion_losses():
 # -----------------------------------------------------------------------------
 # fused ops and the extension
 
-import shutil  # noqa: E402  (kept in this section: fewer merge conflicts in the header)
-import subprocess  # noqa: E402
 
 needs_ext = pytest.mark.skipif(not capnet.EXT_AVAILABLE,
                                reason="capnet_ext not built (python setup.py build_ext --inplace)")
@@ -1229,11 +1237,7 @@ def test_cuda_kernels_compile_with_plain_nvcc(tmp_path):
 # -----------------------------------------------------------------------------
 # data preparation and datasets
 
-import io
-import json
-import pickle
 
-import data_prep  # noqa: E402
 
 
 def _jpeg_bytes(color=(200, 30, 30)):
@@ -1828,12 +1832,6 @@ def test_synthetic_default_long_tail_and_too_small_train_set(tmp_path):
 # Everything here runs on a tiny world made by the fixture: 4 classes drawn as coloured quadrants,
 # 32 train / 16 test images of 32x32 pixels, and a random tiny CLIP saved in OpenAI's state-dict
 # format. Runs take seconds; the subprocess tests (SIGKILL + resume, torchrun) are the slow ones.
-import dataclasses
-import json as _json
-import math
-import signal
-import subprocess
-import time as _time
 
 WORLD_CLASSES = ["red_square", "green square", "blue square", "yellow square"]
 TINY_COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 20)]

@@ -1628,10 +1628,11 @@ CHOICES = {
 RESUME_FREE = {"resume", "workers", "log_every", "device", "eval_batch_size", "compile", "seeds"}
 # fields that name an ablation: a non-default value goes into the derived run name
 ABLATION_FIELDS = ("graph", "loss", "peft", "tau_prime", "tte", "n_ctx", "s", "p", "ctx_init")
+CHECKPOINT_FORMAT = "capnet-checkpoint-1"
 
 
 class RunError(RuntimeError):
-    """A user-facing failure with a message that says what to do (printed without a traceback)."""
+    """A user-facing failure whose message says what to do (printed without a traceback)."""
 
 
 def preset_config(data: str) -> Config:
@@ -1655,16 +1656,16 @@ def run_name(cfg: Config) -> str:
 def resolve_config(cfg: Config) -> Config:
     """Check every choice and fill the "" defaults that depend on other fields."""
     cfg = dataclasses.replace(cfg)
+    flag = lambda key: "--" + key.replace("_", "-")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
-            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: expected one of "
-                             f"{', '.join(map(str, allowed))}")
+            raise ValueError(f"{flag(key)} {getattr(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
     for key in ("epochs", "batch_size", "eval_batch_size", "input_size", "n_ctx"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
+            raise ValueError(f"{flag(key)} must be at least 1, got {getattr(cfg, key)}")
     for key in ("workers", "adapter_dim", "ckpt_every", "seed", "log_every"):
         if getattr(cfg, key) < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must not be negative, got {getattr(cfg, key)}")
+            raise ValueError(f"{flag(key)} must not be negative, got {getattr(cfg, key)}")
     if not (0.0 <= cfg.p <= 1.0):
         raise ValueError(f"--p must lie in [0, 1], got {cfg.p}")
     if not (0.0 < cfg.scale_min <= 1.0):
@@ -1694,9 +1695,7 @@ def to_jsonable(x):
         return {k: to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [to_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        x = x.item()
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
+    if isinstance(x, np.generic) or (isinstance(x, torch.Tensor) and x.numel() == 1):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
@@ -1710,6 +1709,10 @@ def write_atomic(path: Path, text: str):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_atomic(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
 
 
 def versions() -> dict:
@@ -1748,6 +1751,11 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def format_map(m: dict) -> str:
+    f = lambda v: "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:5.2f}"
+    return f"total {f(m['total'])} | head {f(m['head'])} | medium {f(m['medium'])} | tail {f(m['tail'])}"
+
+
 # ---- distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nothing else changes
 
 def setup_device_and_dist(cfg: Config):
@@ -1769,12 +1777,10 @@ def barrier(world: int):
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
-    """The global batches of one epoch (drop_last), each cut to this process's shard.
-
-    The order depends only on (seed, epoch): a resumed run and every DDP process see the same
-    batches, and `batch_size` is the global batch, so 2 processes x 32 = 1 process x 64.
-    The extra words keep this stream apart from the dataset's augmentation RNG [seed, epoch, index].
-    """
+    # The global batches of one epoch (drop_last), each cut to this process's shard. The order
+    # depends only on (seed, epoch), so a resumed run and every DDP process see the same batches;
+    # batch_size is the global batch (2 processes x 32 = 1 process x 64). The extra words keep
+    # this stream apart from the dataset's augmentation RNG [seed, epoch, index].
     order = np.random.default_rng([seed, epoch, 2**32 - 1, 1]).permutation(num_items)
     steps = num_items // batch_size
     return [order[i * batch_size:(i + 1) * batch_size][rank::world].tolist() for i in range(steps)]
@@ -1800,6 +1806,16 @@ def load_dataset(cfg: Config, rank: int = 0, world: int = 1, prepare: bool = Tru
     return load_prepared(path)
 
 
+def make_test_set(prepared, cfg: Config):
+    return MultiLabelDataset(prepared.test, prepared.image_root, len(prepared.classes), cfg.input_size,
+                             mode="eval", n_views=cfg.tte, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+
+
+def make_loader(dataset, cfg: Config, **kwargs):
+    return torch.utils.data.DataLoader(dataset, num_workers=cfg.workers, worker_init_fn=seed_worker,
+                                       collate_fn=collate_skip_bad if cfg.skip_bad_images else None, **kwargs)
+
+
 def load_backbone(cfg: Config):
     """The frozen CLIP named by cfg.clip. A real dataset never falls back to a toy model."""
     if cfg.clip not in KNOWN_MODELS and not Path(cfg.clip).exists():
@@ -1811,24 +1827,28 @@ def load_backbone(cfg: Config):
         raise RunError(str(e)) from None
 
 
-def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, where: str):
-    """A checkpoint only fits the dataset, class list and backbone it was trained with."""
-    if ckpt["config"]["data"] != data:
-        raise RunError(f"{where}: checkpoint was trained on dataset {ckpt['config']['data']!r}, not {data!r}")
-    if list(ckpt["classes"]) != list(classes):
-        old, new = list(ckpt["classes"]), list(classes)
-        diff = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(old, new)) if a != b][:3]
-        raise RunError(f"{where}: class list differs from the checkpoint's ({len(old)} classes in the "
-                       f"checkpoint, {len(new)} now; {'; '.join(diff) or 'one list extends the other'})")
-    if ckpt["clip"].get("sha256") != clip_source.get("sha256"):
-        raise RunError(f"{where}: backbone differs: checkpoint was trained with CLIP {ckpt['clip'].get('name')!r} "
-                       f"(sha256 {str(ckpt['clip'].get('sha256'))[:12]}), now {clip_source.get('name')!r} "
-                       f"(sha256 {str(clip_source.get('sha256'))[:12]})")
+def build_model(clip, classes, cfg: Config, class_counts, train_targets, device):
+    # the seed fixes every random init (prompts, adapters): a rebuilt model starts where training did
+    torch.manual_seed(cfg.seed)
+    return CAPNet(clip, classes, cfg, class_counts, train_targets).to(device)
 
 
 # ---- checkpoints: trainable parameters + optimizer + scheduler + RNG, written atomically
 
-CHECKPOINT_FORMAT = "capnet-checkpoint-1"
+def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, where: str):
+    """A checkpoint only fits the dataset, class list and backbone it was trained with."""
+    if ckpt["config"]["data"] != data:
+        raise RunError(f"{where}: checkpoint was trained on dataset {ckpt['config']['data']!r}, not {data!r}")
+    old, new = list(ckpt["classes"]), list(classes)
+    if old != new:
+        diff = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(old, new)) if a != b][:3]
+        raise RunError(f"{where}: class list differs from the checkpoint's ({len(old)} classes in the "
+                       f"checkpoint, {len(new)} now; {'; '.join(diff) or 'one list extends the other'})")
+    was = ckpt["clip"]
+    if was.get("sha256") != clip_source.get("sha256"):
+        raise RunError(f"{where}: backbone differs: checkpoint was trained with CLIP {was.get('name')!r} "
+                       f"(sha256 {str(was.get('sha256'))[:12]}), now {clip_source.get('name')!r} "
+                       f"(sha256 {str(clip_source.get('sha256'))[:12]})")
 
 
 def rng_state() -> dict:
@@ -1875,33 +1895,6 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
-def config_from_checkpoint(ckpt: dict) -> Config:
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(ckpt["config"]) - known)
-    if unknown:
-        raise RunError(f"checkpoint config has fields this capnet.py does not know: {', '.join(unknown)}")
-    return Config(**ckpt["config"])
-
-
-def trainable_state(model: nn.Module) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def build_model(clip, classes, cfg: Config, class_counts, train_targets, device):
-    # the seed fixes every random init (prompts, adapters): a rebuilt model starts where training did
-    torch.manual_seed(cfg.seed)
-    return CAPNet(clip, classes, cfg, class_counts, train_targets).to(device)
-
-
-def restore_model(ckpt: dict, clip, cfg: Config, device) -> nn.Module:
-    """CAPNet exactly as trained: rebuilt from the checkpoint's classes, counts and labels, then its
-    trained parameters loaded (the frozen CLIP comes from cfg.clip, checked by sha256 by the caller)."""
-    model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["class_counts"].numpy(),
-                        ckpt["train_targets"].float().numpy(), device)
-    load_trainable(model, ckpt["model"])
-    return model
-
-
 def load_trainable(model: nn.Module, state: dict):
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -1927,17 +1920,16 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    no_decay = {id(p) for p in model.no_decay_parameters()}  # temperature, adapter scales
     # Deviation (ours): the temperature t trains at lr * temperature_lr_scale. At the full lr the
     # first steps of the DB-focal loss, where every logit starts positive (cosines ~0.25), drive t
     # towards 0 and flatten all logits (measured on synthetic-lt: exp(t) 14 -> 0.08, mAP falls
     # 10+ points); at 1/100 of the lr t still adapts (14.0 -> 13.2) and mAP does not collapse.
-    temperature = id(model.logit_scale)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    no_decay = {id(p) for p in model.no_decay_parameters()}  # temperature, adapter scales
+    t = model.logit_scale
     groups = [{"params": [p for p in trainable if id(p) not in no_decay], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in trainable if id(p) in no_decay and id(p) != temperature],
-               "weight_decay": 0.0},
-              {"params": [model.logit_scale], "weight_decay": 0.0, "lr": cfg.lr * cfg.temperature_lr_scale}]
+              {"params": [p for p in trainable if id(p) in no_decay and p is not t], "weight_decay": 0.0},
+              {"params": [t], "weight_decay": 0.0, "lr": cfg.lr * cfg.temperature_lr_scale}]
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     total = cfg.epochs * steps_per_epoch
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
@@ -1969,23 +1961,19 @@ def view_logits(forward, images: torch.Tensor) -> torch.Tensor:
 def score_dataset(forward, dataset, cfg: Config, device, amp: bool, rank: int = 0, world: int = 1):
     """-> (scores (N, C), targets (N, C)) over the whole set; under DDP each process scores
     every world-th image and the pieces are gathered (in dataset order) on every process."""
-    shard = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, shard), batch_size=max(1, cfg.eval_batch_size // max(1, cfg.tte)),
-        num_workers=cfg.workers, collate_fn=collate_skip_bad if cfg.skip_bad_images else None,
-        worker_init_fn=seed_worker)
-    scores, targets, indices = [], [], []
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = make_loader(shard, cfg, batch_size=max(1, cfg.eval_batch_size // max(1, cfg.tte)))
+    C = dataset.targets.shape[1]
+    scores, targets, indices = [torch.zeros(0, C)], [torch.zeros(0, C)], [torch.zeros(0, dtype=torch.long)]
     for batch in loader:
-        if batch is None:
+        if batch is None:  # every image of the batch unreadable (--skip-bad-images)
             continue
         images, target, index = batch
         with autocast(device, amp):
             scores.append(view_logits(forward, images.to(device)).cpu())  # (B, C)
         targets.append(target.float())
         indices.append(torch.as_tensor(index).view(-1))
-    C = dataset.num_classes if hasattr(dataset, "num_classes") else None
-    part = (torch.cat(scores) if scores else torch.zeros(0, C), torch.cat(targets) if targets else torch.zeros(0, C),
-            torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long))
+    part = (torch.cat(scores), torch.cat(targets), torch.cat(indices))
     if world > 1:
         parts = [None] * world
         torch.distributed.all_gather_object(parts, part)
@@ -2070,23 +2058,23 @@ def plot_ap_vs_freq(per_class: list, path: Path, title: str):
     img.save(path)
 
 
+def per_class_rows(classes, counts, ap_zero_shot, ap) -> list:
+    percent = lambda v: None if math.isnan(float(v)) else 100.0 * float(v)  # like mAP; NaN (no positive) -> None
+    return [{"name": name, "train_count": int(counts[i]), "group": class_group(int(counts[i])),
+             "ap_zero_shot": percent(ap_zero_shot[i]), "ap": percent(ap[i])}
+            for i, name in enumerate(classes)]
+
+
 def write_outputs(run_dir: Path, results: dict):
-    write_atomic(run_dir / "results.json", json.dumps(to_jsonable(results), indent=2) + "\n")
-    lines = ["name,train_count,group,ap_zero_shot,ap"]
-    for c in results["per_class"]:
-        fmt = lambda v: "" if v is None else f"{v:.4f}"
-        lines.append(f"{json.dumps(c['name'])},{c['train_count']},{c['group']},{fmt(c['ap_zero_shot'])},{fmt(c['ap'])}")
+    write_json(run_dir / "results.json", results)
+    fmt = lambda v: "" if v is None else f"{v:.4f}"
+    lines = ["name,train_count,group,ap_zero_shot,ap"] + [
+        f"{json.dumps(c['name'])},{c['train_count']},{c['group']},{fmt(c['ap_zero_shot'])},{fmt(c['ap'])}"
+        for c in results["per_class"]]
     write_atomic(run_dir / "per_class_ap.csv", "\n".join(lines) + "\n")
     zs, tr = results["zero_shot"], results["trained"]
     plot_ap_vs_freq(results["per_class"], run_dir / "ap_vs_freq.png",
                     f"{results['config']['data']}: mAP zero-shot {zs['total']:.1f} -> trained {tr['total']:.1f}")
-
-
-def per_class_rows(classes, counts, ap_zero_shot, ap) -> list:
-    nan_to_none = lambda v: None if math.isnan(float(v)) else 100.0 * float(v)  # percent, like mAP
-    return [{"name": name, "train_count": int(counts[i]), "group": class_group(int(counts[i])),
-             "ap_zero_shot": nan_to_none(ap_zero_shot[i]), "ap": nan_to_none(ap[i])}
-            for i, name in enumerate(classes)]
 
 
 # ---- the run
@@ -2125,11 +2113,11 @@ def train(cfg: Config) -> dict:
                            + ", ".join(f"{k} ({ckpt['config'][k]!r} -> {getattr(cfg, k)!r})" for k in changed)
                            + "; start a new run with --name instead")
 
-    mode = "resuming at step %d" % ckpt["step"] if ckpt else "new run"
-    log(f"CAPNet train: {run_dir} ({mode}), {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    log(f"CAPNet train: {run_dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     log("config:\n" + format_config(cfg))
     if rank == 0:
-        write_atomic(run_dir / "config.json", json.dumps(to_jsonable(dataclasses.asdict(cfg)), indent=2) + "\n")
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     log(f"dataset {prepared.name}: {len(prepared.train)} train / {len(prepared.test)} test images")
     log(format_class_stats(classes, counts))
     backend = cfg.backend if cfg.backend != "auto" else ("ext" if EXT_AVAILABLE else "torch")
@@ -2140,8 +2128,7 @@ def train(cfg: Config) -> dict:
     log(f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
         f"input {cfg.input_size}")
 
-    test_set = MultiLabelDataset(prepared.test, prepared.image_root, C, cfg.input_size, mode="eval",
-                                 n_views=cfg.tte, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+    test_set = make_test_set(prepared, cfg)
     if ckpt is not None:
         ap_zero_shot = ckpt["zero_shot_ap"]
     else:  # step 0: plain CLIP, same TTE, before any training
@@ -2179,7 +2166,8 @@ def train(cfg: Config) -> dict:
     def checkpoint(step: int):
         if rank == 0:
             save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "format": CHECKPOINT_FORMAT, "optimizer": optimizer.state_dict(),
+                "model": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
                 "config": dataclasses.asdict(cfg), "classes": list(classes), "clip": dict(clip.source),
                 "class_counts": torch.as_tensor(counts, dtype=torch.int64),
@@ -2195,12 +2183,9 @@ def train(cfg: Config) -> dict:
         epoch = step // steps_per_epoch
         train_set.set_epoch(epoch)
         batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, rank, world)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_sampler=batches[step - epoch * steps_per_epoch:], num_workers=cfg.workers,
-            collate_fn=collate_skip_bad if cfg.skip_bad_images else None, worker_init_fn=seed_worker,
-            pin_memory=device.type == "cuda")
-        for batch in loader:
-            images, targets, _ = batch
+        loader = make_loader(train_set, cfg, batch_sampler=batches[step - epoch * steps_per_epoch:],
+                             pin_memory=device.type == "cuda")
+        for images, targets, _ in loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = forward(images)  # (B, C)
@@ -2232,8 +2217,7 @@ def train(cfg: Config) -> dict:
 
     model.eval()
     t0 = time.time()
-    scores, targets = score_dataset(model, test_set, cfg, device, amp, rank, world)
-    ap = average_precision(scores, targets)
+    ap = average_precision(*score_dataset(model, test_set, cfg, device, amp, rank, world))
     results = {"zero_shot": summarize(ap_zero_shot, counts), "trained": summarize(ap, counts),
                "per_class": per_class_rows(classes, counts, ap_zero_shot, ap), "config": dataclasses.asdict(cfg),
                "seed": cfg.seed, "versions": versions(), "steps": total_steps, "world_size": world,
@@ -2253,28 +2237,24 @@ def train(cfg: Config) -> dict:
     return results
 
 
-def format_map(m: dict) -> str:
-    f = lambda v: "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:5.2f}"
-    return f"total {f(m['total'])} | head {f(m['head'])} | medium {f(m['medium'])} | tail {f(m['tail'])}"
-
-
 def train_seeds(cfg: Config) -> dict:
     """--seeds 0,1,2: one run per seed under runs/<name>/seed<k>/, then mean and std (n - 1)."""
     seeds = [int(s) for s in cfg.seeds.split(",")]
     runs = [train(dataclasses.replace(cfg, seed=s, seeds="", name=f"{cfg.name}/seed{s}")) for s in seeds]
     summary = {"seeds": seeds, "runs": [f"{cfg.out_dir}/{cfg.name}/seed{s}" for s in seeds]}
+    groups = ("total", "head", "medium", "tail")
     for kind in ("zero_shot", "trained"):
         summary[kind] = {}
-        for group in ("total", "head", "medium", "tail"):
+        for group in groups:
             values = np.array([r[kind][group] for r in runs], dtype=np.float64)
             std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             summary[kind][group] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
     if int(os.environ.get("RANK", "0")) == 0:
-        write_atomic(Path(cfg.out_dir) / cfg.name / "seeds.json", json.dumps(to_jsonable(summary), indent=2) + "\n")
+        write_json(Path(cfg.out_dir) / cfg.name / "seeds.json", summary)
         print(f"\n{len(seeds)} seeds ({cfg.seeds}): mean +- std mAP")
         for kind in ("zero_shot", "trained"):
             print(f"  {kind:9s} " + " | ".join(f"{g} {summary[kind][g]['mean']:.2f} +- {summary[kind][g]['std']:.2f}"
-                                             for g in ("total", "head", "medium", "tail")))
+                                             for g in groups))
     return summary
 
 
@@ -2292,17 +2272,22 @@ def latest_checkpoint(out_dir: str = "runs") -> Path:
 
 
 def load_for_inference(ckpt_path, device: str = "auto", tte: int | None = None):
-    """-> (model in eval mode, cfg, ckpt, device): everything rebuilt from the checkpoint."""
+    """-> (model in eval mode, cfg, ckpt, device): CAPNet exactly as trained, rebuilt from the
+    checkpoint's config, classes, counts and labels, with its trained parameters loaded."""
     ckpt = load_checkpoint(ckpt_path)
-    cfg = config_from_checkpoint(ckpt)
-    cfg = dataclasses.replace(cfg, device=device, resume=False, tte=tte if tte is not None else cfg.tte)
-    cfg = resolve_config(cfg)
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise RunError(f"checkpoint config has fields this capnet.py does not know: {', '.join(unknown)}")
+    cfg = Config(**ckpt["config"])
+    cfg = resolve_config(dataclasses.replace(cfg, device=device, resume=False, tte=tte if tte is not None else cfg.tte))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda" if use_cuda else "cpu")
     clip = load_backbone(cfg).to(dev)
     check_checkpoint(ckpt, cfg.data, ckpt["classes"], clip.source, f"checkpoint {ckpt_path}")
-    model = restore_model(ckpt, clip, cfg, dev).eval()
-    return model, cfg, ckpt, dev
+    model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["class_counts"].numpy(),
+                        ckpt["train_targets"].float().numpy(), dev)
+    load_trainable(model, ckpt["model"])
+    return model.eval(), cfg, ckpt, dev
 
 
 def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_dir: str = "runs",
@@ -2318,11 +2303,9 @@ def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_d
     if not np.array_equal(counts, class_counts(prepared.train, len(prepared.classes))):
         raise RunError(f"checkpoint {ckpt_path}: the training set of {cfg.data_root}/{cfg.data} changed since "
                        f"training (class counts differ), so head/medium/tail would not match")
-    test_set = MultiLabelDataset(prepared.test, prepared.image_root, len(prepared.classes), cfg.input_size,
-                                 mode="eval", n_views=cfg.tte, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+    test_set = make_test_set(prepared, cfg)
     t0 = time.time()
-    scores, targets = score_dataset(model, test_set, cfg, dev, use_bf16(cfg, dev))
-    result = summarize(average_precision(scores, targets), counts)
+    result = summarize(average_precision(*score_dataset(model, test_set, cfg, dev, use_bf16(cfg, dev))), counts)
     print(f"{ckpt_path} (step {ckpt['step']}), {cfg.data} test ({len(test_set)} images), tte {cfg.tte}: "
           f"{time.time() - t0:.1f}s")
     print("mAP " + format_map(result))
@@ -2353,26 +2336,23 @@ def predict(ckpt_path, paths, threshold: float = 0.5, top_k: int = 5, tte: int |
         raise RunError(f"--top-k must be at least 1, got {top_k}")
     model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte)
     classes, amp = list(ckpt["classes"]), use_bf16(cfg, dev)
+    label = lambda i: {"name": classes[i], "prob": round(float(probs[i]), 4)}
     rows = []
     for f in image_files(paths):
         views = tte_views(load_rgb(f), cfg.input_size, cfg.tte)  # (V, 3, S, S)
         with autocast(dev, amp):
-            logits = view_logits(model, views.unsqueeze(0).to(dev))[0]  # (C,)
-        probs = torch.sigmoid(logits).cpu()  # (C,)
+            probs = torch.sigmoid(view_logits(model, views.unsqueeze(0).to(dev))[0]).cpu()  # (C,)
         best = torch.argsort(probs, descending=True).tolist()
-        labels = [{"name": classes[i], "prob": round(float(probs[i]), 4)} for i in best[:top_k]
-                  if probs[i] >= threshold]
-        rows.append({"image": str(f), "labels": labels,
-                     "best": {"name": classes[best[0]], "prob": round(float(probs[best[0]]), 4)}})
+        rows.append({"image": str(f), "labels": [label(i) for i in best[:top_k] if probs[i] >= threshold],
+                     "best": label(best[0])})
     if as_json:
         print(json.dumps(rows, indent=2))
-    else:
-        width = min(60, max(len(r["image"]) for r in rows) + 2)
-        print(f"{'image'.ljust(width)}labels with probability >= {threshold:.2f} (top {top_k})")
-        for r in rows:
-            shown = ", ".join(f"{l['name']} {l['prob']:.2f}" for l in r["labels"])
-            shown = shown or f"(none; best: {r['best']['name']} {r['best']['prob']:.2f})"
-            print(f"{r['image'].ljust(width)}{shown}")
+        return rows
+    width = min(60, max(len(r["image"]) for r in rows) + 2)
+    print(f"{'image'.ljust(width)}labels with probability >= {threshold:.2f} (top {top_k})")
+    for r in rows:
+        shown = ", ".join(f"{l['name']} {l['prob']:.2f}" for l in r["labels"])
+        print(r["image"].ljust(width) + (shown or f"(none; best: {r['best']['name']} {r['best']['prob']:.2f})"))
     return rows
 
 
@@ -2842,18 +2822,6 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_flags(parser):
-    """One strict --key value flag per Config field (underscores become dashes); bools also as bare flags."""
-    kinds = {"int": int, "float": float, "str": str, "bool": parse_bool}
-    for f in dataclasses.fields(Config):
-        kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
-        flag = "--" + f.name.replace("_", "-")
-        if kind is parse_bool:
-            parser.add_argument(flag, type=kind, nargs="?", const=True, default=None, metavar="true|false")
-        else:
-            parser.add_argument(flag, type=kind, default=None, metavar=f.type.upper() if kind is not str else "TEXT")
-
-
 def config_from_args(args) -> Config:
     """Preset of --data, then every flag given on the command line."""
     cfg = preset_config(args.data or Config.data)
@@ -2867,7 +2835,15 @@ def build_parser():
                                      description="CAPNet: CLIP prompts + label-graph GCN for long-tailed multi-label recognition")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", allow_abbrev=False, help="train (default: the embedded synthetic-lt)")
-    add_config_flags(p)
+    # one strict --key value flag per Config field (underscores become dashes); bools also as bare flags
+    kinds = {"int": int, "float": float, "str": str, "bool": parse_bool}
+    for f in dataclasses.fields(Config):
+        kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
+        flag = "--" + f.name.replace("_", "-")
+        if kind is parse_bool:
+            p.add_argument(flag, type=kind, nargs="?", const=True, default=None, metavar="true|false")
+        else:
+            p.add_argument(flag, type=kind, default=None, metavar=f.type.upper() if kind is not str else "TEXT")
     p = sub.add_parser("eval", allow_abbrev=False, help="evaluate a checkpoint on its dataset's test set")
     p.add_argument("--ckpt", default=None, help="default: the latest runs/**/checkpoint.pt")
     p.add_argument("--tte", type=int, choices=(1, 5, 10), default=None, help="test-time views (default: the run's)")

@@ -2037,9 +2037,9 @@ def plot_ap_vs_freq(per_class: list, path: Path, title: str):
                 d.line([x_of(decade * m), H - bottom, x_of(decade * m), H - bottom + 3], fill="black")
         decade *= 10
     d.rectangle([left, top, W - right, H - bottom], outline="black")
-    d.text((W / 2, H - 30), "training images per class (log scale)", fill="black", font=font, anchor="mm")
-    d.text((20, (top + H - bottom) / 2), "AP (%)", fill="black", font=font, anchor="lm")
-    d.text((W / 2, 25), title, fill="black", font=font, anchor="mm")
+    for xy, text, anchor in (((W / 2, H - 30), "training images per class (log scale)", "mm"),
+                             ((20, (top + H - bottom) / 2), "AP (%)", "lm"), ((W / 2, 25), title, "mm")):
+        d.text(xy, text, fill="black", font=font, anchor=anchor)
     zs_colour, tr_colour = (120, 120, 120), (220, 90, 20)
     for c in per_class:  # zero-shot beside trained, joined by a thin line
         if c["ap"] is None or c["ap_zero_shot"] is None:
@@ -2051,10 +2051,10 @@ def plot_ap_vs_freq(per_class: list, path: Path, title: str):
         d.ellipse([x - 1, y1 - 5, x + 9, y1 + 5], fill=tr_colour)
     lx, ly = W - right - 190, H - bottom - 62  # legend, bottom right
     d.rectangle([lx, ly, lx + 180, ly + 54], fill="white", outline=(150, 150, 150))
-    d.ellipse([lx + 10, ly + 10, lx + 20, ly + 20], outline=zs_colour, width=2)
-    d.text((lx + 30, ly + 15), "zero-shot CLIP", fill="black", font=small, anchor="lm")
-    d.ellipse([lx + 10, ly + 32, lx + 20, ly + 42], fill=tr_colour)
-    d.text((lx + 30, ly + 37), "CAPNet (trained)", fill="black", font=small, anchor="lm")
+    for dy, text, style in ((10, "zero-shot CLIP", dict(outline=zs_colour, width=2)),
+                            (32, "CAPNet (trained)", dict(fill=tr_colour))):
+        d.ellipse([lx + 10, ly + dy, lx + 20, ly + dy + 10], **style)
+        d.text((lx + 30, ly + dy + 5), text, fill="black", font=small, anchor="lm")
     img.save(path)
 
 
@@ -2115,11 +2115,10 @@ def train(cfg: Config) -> dict:
 
     log(f"CAPNet train: {run_dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-    log("config:\n" + format_config(cfg))
     if rank == 0:
         write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    log(f"dataset {prepared.name}: {len(prepared.train)} train / {len(prepared.test)} test images")
-    log(format_class_stats(classes, counts))
+    log("config:\n" + format_config(cfg) + f"\ndataset {prepared.name}: {len(prepared.train)} train / "
+        f"{len(prepared.test)} test images\n" + format_class_stats(classes, counts))
     backend = cfg.backend if cfg.backend != "auto" else ("ext" if EXT_AVAILABLE else "torch")
     log(f"fused ops: {'capnet_ext extension' if backend == 'ext' else 'pure torch reference'}"
         + ("" if EXT_AVAILABLE else " (extension not built: python setup.py build_ext --inplace)"))
@@ -2139,8 +2138,7 @@ def train(cfg: Config) -> dict:
             + f"  [{time.time() - t0:.1f}s]")
 
     model = build_model(clip, classes, cfg, counts, train_targets, device)
-    log(graph_stats(model.gcn.P, classes, counts))
-    log("trainable parameters:\n" + model.trainable_summary())
+    log(graph_stats(model.gcn.P, classes, counts) + "\ntrainable parameters:\n" + model.trainable_summary())
 
     train_set = MultiLabelDataset(prepared.train, prepared.image_root, C, cfg.input_size, mode="train",
                                   scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
@@ -2844,20 +2842,19 @@ def build_parser():
             p.add_argument(flag, type=kind, nargs="?", const=True, default=None, metavar="true|false")
         else:
             p.add_argument(flag, type=kind, default=None, metavar=f.type.upper() if kind is not str else "TEXT")
-    p = sub.add_parser("eval", allow_abbrev=False, help="evaluate a checkpoint on its dataset's test set")
-    p.add_argument("--ckpt", default=None, help="default: the latest runs/**/checkpoint.pt")
-    p.add_argument("--tte", type=int, choices=(1, 5, 10), default=None, help="test-time views (default: the run's)")
-    p.add_argument("--device", choices=CHOICES["device"], default="auto")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--out-dir", default="runs")
-    p = sub.add_parser("predict", allow_abbrev=False, help="labels and probabilities for your own images")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--tte", type=int, choices=(1, 5, 10), default=None)
-    p.add_argument("--device", choices=CHOICES["device"], default="auto")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev = sub.add_parser("eval", allow_abbrev=False, help="evaluate a checkpoint on its dataset's test set")
+    ev.add_argument("--ckpt", default=None, help="default: the latest runs/**/checkpoint.pt")
+    ev.add_argument("--workers", type=int, default=None)
+    ev.add_argument("--out-dir", default="runs")
+    q = sub.add_parser("predict", allow_abbrev=False, help="labels and probabilities for your own images")
+    q.add_argument("--ckpt", required=True)
+    q.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    q.add_argument("--threshold", type=float, default=0.5)
+    q.add_argument("--top-k", type=int, default=5)
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for p in (ev, q):
+        p.add_argument("--tte", type=int, choices=(1, 5, 10), default=None, help="test-time views (default: the run's)")
+        p.add_argument("--device", choices=CHOICES["device"], default="auto")
     p = sub.add_parser("bench", allow_abbrev=False, help="measured speed-ups of the fast paths")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None, metavar="FILE")

@@ -1660,12 +1660,11 @@ def resolve_config(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{flag(key)} {getattr(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
-    for key in ("epochs", "batch_size", "eval_batch_size", "input_size", "n_ctx"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{flag(key)} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("workers", "adapter_dim", "ckpt_every", "seed", "log_every"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"{flag(key)} must not be negative, got {getattr(cfg, key)}")
+    for keys, least, rule in ((("epochs", "batch_size", "eval_batch_size", "input_size", "n_ctx"), 1, "be at least 1"),
+                              (("workers", "adapter_dim", "ckpt_every", "seed", "log_every"), 0, "not be negative")):
+        for key in keys:
+            if getattr(cfg, key) < least:
+                raise ValueError(f"{flag(key)} must {rule}, got {getattr(cfg, key)}")
     if not (0.0 <= cfg.p <= 1.0):
         raise ValueError(f"--p must lie in [0, 1], got {cfg.p}")
     if not (0.0 < cfg.scale_min <= 1.0):
@@ -1722,17 +1721,6 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
             "pillow": PIL.__version__, "cuda": torch.version.cuda, "capnet_ext": bool(EXT_AVAILABLE),
             "platform": platform.platform()}
-
-
-def make_logger(path: Path | None):
-    """print, and append to log.txt (rank 0 only: other ranks pass path=None and stay quiet)."""
-    def log(msg: str = ""):
-        if path is None:
-            return
-        print(msg, flush=True)
-        with open(path, "a") as f:
-            f.write(msg + "\n")
-    return log
 
 
 def format_config(cfg: Config) -> str:
@@ -2095,7 +2083,12 @@ def train(cfg: Config) -> dict:
                        f"or --name NAME to start a new one")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    log = make_logger(run_dir / "log.txt" if rank == 0 else None)
+
+    def log(msg: str = ""):  # print, and append to log.txt; other ranks stay quiet
+        if rank == 0:
+            print(msg, flush=True)
+            with open(run_dir / "log.txt", "a") as f:
+                f.write(msg + "\n")
     amp = use_bf16(cfg, device)
 
     prepared = load_dataset(cfg, rank, world)

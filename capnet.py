@@ -2458,10 +2458,9 @@ def _row(name, baseline_ms, fast_ms, max_abs_diff, note=""):
 
 
 def _compare(name, baseline, fast, device, warmup, repeats, note="", target_ms=None):
-    """The usual row: baseline vs fast, outputs compared. Also returns the ms per variant."""
+    # the usual row: two variants timed side by side, their outputs compared
     ms, outs = _time_variants({"baseline": baseline, "fast": fast}, warmup, repeats, device, target_ms)
-    diff = _max_abs_diff(outs["baseline"], outs["fast"])
-    return _row(name, ms["baseline"], ms["fast"], diff, note), ms
+    return _row(name, ms["baseline"], ms["fast"], _max_abs_diff(outs["baseline"], outs["fast"]), note)
 
 
 def _fwd_bwd(fn, *leaves):
@@ -2475,34 +2474,19 @@ def _fwd_bwd(fn, *leaves):
     return step
 
 
-def _matmul_gflops(dtype, device, n, repeats):
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    ms, _ = _time_variants({"mm": lambda: a @ b}, warmup=2, repeats=repeats, device=device)
-    return 2 * n ** 3 / (ms["mm"] * 1e-3) / 1e9
-
-
 def _vit_forward_flops(visual, batch):
     # FLOPs (2 per multiply-add) from the shapes: per block 24 N W^2 (qkv, out proj, 4x MLP)
     # + 4 N^2 W (QK^T and AV); plus the patch conv and the final projection
-    w, p = visual.conv1.out_channels, visual.conv1.kernel_size[0]
+    w, p, layers = visual.conv1.out_channels, visual.conv1.kernel_size[0], len(visual.transformer.resblocks)
     n_patch = (visual.input_resolution // p) ** 2
-    n = n_patch + 1
-    layers = len(visual.transformer.resblocks)
-    per_image = (2 * n_patch * 3 * p * p * w + layers * (24 * n * w * w + 4 * n * n * w)
-                 + 2 * w * visual.proj.shape[1])
-    return batch * per_image
+    n = n_patch + 1  # + the class token
+    return batch * (2 * n_patch * 3 * p * p * w + layers * (24 * n * w * w + 4 * n * n * w)
+                    + 2 * w * visual.proj.shape[1])
 
 
 def _bench_clip(layout, device):
     torch.manual_seed(0)
     return CLIP(**layout).float().to(device).eval()  # random weights (OpenAI's init)
-
-
-def _bench_classnames(c):
-    # short made-up names (1-3 BPE tokens each, like "traffic light"): the EOT lands where real
-    # class names put it, which is what truncation depends on
-    return [f"thing {i}" for i in range(c)]
 
 
 def _bench_model(layout, n_classes, device):
@@ -2512,8 +2496,11 @@ def _bench_model(layout, n_classes, device):
     c = np.arange(n_classes)
     train_targets = (rng.random((2000, n_classes)) < 0.3 * 0.9 ** c).astype(np.float32)  # (N, C) long tail
     train_targets[c % 2000, c] = 1.0  # every class has a training image
+    # short made-up names (1-3 BPE tokens each, like "traffic light"): the EOT lands where real
+    # class names put it, which is what truncation depends on
+    classnames = [f"thing {i}" for i in range(n_classes)]
     torch.manual_seed(0)
-    model = CAPNet(clip, _bench_classnames(n_classes), Config(), train_targets.sum(0), train_targets)
+    model = CAPNet(clip, classnames, Config(), train_targets.sum(0), train_targets)
     return model.to(device), train_targets
 
 
@@ -2555,7 +2542,7 @@ def _bench_fused_rows(loss_sizes, prop_sizes, device, warmup, repeats, target_ms
         ref = _fwd_bwd(lambda x: db_focal_loss_reference(x, *args, class_weight=weight), logits)
         fused = _fwd_bwd(lambda x: db_focal_loss(x, *args, class_weight=weight, backend="auto"), logits)
         name = "loss_fused_vs_ref" if (b, c) == (256, 80) else f"loss_fused_vs_ref_B{b}_C{c}"
-        rows.append(_compare(name, ref, fused, device, warmup, repeats, "fwd+bwd", target_ms)[0])
+        rows.append(_compare(name, ref, fused, device, warmup, repeats, "fwd+bwd", target_ms))
     for c, d in prop_sizes:
         a = torch.softmax(torch.randn(c, c, generator=g), dim=1).to(device)
         x = torch.randn(c, d, generator=g).to(device).requires_grad_()
@@ -2563,21 +2550,22 @@ def _bench_fused_rows(loss_sizes, prop_sizes, device, warmup, repeats, target_ms
         ref = _fwd_bwd(lambda x, w: graph_propagate_reference(a, x, w), x, w)
         fused = _fwd_bwd(lambda x, w: graph_propagate(a, x, w, backend="auto"), x, w)
         name = "propagate_fused_vs_ref" if (c, d) == (80, 512) else f"propagate_fused_vs_ref_C{c}_D{d}"
-        rows.append(_compare(name, ref, fused, device, warmup, repeats, "fwd+bwd", target_ms)[0])
+        rows.append(_compare(name, ref, fused, device, warmup, repeats, "fwd+bwd", target_ms))
     return rows
 
 
-def _bench_text_row(clip, n_classes, n_ctx, device, warmup, repeats):
+def _bench_text_row(model, n_ctx, device, warmup, repeats):
     # prompt-learner text encoding, fwd+bwd as training runs it every step: the shortest
     # context that holds every EOT against all 77 positions
-    prompts = [" ".join(["X"] * n_ctx) + " " + name + "." for name in _bench_classnames(n_classes)]
+    clip, n_classes = model.clip, len(model.classnames)
+    prompts = [" ".join(["X"] * n_ctx) + " " + name + "." for name in model.classnames]
     tokens = tokenize(prompts).to(device)                                  # (C, 77)
     eot = tokens.argmax(dim=-1)                                            # (C,) EOT has the largest id
     x = clip.token_embedding(tokens).detach().requires_grad_()             # (C, 77, W)
     full = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, truncate=False), x)  # (C, D)
     truncated = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, truncate=True), x)
     note = f"C={n_classes}, {n_ctx} ctx tokens: {int(eot.max()) + 1} of {tokens.shape[1]} positions, fwd+bwd"
-    return _compare("text_truncated_vs_full", full, truncated, device, warmup, repeats, note)[0]
+    return _compare("text_truncated_vs_full", full, truncated, device, warmup, repeats, note)
 
 
 TRAIN_VARIANTS = {  # name: (truncate, sdpa, fused, bf16)
@@ -2603,20 +2591,18 @@ def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     model.train()
 
-    def make_step(truncate, sdpa, fused, bf16):
-        def step():
-            with torch.no_grad():  # every step starts from the same weights: outputs comparable
-                for p, p0 in zip(params, start):
-                    p.copy_(p0)
-            _set_fast_paths(model, truncate, fused)
-            opt.zero_grad(set_to_none=True)
-            with _attention_context(sdpa), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                logits = model(images)  # (B, C)
-            criteria[fused](logits.float(), targets).backward()  # loss in fp32 (SPEC 6)
-            opt.step()
-            return logits.detach().float()
-        return step
-    fns = {v: make_step(*TRAIN_VARIANTS[v]) for v in variants}
+    def step(truncate, sdpa, fused, bf16):
+        with torch.no_grad():  # every step starts from the same weights: outputs comparable
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        _set_fast_paths(model, truncate, fused)
+        opt.zero_grad(set_to_none=True)
+        with _attention_context(sdpa), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits = model(images)  # (B, C)
+        criteria[fused](logits.float(), targets).backward()  # loss in fp32 (SPEC 6)
+        opt.step()
+        return logits.detach().float()
+    fns = {v: functools.partial(step, *TRAIN_VARIANTS[v]) for v in variants}
     for _ in range(warmup):  # one step warms every variant's kernels alike: a ~20 s step has no JIT
         fns["fast"]()
     # the one-path-off variants get one round each (a ViT-B/16 step is ~20 s on 2 cores)
@@ -2652,10 +2638,10 @@ def _bench_eval_row(model, tag, batch, n_views, device, warmup, repeats):
         model._text_cache = None  # what an uncached eval recomputes per batch
         return cached()
     with torch.no_grad():
-        row, ms = _compare(f"eval_tte_cached_vs_uncached{tag}", uncached, cached, device, warmup, repeats)
-    ips = lambda v: f"{batch / ms[v] * 1e3:.2f}"
-    row["note"] = (f"C={C}, {batch} images x {n_views} views: {ips('fast')} vs {ips('baseline')} img/s; "
-                   f"{_peak_note(device)}")
+        row = _compare(f"eval_tte_cached_vs_uncached{tag}", uncached, cached, device, warmup, repeats)
+    ips = lambda ms: f"{batch / ms * 1e3:.2f}"
+    row["note"] = (f"C={C}, {batch} images x {n_views} views: {ips(row['fast_ms'])} vs "
+                   f"{ips(row['baseline_ms'])} img/s; {_peak_note(device)}")
     return row
 
 
@@ -2693,7 +2679,7 @@ def _bench_channels_last_row(clip, tag, batch, device, warmup, repeats):
     with torch.no_grad():
         return _compare(f"channels_last_vs_default{tag}", lambda: clip.visual(images),
                         lambda: visual_cl(images_cl), device, warmup, repeats,
-                        f"image tower forward, batch {batch}")[0]
+                        f"image tower forward, batch {batch}")
 
 
 def _bench_machine(device, quick):
@@ -2735,16 +2721,17 @@ def bench(quick=False, json_path=None):
         loss_sizes = [(256, 80), (64, 20), (64, 80), (256, 20), (64, 1000), (256, 1000)]
         prop_sizes = [(80, 512), (20, 512), (1000, 512), (20, 1024), (80, 1024), (1000, 1024)]
     vit_variants = [v for v in TRAIN_VARIANTS if machine["bf16"] or v != "bf16"]
-    machine["fp32_gemm_gflops"] = round(_matmul_gflops(torch.float32, device, n_gemm, reps), 1)
-    if machine["bf16"]:
-        machine["bf16_gemm_gflops"] = round(_matmul_gflops(torch.bfloat16, device, n_gemm, reps), 1)
+    for key, dtype in [("fp32", torch.float32)] + [("bf16", torch.bfloat16)] * machine["bf16"]:
+        a, b = torch.randn(2, n_gemm, n_gemm, device=device).to(dtype)  # the machine's GEMM rate
+        ms, _ = _time_variants({"mm": lambda: a @ b}, 2, reps, device)
+        machine[f"{key}_gemm_gflops"] = round(2 * n_gemm ** 3 / (ms["mm"] * 1e-3) / 1e9, 1)
     say = lambda what: print(f"bench: {what} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     big = dict(device=device, warmup=big_warm, repeats=big_reps)
     say("fused ops")
     rows = _bench_fused_rows(loss_sizes, prop_sizes, device, warm, reps, target_ms)
     say("ViT text tower")
     model, train_targets = _bench_model(vit, C, device)
-    rows.append(_bench_text_row(model.clip, C, 16, **big))
+    rows.append(_bench_text_row(model, 16, **big))
     say(f"ViT train steps: {', '.join(vit_variants)}")
     rows += _bench_train_rows(model, train_targets, "", batch, vit_variants, **big)
     say("ViT eval and image tower")

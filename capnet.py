@@ -2420,15 +2420,15 @@ def _time_variants(fns, warmup, repeats, device, target_ms=None, rounds=None):
     """fns: {name: fn}. Returns ({name: median ms per call}, {name: output of its first call}).
     target_ms: call a tiny op as often as makes one sample last about that long (timer noise);
     rounds: {name: n} times a variant in the first n rounds only."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
     def timed(fn, n=1):  # ms per call, and the first call's output
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync()
         t0 = time.perf_counter()
         out = fn()
         for _ in range(n - 1):
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync()
         return (time.perf_counter() - t0) * 1e3 / n, out
     # calibrated on one call of the first variant
     inner = max(1, min(1000, int(target_ms / max(timed(next(iter(fns.values())))[0], 1e-3)))) if target_ms else 1
@@ -2517,6 +2517,11 @@ def _attention_context(sdpa):
     return contextlib.nullcontext() if sdpa else sdpa_kernel(SDPBackend.MATH)
 
 
+def _random_images(clip, batch, seed, device):
+    size = clip.visual.input_resolution
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def _peak_rss_mb():
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -2581,8 +2586,7 @@ TRAIN_VARIANTS = {  # name: (truncate, sdpa, fused, bf16)
 def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup, repeats):
     """A whole CAPNet train step (forward, DB-focal loss, backward, SGD step) per variant;
     one row for each variant other than "fast", against "fast"."""
-    size = model.clip.visual.input_resolution
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    images = _random_images(model.clip, batch, 1, device)  # (B, 3, S, S)
     targets = torch.from_numpy(train_targets[:batch]).to(device)  # (B, C)
     criteria = {fused: make_criterion(Config(backend="auto" if fused else "torch"),
                                       train_targets.sum(0), len(train_targets)) for fused in (True, False)}
@@ -2628,9 +2632,8 @@ def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup
 def _bench_eval_row(model, tag, batch, n_views, device, warmup, repeats):
     # TTE eval: batch x n_views crops through the image tower, logits averaged over views;
     # F_hat (text tower + GCN) cached once vs recomputed for every batch
-    C, size = len(model.classnames), model.clip.visual.input_resolution
-    g = torch.Generator().manual_seed(2)
-    views = torch.randn(batch * n_views, 3, size, size, generator=g).to(device)  # (B*V, 3, S, S)
+    C = len(model.classnames)
+    views = _random_images(model.clip, batch * n_views, 2, device)  # (B*V, 3, S, S)
     model.eval()
     cached = lambda: model(views).view(batch, n_views, C).mean(dim=1)  # (B, C)
 
@@ -2648,8 +2651,7 @@ def _bench_eval_row(model, tag, batch, n_views, device, warmup, repeats):
 def _bench_image_rows(clip, tag, batch, n_gemm, device, warmup, repeats):
     # ViT image tower forward: SDPA vs math attention, and its FLOP rate against the fp32
     # GEMM rate measured in the same rounds (so both see the same load)
-    size = clip.visual.input_resolution
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
+    images = _random_images(clip, batch, 3, device)
     a, b = torch.randn(2, n_gemm, n_gemm, device=device)
 
     def encode(sdpa):
@@ -2672,8 +2674,7 @@ def _bench_image_rows(clip, tag, batch, n_gemm, device, warmup, repeats):
 def _bench_channels_last_row(clip, tag, batch, device, warmup, repeats):
     # ResNet image tower forward, channels-last (NHWC) vs the default contiguous (NCHW)
     import copy
-    size = clip.visual.input_resolution
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(4)).to(device)
+    images = _random_images(clip, batch, 4, device)
     visual_cl = copy.deepcopy(clip.visual).to(memory_format=torch.channels_last)
     images_cl = images.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -2430,8 +2430,9 @@ def _time_variants(fns, warmup, repeats, device, target_ms=None, rounds=None):
             fn()
         sync()
         return (time.perf_counter() - t0) * 1e3 / n, out
-    # calibrated on one call of the first variant
-    inner = max(1, min(1000, int(target_ms / max(timed(next(iter(fns.values())))[0], 1e-3)))) if target_ms else 1
+    inner = 1
+    if target_ms:  # calibrated on one call of the first variant
+        inner = max(1, min(1000, int(target_ms / max(timed(next(iter(fns.values())))[0], 1e-3))))
     outs, samples = {}, {name: [] for name in fns}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -2620,7 +2621,8 @@ def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup
         if v == "naive":
             note = f"C={len(model.classnames)}, batch {batch}, fp32: {ips('fast')} vs {ips(v)} img/s; {peak}"
         elif v == "bf16":
-            note = f"bf16 autocast, all fast paths on: {ips(v)} vs {ips('fast')} img/s; diff = logits, bf16 rounding"
+            note = (f"bf16 autocast, all fast paths on: {ips(v)} vs {ips('fast')} img/s; "
+                    "diff = logits, bf16 rounding")
         else:
             note = f"one fast path off, batch {batch}, fp32, 1 sample"
         base, fast = ("fast", "bf16") if v == "bf16" else (v, "fast")  # bf16 is the fast side

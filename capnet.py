@@ -2387,41 +2387,34 @@ BENCH_TINY_RN = dict(BENCH_TINY_VIT, embed_dim=64, vision_layers=(1, 1, 1, 1), v
                      vision_patch_size=None)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_variants(fns, warmup, repeats, device, inner=1, rounds=None):
+def _time_variants(fns, warmup, repeats, device, target_ms=None, rounds=None):
     """fns: {name: fn}. Returns ({name: median ms per call}, {name: output of its first call}).
-    rounds: {name: n} times a variant in the first n rounds only (default: all `repeats`)."""
+    target_ms: call a tiny op as often as makes one sample last about that long (timer noise);
+    rounds: {name: n} times a variant in the first n rounds only."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def timed(fn, n=1):  # ms per call, and the first call's output
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        for _ in range(n - 1):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3 / n, out
+    inner = 1
+    if target_ms:  # calibrated on one call of the first variant
+        inner = max(1, min(1000, int(target_ms / max(timed(next(iter(fns.values())))[0], 1e-3))))
     outs, samples = {}, {name: [] for name in fns}
     for name, fn in fns.items():
         for _ in range(warmup):
             outs.setdefault(name, fn())
     for i in range(repeats):
         for name, fn in fns.items():  # interleaved: a, b, a, b, ... so load drift hits all alike
-            if i >= (rounds or {}).get(name, repeats):
-                continue
-            _sync(device)
-            t0 = time.perf_counter()
-            out = fn()
-            for _ in range(inner - 1):
-                fn()
-            _sync(device)
-            samples[name].append((time.perf_counter() - t0) * 1e3 / inner)
-            outs.setdefault(name, out)
+            if i < (rounds or {}).get(name, repeats):
+                ms, out = timed(fn, inner)
+                samples[name].append(ms)
+                outs.setdefault(name, out)
     return {name: float(np.median(s)) for name, s in samples.items()}, outs
-
-
-def _calibrate_inner(fn, device, target_ms):
-    """How many calls of a tiny op make one timing sample of about target_ms (timer noise)."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    ms = (time.perf_counter() - t0) * 1e3
-    return max(1, min(1000, int(target_ms / max(ms, 1e-3))))
 
 
 def _max_abs_diff(a, b):
@@ -2436,104 +2429,36 @@ def _row(name, baseline_ms, fast_ms, max_abs_diff, note=""):
             "ratio": sig(baseline_ms / fast_ms), "max_abs_diff": max_abs_diff, "note": note}
 
 
-def _matmul_gflops(dtype, device, n, repeats):
-    """The machine's measured dense matrix-multiply rate (n x n @ n x n), GFLOP/s."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    ms, _ = _time_variants({"mm": lambda: a @ b}, warmup=2, repeats=repeats, device=device)
-    return 2 * n ** 3 / (ms["mm"] * 1e-3) / 1e9
+def _compare(name, baseline, fast, device, warmup, repeats, note="", target_ms=None):
+    # the usual row: two variants timed side by side, their outputs compared
+    ms, outs = _time_variants({"baseline": baseline, "fast": fast}, warmup, repeats, device, target_ms)
+    return _row(name, ms["baseline"], ms["fast"], _max_abs_diff(outs["baseline"], outs["fast"]), note)
+
+
+def _fwd_bwd(fn, *leaves):
+    # one timed step: forward, backward, and the output and input gradients to compare
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fn(*leaves)
+        out.backward(torch.ones_like(out))
+        return (out.detach(), *[t.grad.detach().clone() for t in leaves])
+    return step
 
 
 def _vit_forward_flops(visual, batch):
-    """Multiply-add FLOPs (2 per MAC) of a VisionTransformer forward, counted from its shapes:
-    per block 24 N W^2 (qkv, out proj, 4x MLP) + 4 N^2 W (QK^T and AV); patch conv; final proj."""
-    w = visual.conv1.out_channels
-    p = visual.conv1.kernel_size[0]
+    # FLOPs (2 per multiply-add) from the shapes: per block 24 N W^2 (qkv, out proj, 4x MLP)
+    # + 4 N^2 W (QK^T and AV); plus the patch conv and the final projection
+    w, p, layers = visual.conv1.out_channels, visual.conv1.kernel_size[0], len(visual.transformer.resblocks)
     n_patch = (visual.input_resolution // p) ** 2
-    n = n_patch + 1
-    layers = len(visual.transformer.resblocks)
-    per_image = (2 * n_patch * 3 * p * p * w + layers * (24 * n * w * w + 4 * n * n * w)
-                 + 2 * w * visual.proj.shape[1])
-    return batch * per_image
+    n = n_patch + 1  # + the class token
+    return batch * (2 * n_patch * 3 * p * p * w + layers * (24 * n * w * w + 4 * n * n * w)
+                    + 2 * w * visual.proj.shape[1])
 
 
 def _bench_clip(layout, device):
     torch.manual_seed(0)
     return CLIP(**layout).float().to(device).eval()  # random weights (OpenAI's init)
-
-
-def _bench_classnames(c):
-    # short made-up names (1-3 BPE tokens each, like "traffic light"): the EOT lands where real
-    # class names put it, which is what truncation depends on
-    return [f"thing {i}" for i in range(c)]
-
-
-def _bench_fused_rows(sizes_loss, sizes_prop, device, warmup, repeats, target_ms):
-    rows = []
-    g = torch.Generator().manual_seed(0)
-    for b, c in sizes_loss:
-        logits = (torch.randn(b, c, generator=g) * 3).to(device).requires_grad_()
-        targets = (torch.rand(b, c, generator=g) < 0.1).float().to(device)
-        class_freq = torch.randint(1, 1000, (c,), generator=g).float().to(device)
-        num_images = 5000
-        weight = class_aware_weights(class_freq.cpu().numpy(), 4.0).float().to(device)  # as in training
-
-        def run(fn):
-            def step():
-                logits.grad = None
-                loss = fn(logits, targets, class_freq, num_images, class_weight=weight)
-                loss.backward()
-                return loss.detach(), logits.grad.detach().clone()
-            return step
-        fns = {"ref": run(db_focal_loss_reference),
-               "fused": run(lambda *a, **k: db_focal_loss(*a, **k, backend="auto"))}
-        inner = _calibrate_inner(fns["ref"], device, target_ms)
-        ms, outs = _time_variants(fns, warmup, repeats, device, inner)
-        name = "loss_fused_vs_ref" if (b, c) == (256, 80) else f"loss_fused_vs_ref_B{b}_C{c}"
-        rows.append(_row(name, ms["ref"], ms["fused"], _max_abs_diff(outs["ref"], outs["fused"]),
-                         "fwd+bwd"))
-    for c, d in sizes_prop:
-        a = torch.softmax(torch.randn(c, c, generator=g), dim=1).to(device)
-        x = torch.randn(c, d, generator=g).to(device).requires_grad_()
-        w = (torch.randn(d, d, generator=g) / math.sqrt(d)).to(device).requires_grad_()
-
-        def run(fn):
-            def step():
-                x.grad = w.grad = None
-                out = fn(a, x, w)
-                out.backward(torch.ones_like(out))
-                return out.detach(), x.grad.detach().clone(), w.grad.detach().clone()
-            return step
-        fns = {"ref": run(graph_propagate_reference),
-               "fused": run(lambda *t: graph_propagate(*t, backend="auto"))}
-        inner = _calibrate_inner(fns["ref"], device, target_ms)
-        ms, outs = _time_variants(fns, warmup, repeats, device, inner)
-        name = "propagate_fused_vs_ref" if (c, d) == (80, 512) else f"propagate_fused_vs_ref_C{c}_D{d}"
-        rows.append(_row(name, ms["ref"], ms["fused"], _max_abs_diff(outs["ref"], outs["fused"]),
-                         "fwd+bwd"))
-    return rows
-
-
-def _bench_text_row(clip, n_classes, n_ctx, device, warmup, repeats):
-    """Prompt-learner text encoding, forward+backward (what training runs every step):
-    the shortest context that holds every EOT against all 77 positions."""
-    prompts = [" ".join(["X"] * n_ctx) + " " + name + "." for name in _bench_classnames(n_classes)]
-    tokens = tokenize(prompts).to(device)                                  # (C, 77)
-    eot = tokens.argmax(dim=-1)                                            # (C,) EOT has the largest id
-    x = clip.token_embedding(tokens).detach().requires_grad_()             # (C, 77, W)
-
-    def run(truncate):
-        def step():
-            x.grad = None
-            out = clip.encode_text_embeddings(x, eot, truncate=truncate)  # (C, D)
-            out.backward(torch.ones_like(out))
-            return out.detach(), x.grad.detach().clone()
-        return step
-    ms, outs = _time_variants({"full": run(False), "truncated": run(True)}, warmup, repeats, device)
-    length = int(eot.max()) + 1
-    return _row("text_truncated_vs_full", ms["full"], ms["truncated"],
-                _max_abs_diff(outs["full"], outs["truncated"]),
-                f"C={n_classes}, {n_ctx} ctx tokens: {length} of {tokens.shape[1]} positions, fwd+bwd")
 
 
 def _bench_model(layout, n_classes, device):
@@ -2543,8 +2468,11 @@ def _bench_model(layout, n_classes, device):
     c = np.arange(n_classes)
     train_targets = (rng.random((2000, n_classes)) < 0.3 * 0.9 ** c).astype(np.float32)  # (N, C) long tail
     train_targets[c % 2000, c] = 1.0  # every class has a training image
+    # short made-up names (1-3 BPE tokens each, like "traffic light"): the EOT lands where real
+    # class names put it, which is what truncation depends on
+    classnames = [f"thing {i}" for i in range(n_classes)]
     torch.manual_seed(0)
-    model = CAPNet(clip, _bench_classnames(n_classes), Config(), train_targets.sum(0), train_targets)
+    model = CAPNet(clip, classnames, Config(), train_targets.sum(0), train_targets)
     return model.to(device), train_targets
 
 
@@ -2561,6 +2489,16 @@ def _attention_context(sdpa):
     return contextlib.nullcontext() if sdpa else sdpa_kernel(SDPBackend.MATH)
 
 
+def _random_images(clip, batch, seed, device):
+    size = clip.visual.input_resolution
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def _peak_note(device):
     if device.type == "cuda":
         mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -2569,9 +2507,42 @@ def _peak_note(device):
     return f"peak RSS {_peak_rss_mb():.0f} MB (process so far)"
 
 
-def _peak_rss_mb():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _bench_fused_rows(loss_sizes, prop_sizes, device, warmup, repeats, target_ms):
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for b, c in loss_sizes:
+        logits = (torch.randn(b, c, generator=g) * 3).to(device).requires_grad_()
+        targets = (torch.rand(b, c, generator=g) < 0.1).float().to(device)
+        freq = torch.randint(1, 1000, (c,), generator=g).float().to(device)
+        weight = class_aware_weights(freq.cpu().numpy(), 4.0).float().to(device)  # as in training
+        args = (targets, freq, 5000)
+        ref = _fwd_bwd(lambda x: db_focal_loss_reference(x, *args, class_weight=weight), logits)
+        fused = _fwd_bwd(lambda x: db_focal_loss(x, *args, class_weight=weight, backend="auto"), logits)
+        name = "loss_fused_vs_ref" if (b, c) == (256, 80) else f"loss_fused_vs_ref_B{b}_C{c}"
+        rows.append(_compare(name, ref, fused, device, warmup, repeats, "fwd+bwd", target_ms))
+    for c, d in prop_sizes:
+        a = torch.softmax(torch.randn(c, c, generator=g), dim=1).to(device)
+        x = torch.randn(c, d, generator=g).to(device).requires_grad_()
+        w = (torch.randn(d, d, generator=g) / math.sqrt(d)).to(device).requires_grad_()
+        ref = _fwd_bwd(lambda x, w: graph_propagate_reference(a, x, w), x, w)
+        fused = _fwd_bwd(lambda x, w: graph_propagate(a, x, w, backend="auto"), x, w)
+        name = "propagate_fused_vs_ref" if (c, d) == (80, 512) else f"propagate_fused_vs_ref_C{c}_D{d}"
+        rows.append(_compare(name, ref, fused, device, warmup, repeats, "fwd+bwd", target_ms))
+    return rows
+
+
+def _bench_text_row(model, n_ctx, device, warmup, repeats):
+    # prompt-learner text encoding, fwd+bwd as training runs it every step: the shortest
+    # context that holds every EOT against all 77 positions
+    clip, n_classes = model.clip, len(model.classnames)
+    prompts = [" ".join(["X"] * n_ctx) + " " + name + "." for name in model.classnames]
+    tokens = tokenize(prompts).to(device)                                  # (C, 77)
+    eot = tokens.argmax(dim=-1)                                            # (C,) EOT has the largest id
+    x = clip.token_embedding(tokens).detach().requires_grad_()             # (C, 77, W)
+    full = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, truncate=False), x)  # (C, D)
+    truncated = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, truncate=True), x)
+    note = f"C={n_classes}, {n_ctx} ctx tokens: {int(eot.max()) + 1} of {tokens.shape[1]} positions, fwd+bwd"
+    return _compare("text_truncated_vs_full", full, truncated, device, warmup, repeats, note)
 
 
 TRAIN_VARIANTS = {  # name: (truncate, sdpa, fused, bf16)
@@ -2585,103 +2556,83 @@ TRAIN_VARIANTS = {  # name: (truncate, sdpa, fused, bf16)
 
 
 def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup, repeats):
-    """A whole CAPNet train step (forward, DB-focal loss, backward, SGD step) per variant."""
-    C = len(model.classnames)
-    size = model.clip.visual.input_resolution
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(batch, 3, size, size, generator=g).to(device)  # (B, 3, S, S)
+    """A whole CAPNet train step (forward, DB-focal loss, backward, SGD step) per variant;
+    one row for each variant other than "fast", against "fast"."""
+    images = _random_images(model.clip, batch, 1, device)  # (B, 3, S, S)
     targets = torch.from_numpy(train_targets[:batch]).to(device)  # (B, C)
-    class_freq, n = train_targets.sum(0), len(train_targets)
-    criteria = {fused: make_criterion(Config(backend="auto" if fused else "torch"), class_freq, n)
-                for fused in (True, False)}
+    criteria = {fused: make_criterion(Config(backend="auto" if fused else "torch"),
+                                      train_targets.sum(0), len(train_targets)) for fused in (True, False)}
     params = [p for part in model.trainable_parts().values() for p in part]
     start = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     model.train()
 
-    def make_step(truncate, sdpa, fused, bf16):
-        def step():
-            with torch.no_grad():  # every step starts from the same weights: outputs comparable
-                for p, p0 in zip(params, start):
-                    p.copy_(p0)
-            _set_fast_paths(model, truncate, fused)
-            opt.zero_grad(set_to_none=True)
-            with _attention_context(sdpa), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                logits = model(images)  # (B, C)
-            loss = criteria[fused](logits.float(), targets)  # loss in fp32 (SPEC 6)
-            loss.backward()
-            opt.step()
-            return logits.detach().float()
-        return step
-    fns = {v: make_step(*TRAIN_VARIANTS[v]) for v in variants}
+    def step(truncate, sdpa, fused, bf16):
+        with torch.no_grad():  # every step starts from the same weights: outputs comparable
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        _set_fast_paths(model, truncate, fused)
+        opt.zero_grad(set_to_none=True)
+        with _attention_context(sdpa), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits = model(images)  # (B, C)
+        criteria[fused](logits.float(), targets).backward()  # loss in fp32 (SPEC 6)
+        opt.step()
+        return logits.detach().float()
+    fns = {v: functools.partial(step, *TRAIN_VARIANTS[v]) for v in variants}
     for _ in range(warmup):  # one step warms every variant's kernels alike: a ~20 s step has no JIT
         fns["fast"]()
     # the one-path-off variants get one round each (a ViT-B/16 step is ~20 s on 2 cores)
     ablations = {v: 1 for v in variants if v.startswith("no_")}
     ms, outs = _time_variants(fns, 0, repeats, device, rounds=ablations)
     _set_fast_paths(model)
-    peak = _peak_note(device)
     ips = lambda v: f"{batch / ms[v] * 1e3:.2f}"
+    peak = _peak_note(device)
     rows = []
-    for v in variants:
-        if v == "fast":
-            continue
+    for v in variants[1:]:  # variants[0] is "fast"
         if v == "naive":
-            name = f"train_step_fast_vs_naive{tag}"
-            row = _row(name, ms["naive"], ms["fast"], _max_abs_diff(outs["naive"], outs["fast"]),
-                       f"C={C}, batch {batch}, fp32: {ips('fast')} vs {ips('naive')} img/s; {peak}")
+            note = f"C={len(model.classnames)}, batch {batch}, fp32: {ips('fast')} vs {ips(v)} img/s; {peak}"
         elif v == "bf16":
-            row = _row(f"train_step_bf16_vs_fp32{tag}", ms["fast"], ms["bf16"],
-                       _max_abs_diff(outs["fast"], outs["bf16"]),
-                       f"bf16 autocast, all fast paths on: {ips('bf16')} vs {ips('fast')} img/s; "
-                       "diff = logits, bf16 rounding")
+            note = (f"bf16 autocast, all fast paths on: {ips(v)} vs {ips('fast')} img/s; "
+                    "diff = logits, bf16 rounding")
         else:
-            row = _row(f"train_step_fast_vs_{v}{tag}", ms[v], ms["fast"],
-                       _max_abs_diff(outs[v], outs["fast"]),
-                       f"one fast path off, batch {batch}, fp32, 1 sample")
-        rows.append(row)
+            note = f"one fast path off, batch {batch}, fp32, 1 sample"
+        base, fast = ("fast", "bf16") if v == "bf16" else (v, "fast")  # bf16 is the fast side
+        name = "train_step_bf16_vs_fp32" if v == "bf16" else f"train_step_fast_vs_{v}"
+        rows.append(_row(name + tag, ms[base], ms[fast], _max_abs_diff(outs[base], outs[fast]), note))
     return rows
 
 
 def _bench_eval_row(model, tag, batch, n_views, device, warmup, repeats):
-    """TTE eval: batch x n_views crops through the image tower, logits averaged over views;
-    F_hat (text tower + GCN) cached once vs recomputed for every batch."""
+    # TTE eval: batch x n_views crops through the image tower, logits averaged over views;
+    # F_hat (text tower + GCN) cached once vs recomputed for every batch
     C = len(model.classnames)
-    size = model.clip.visual.input_resolution
-    g = torch.Generator().manual_seed(2)
-    views = torch.randn(batch * n_views, 3, size, size, generator=g).to(device)  # (B*V, 3, S, S)
+    views = _random_images(model.clip, batch * n_views, 2, device)  # (B*V, 3, S, S)
     model.eval()
+    cached = lambda: model(views).view(batch, n_views, C).mean(dim=1)  # (B, C)
 
-    def make_step(cached):
-        def step():
-            if not cached:
-                model._text_cache = None  # what an uncached eval recomputes per batch
-            with torch.no_grad():
-                return model(views).view(batch, n_views, C).mean(dim=1)  # (B, C)
-        return step
-    ms, outs = _time_variants({"uncached": make_step(False), "cached": make_step(True)},
-                              warmup, repeats, device)
-    ips = lambda v: f"{batch / ms[v] * 1e3:.2f}"
-    return _row(f"eval_tte_cached_vs_uncached{tag}", ms["uncached"], ms["cached"],
-                _max_abs_diff(outs["uncached"], outs["cached"]),
-                f"C={C}, {batch} images x {n_views} views: {ips('cached')} vs {ips('uncached')} img/s; "
-                f"{_peak_note(device)}")
+    def uncached():
+        model._text_cache = None  # what an uncached eval recomputes per batch
+        return cached()
+    with torch.no_grad():
+        row = _compare(f"eval_tte_cached_vs_uncached{tag}", uncached, cached, device, warmup, repeats)
+    ips = lambda ms: f"{batch / ms * 1e3:.2f}"
+    row["note"] = (f"C={C}, {batch} images x {n_views} views: {ips(row['fast_ms'])} vs "
+                   f"{ips(row['baseline_ms'])} img/s; {_peak_note(device)}")
+    return row
 
 
 def _bench_image_rows(clip, tag, batch, n_gemm, device, warmup, repeats):
-    """ViT image tower forward: SDPA vs math attention, and its FLOP rate against the fp32
-    GEMM rate measured in the same rounds (so both see the same load)."""
-    size = clip.visual.input_resolution
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
+    # ViT image tower forward: SDPA vs math attention, and its FLOP rate against the fp32
+    # GEMM rate measured in the same rounds (so both see the same load)
+    images = _random_images(clip, batch, 3, device)
     a, b = torch.randn(2, n_gemm, n_gemm, device=device)
 
-    def make_step(sdpa):
-        def step():
-            with torch.no_grad(), _attention_context(sdpa):
-                return clip.encode_image(images)  # (B, D)
-        return step
-    fns = {"math": make_step(False), "sdpa": make_step(True), "gemm": lambda: a @ b}
-    ms, outs = _time_variants(fns, warmup, repeats, device)
+    def encode(sdpa):
+        with _attention_context(sdpa):
+            return clip.encode_image(images)  # (B, D)
+    fns = {"math": lambda: encode(False), "sdpa": lambda: encode(True), "gemm": lambda: a @ b}
+    with torch.no_grad():
+        ms, outs = _time_variants(fns, warmup, repeats, device)
     gemm_gflops = 2 * n_gemm ** 3 / (ms["gemm"] * 1e-3) / 1e9
     flops = _vit_forward_flops(clip.visual, batch)
     ideal_ms = flops / (gemm_gflops * 1e9) * 1e3
@@ -2694,22 +2645,15 @@ def _bench_image_rows(clip, tag, batch, n_gemm, device, warmup, repeats):
 
 
 def _bench_channels_last_row(clip, tag, batch, device, warmup, repeats):
-    """ResNet image tower forward, channels-last (NHWC) vs the default contiguous (NCHW)."""
-    size = clip.visual.input_resolution
+    # ResNet image tower forward, channels-last (NHWC) vs the default contiguous (NCHW)
     import copy
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(4)).to(device)
+    images = _random_images(clip, batch, 4, device)
     visual_cl = copy.deepcopy(clip.visual).to(memory_format=torch.channels_last)
     images_cl = images.contiguous(memory_format=torch.channels_last)
-
-    def make_step(visual, x):
-        def step():
-            with torch.no_grad():
-                return visual(x)  # (B, D)
-        return step
-    ms, outs = _time_variants({"nchw": make_step(clip.visual, images), "nhwc": make_step(visual_cl, images_cl)},
-                              warmup, repeats, device)
-    return _row(f"channels_last_vs_default{tag}", ms["nchw"], ms["nhwc"],
-                _max_abs_diff(outs["nchw"], outs["nhwc"]), f"image tower forward, batch {batch}")
+    with torch.no_grad():
+        return _compare(f"channels_last_vs_default{tag}", lambda: clip.visual(images),
+                        lambda: visual_cl(images_cl), device, warmup, repeats,
+                        f"image tower forward, batch {batch}")
 
 
 def _bench_machine(device, quick):
@@ -2725,7 +2669,7 @@ def _bench_machine(device, quick):
             m["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    if hasattr(os, "getloadavg"):
+    if hasattr(os, "getloadavg"):  # other processes on the machine make timings noisy: say so
         m["loadavg_at_start"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
         m["gpu"] = torch.cuda.get_device_name(device)
@@ -2743,40 +2687,39 @@ def bench(quick=False, json_path=None):
     t_start = time.perf_counter()
     if quick:  # toy layouts, seconds: the test suite runs this
         vit, rn, C, batch, eval_batch, img_batch = BENCH_TINY_VIT, BENCH_TINY_RN, 20, 4, 2, 4
-        warm, reps, big_warm, big_reps, n_gemm = 1, 2, 1, 2, 256
+        warm, reps, big_warm, big_reps, n_gemm, target_ms = 1, 2, 1, 2, 256, 2
         loss_sizes, prop_sizes = [(256, 80)], [(80, 512)]
-        vit_variants = ("fast", "naive", "bf16", "no_truncate", "no_sdpa", "no_fused")
     else:  # the real layouts; the big rows get few repeats (a ViT-B/16 train step is ~20 s on 2 cores)
         vit, rn, C, batch, eval_batch, img_batch = BENCH_VIT_B16, BENCH_RN50, 80, 32, 4, 8
-        warm, reps, big_warm, big_reps, n_gemm = 2, 7, 1, 2, 1024
+        warm, reps, big_warm, big_reps, n_gemm, target_ms = 2, 7, 1, 2, 1024, 20
         loss_sizes = [(256, 80), (64, 20), (64, 80), (256, 20), (64, 1000), (256, 1000)]
         prop_sizes = [(80, 512), (20, 512), (1000, 512), (20, 1024), (80, 1024), (1000, 1024)]
-        vit_variants = ("fast", "naive", "bf16", "no_truncate", "no_sdpa", "no_fused")
-    if not machine["bf16"]:
-        vit_variants = tuple(v for v in vit_variants if v != "bf16")
-    machine["fp32_gemm_gflops"] = round(_matmul_gflops(torch.float32, device, n_gemm, reps), 1)
-    if machine["bf16"]:
-        machine["bf16_gemm_gflops"] = round(_matmul_gflops(torch.bfloat16, device, n_gemm, reps), 1)
+    vit_variants = [v for v in TRAIN_VARIANTS if machine["bf16"] or v != "bf16"]
+    for key, dtype in [("fp32", torch.float32)] + [("bf16", torch.bfloat16)] * machine["bf16"]:
+        a, b = torch.randn(2, n_gemm, n_gemm, device=device).to(dtype)  # the machine's GEMM rate
+        ms, _ = _time_variants({"mm": lambda: a @ b}, 2, reps, device)
+        machine[f"{key}_gemm_gflops"] = round(2 * n_gemm ** 3 / (ms["mm"] * 1e-3) / 1e9, 1)
     say = lambda what: print(f"bench: {what} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    big = dict(device=device, warmup=big_warm, repeats=big_reps)
     say("fused ops")
-    rows = _bench_fused_rows(loss_sizes, prop_sizes, device, warm, reps, 2 if quick else 20)
+    rows = _bench_fused_rows(loss_sizes, prop_sizes, device, warm, reps, target_ms)
     say("ViT text tower")
     model, train_targets = _bench_model(vit, C, device)
-    rows.append(_bench_text_row(model.clip, C, 16, device, big_warm, big_reps))
+    rows.append(_bench_text_row(model, 16, **big))
     say(f"ViT train steps: {', '.join(vit_variants)}")
-    rows += _bench_train_rows(model, train_targets, "", batch, vit_variants, device, big_warm, big_reps)
+    rows += _bench_train_rows(model, train_targets, "", batch, vit_variants, **big)
     say("ViT eval and image tower")
-    rows.append(_bench_eval_row(model, "_vit", eval_batch, 5, device, big_warm, big_reps))
-    rows += _bench_image_rows(model.clip, "_vit", img_batch, n_gemm, device, big_warm, big_reps)
+    rows.append(_bench_eval_row(model, "_vit", eval_batch, 5, **big))
+    rows += _bench_image_rows(model.clip, "_vit", img_batch, n_gemm, **big)
     del model
     say("RN50 train step, eval, channels-last")
     model, train_targets = _bench_model(rn, C, device)
-    rows += _bench_train_rows(model, train_targets, "_rn50", batch, ("fast", "naive"), device, big_warm, big_reps)
-    rows.append(_bench_eval_row(model, "_rn50", eval_batch, 5, device, big_warm, big_reps))
-    rows.append(_bench_channels_last_row(model.clip, "_rn50", img_batch, device, big_warm, big_reps))
+    rows += _bench_train_rows(model, train_targets, "_rn50", batch, ["fast", "naive"], **big)
+    rows.append(_bench_eval_row(model, "_rn50", eval_batch, 5, **big))
+    rows.append(_bench_channels_last_row(model.clip, "_rn50", img_batch, **big))
     machine["peak_rss_mb"] = round(_peak_rss_mb())
     machine["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    if hasattr(os, "getloadavg"):  # other processes on the machine make timings noisy: say so
+    if hasattr(os, "getloadavg"):
         machine["loadavg_at_end"] = round(os.getloadavg()[0], 2)
     result = {"machine": machine, "rows": rows}
     print(format_bench(result))

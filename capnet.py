@@ -2176,7 +2176,11 @@ def train(cfg: Config) -> dict:
         batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, rank, world)
         loader = make_loader(train_set, cfg, batch_sampler=batches[step - epoch * steps_per_epoch:],
                              pin_memory=device.type == "cuda")
-        for images, targets, _ in loader:
+        for batch in loader:
+            if batch is None:  # --skip-bad-images dropped every image of this batch: stop clearly
+                raise RunError(f"step {step}: no readable image in this training batch "
+                               f"(--skip-bad-images); check the data set's images")
+            images, targets, _ = batch
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = forward(images)  # (B, C)

@@ -2148,6 +2148,20 @@ def test_bf16_autocast_on_cpu_and_unreadable_image(tiny, tmp_path, capsys):
     assert f"cannot read image {broken}" in capsys.readouterr().err
 
 
+def test_skip_bad_images_with_no_readable_training_image_stops_clearly(tiny, tmp_path, capsys):
+    # every training image corrupt: --skip-bad-images drops whole batches, and training must stop
+    # with a message naming the problem rather than fail on an empty batch
+    data = tmp_path / "data" / "tiny"
+    shutil.copytree(Path(tiny["data_root"]) / "tiny", data)
+    for rel, _ in _json.loads((data / "dataset.json").read_text())["train"]:
+        (data / "images" / rel).write_bytes(b"not an image")
+    args = tiny_args(tiny, tmp_path, "allbad", "--skip-bad-images")
+    args[args.index("--data-root") + 1] = str(tmp_path / "data")
+    with pytest.raises(SystemExit):
+        capnet.main(args)
+    assert "no readable image in this training batch" in capsys.readouterr().err
+
+
 def test_info_lists_models_and_extension(capsys):
     capnet.main(["info"])
     out = capsys.readouterr().out

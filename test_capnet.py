@@ -2189,6 +2189,15 @@ def _bench_forward_backward(model, images, targets, criterion):
     return [logits.detach()] + [p.grad.clone() for p in params]
 
 
+def _bench_batch(bench_model, n, seed):
+    """The bench model with a fixed random batch of n images, their targets and the DB-focal loss."""
+    model, train_targets = bench_model
+    images = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    targets = torch.from_numpy(train_targets[:n])
+    crit = capnet.make_criterion(capnet.Config(), train_targets.sum(0), len(train_targets))
+    return model, images, targets, crit
+
+
 def test_fast_paths_exact_on_and_off(bench_model):
     # each fast path of the train step on vs off: same logits and gradients (float rounding only)
     model, train_targets = bench_model
@@ -2230,10 +2239,7 @@ def test_eval_cache_exact(bench_model):
 def test_compile_matches_eager(bench_model):
     # torch.compile through the fused ops (custom ops when the extension is built): the
     # aot_eager backend traces forward and backward like inductor does, without its C++ build
-    model, train_targets = bench_model
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    targets = torch.from_numpy(train_targets[:2])
-    crit = capnet.make_criterion(capnet.Config(), train_targets.sum(0), len(train_targets))
+    model, images, targets, crit = _bench_batch(bench_model, 2, 2)
     eager = _bench_forward_backward(model, images, targets, crit)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
@@ -2278,10 +2284,7 @@ def test_bench_quick_json_and_table(tmp_path, capsys):
 def test_bf16_autocast_train_step_close_to_fp32(bench_model):
     # --amp bf16: the fused ops take float32 under autocast (their inner GEMMs must not be
     # autocast again), the loss is fp32, and the step stays near the fp32 one
-    model, train_targets = bench_model
-    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    targets = torch.from_numpy(train_targets[:3])
-    crit = capnet.make_criterion(capnet.Config(), train_targets.sum(0), len(train_targets))
+    model, images, targets, crit = _bench_batch(bench_model, 3, 3)
     fp32 = _bench_forward_backward(model, images, targets, crit)
     model.train()
     with torch.autocast("cpu", torch.bfloat16):

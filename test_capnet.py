@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
 import capnet  # noqa: E402
 import data_prep  # noqa: E402
 
@@ -2173,7 +2174,7 @@ def test_info_lists_models_and_extension(capsys):
 
 @pytest.fixture(scope="module")
 def bench_model():
-    model, train_targets = capnet._bench_model(dict(capnet.BENCH_TINY_VIT, transformer_layers=1), 6,
+    model, train_targets = bench._bench_model(dict(bench.BENCH_TINY_VIT, transformer_layers=1), 6,
                                                torch.device("cpu"))
     return model, train_targets
 
@@ -2209,15 +2210,15 @@ def test_fast_paths_exact_on_and_off(bench_model):
     crit_ref = capnet.make_criterion(capnet.Config(backend="torch"), train_targets.sum(0), len(train_targets))
     fast = _bench_forward_backward(model, images, targets, crit)
     try:
-        capnet._set_fast_paths(model, truncate=False, fused=True)
+        bench._set_fast_paths(model, truncate=False, fused=True)
         no_truncate = _bench_forward_backward(model, images, targets, crit)
-        capnet._set_fast_paths(model, truncate=True, fused=False)
+        bench._set_fast_paths(model, truncate=True, fused=False)
         no_fused = _bench_forward_backward(model, images, targets, crit_ref)
-        capnet._set_fast_paths(model)
-        with capnet._attention_context(sdpa=False):
+        bench._set_fast_paths(model)
+        with bench._attention_context(sdpa=False):
             no_sdpa = _bench_forward_backward(model, images, targets, crit)
     finally:
-        capnet._set_fast_paths(model)
+        bench._set_fast_paths(model)
     for other in (no_truncate, no_fused, no_sdpa):
         for a, b in zip(fast, other):  # logits carry exp(t) = 14.3: cosines agree to ~1e-7
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -2250,18 +2251,30 @@ def test_compile_matches_eager(bench_model):
 
 def test_vit_flop_formula_matches_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
-    clip = capnet._bench_clip(capnet.BENCH_TINY_VIT, torch.device("cpu"))
+    clip = bench._bench_clip(bench.BENCH_TINY_VIT, torch.device("cpu"))
     images = torch.randn(2, 3, 32, 32)
     # the math attention path shows its two matmuls to the counter (the fused SDPA kernel does not)
-    with torch.no_grad(), capnet._attention_context(sdpa=False), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), bench._attention_context(sdpa=False), FlopCounterMode(display=False) as counter:
         clip.encode_image(images)
-    assert capnet._vit_forward_flops(clip.visual, 2) == counter.get_total_flops()
+    assert bench._vit_forward_flops(clip.visual, 2) == counter.get_total_flops()
+
+
+def test_capnet_bench_says_where_the_bench_went():
+    with pytest.raises(SystemExit, match="python bench.py"):
+        capnet.main(["bench", "--quick"])
+
+
+def test_capnet_never_imports_data_prep_or_bench():
+    # the import graph is one way: data_prep.py and bench.py import capnet.py
+    out = subprocess.run([sys.executable, "-c", "import sys, capnet; print('data_prep' in sys.modules, 'bench' in sys.modules)"],
+                         cwd=Path(__file__).resolve().parent, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_bench_quick_json_and_table(tmp_path, capsys):
     import json
     path = tmp_path / "bench.json"
-    result = capnet.bench(quick=True, json_path=str(path))
+    result = bench.bench(quick=True, json_path=str(path))
     assert json.loads(path.read_text()) == result
     machine, rows = result["machine"], {r["name"]: r for r in result["rows"]}
     assert machine["quick"] is True and machine["fp32_gemm_gflops"] > 0

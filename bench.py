@@ -1,0 +1,406 @@
+"""
+bench.py: the speed harness of CAPNet (SPEC section 7).
+
+    python bench.py [--quick] [--json out.json]
+
+Every row times a baseline and a fast path side by side in this one process: warm-up first,
+then rounds that alternate the variants (so a load spike on the shared machine hits both),
+and the median over rounds. ratio = baseline_ms / fast_ms; max_abs_diff compares outputs.
+--quick runs the same code on toy layouts in seconds (the test suite does).
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from capnet import (CAPNet, CLIP, Config, EXT_AVAILABLE, class_aware_weights, db_focal_loss,
+                    db_focal_loss_reference, graph_propagate, graph_propagate_reference,
+                    make_criterion, tokenize)
+
+BENCH_VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, context_length=77, vocab_size=49408,
+                     transformer_width=512, transformer_heads=8, transformer_layers=12)
+BENCH_RN50 = dict(BENCH_VIT_B16, embed_dim=1024, vision_layers=(3, 4, 6, 3), vision_width=64,
+                  vision_patch_size=None)
+# --quick: the same code on toy layouts, small enough for the test suite
+BENCH_TINY_VIT = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                      vision_patch_size=8, context_length=77, vocab_size=49408,
+                      transformer_width=64, transformer_heads=2, transformer_layers=2)
+BENCH_TINY_RN = dict(BENCH_TINY_VIT, embed_dim=64, vision_layers=(1, 1, 1, 1), vision_width=16,
+                     vision_patch_size=None)
+
+
+def _time_variants(fns, warmup, repeats, device, target_ms=None, rounds=None):
+    """fns: {name: fn}. Returns ({name: median ms per call}, {name: output of its first call}).
+    target_ms: call a tiny op as often as makes one sample last about that long (timer noise);
+    rounds: {name: n} times a variant in the first n rounds only."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def timed(fn, n=1):  # ms per call, and the first call's output
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        for _ in range(n - 1):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3 / n, out
+    inner = 1
+    if target_ms:  # calibrated on one call of the first variant
+        inner = max(1, min(1000, int(target_ms / max(timed(next(iter(fns.values())))[0], 1e-3))))
+    outs, samples = {}, {name: [] for name in fns}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            outs.setdefault(name, fn())
+    for i in range(repeats):
+        for name, fn in fns.items():  # interleaved: a, b, a, b, ... so load drift hits all alike
+            if i < (rounds or {}).get(name, repeats):
+                ms, out = timed(fn, inner)
+                samples[name].append(ms)
+                outs.setdefault(name, out)
+    return {name: float(np.median(s)) for name, s in samples.items()}, outs
+
+
+def _max_abs_diff(a, b):
+    if isinstance(a, (tuple, list)):
+        return max(_max_abs_diff(x, y) for x, y in zip(a, b))
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def _row(name, baseline_ms, fast_ms, max_abs_diff, note=""):
+    sig = lambda x: float(f"{x:.6g}")  # 6 significant digits in the JSON
+    return {"name": name, "baseline_ms": sig(baseline_ms), "fast_ms": sig(fast_ms),
+            "ratio": sig(baseline_ms / fast_ms), "max_abs_diff": max_abs_diff, "note": note}
+
+
+def _compare(name, baseline, fast, device, warmup, repeats, note="", target_ms=None):
+    # the usual row: two variants timed side by side, their outputs compared
+    ms, outs = _time_variants({"baseline": baseline, "fast": fast}, warmup, repeats, device, target_ms)
+    return _row(name, ms["baseline"], ms["fast"], _max_abs_diff(outs["baseline"], outs["fast"]), note)
+
+
+def _fwd_bwd(fn, *leaves):
+    # one timed step: forward, backward, and the output and input gradients to compare
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fn(*leaves)
+        out.backward(torch.ones_like(out))
+        return (out.detach(), *[t.grad.detach().clone() for t in leaves])
+    return step
+
+
+def _vit_forward_flops(visual, batch):
+    # FLOPs (2 per multiply-add) from the shapes: per block 24 N W^2 (qkv, out proj, 4x MLP)
+    # + 4 N^2 W (QK^T and AV); plus the patch conv and the final projection
+    w, p, layers = visual.conv1.out_channels, visual.conv1.kernel_size[0], len(visual.transformer.resblocks)
+    n_patch = (visual.input_resolution // p) ** 2
+    n = n_patch + 1  # + the class token
+    return batch * (2 * n_patch * 3 * p * p * w + layers * (24 * n * w * w + 4 * n * n * w)
+                    + 2 * w * visual.proj.shape[1])
+
+
+def _bench_clip(layout, device):
+    torch.manual_seed(0)
+    return CLIP(**layout).float().to(device).eval()  # random weights (OpenAI's init)
+
+
+def _bench_model(layout, n_classes, device):
+    """A CAPNet on a random-weight CLIP of the given layout, with a made-up long-tailed label set."""
+    clip = _bench_clip(layout, device)
+    rng = np.random.default_rng(0)
+    c = np.arange(n_classes)
+    train_targets = (rng.random((2000, n_classes)) < 0.3 * 0.9 ** c).astype(np.float32)  # (N, C) long tail
+    train_targets[c % 2000, c] = 1.0  # every class has a training image
+    # short made-up names (1-3 BPE tokens each, like "traffic light"): the EOT lands where real
+    # class names put it, which is what truncation depends on
+    classnames = [f"thing {i}" for i in range(n_classes)]
+    torch.manual_seed(0)
+    model = CAPNet(clip, classnames, Config(), train_targets.sum(0), train_targets)
+    return model.to(device), train_targets
+
+
+def _set_fast_paths(model, truncate=True, fused=True):
+    # switches of the model's fast paths (attention: see _attention_context)
+    model.prompt_learner.truncate = truncate  # False: all 77 positions, as openai/CLIP runs it
+    model.gcn.backend = "auto" if fused else "torch"
+
+
+def _attention_context(sdpa):
+    # SDPA off = PyTorch's unfused math attention (Q K^T, softmax, then V), the reference
+    import contextlib
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return contextlib.nullcontext() if sdpa else sdpa_kernel(SDPBackend.MATH)
+
+
+def _random_images(clip, batch, seed, device):
+    size = clip.visual.input_resolution
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _peak_note(device):
+    if device.type == "cuda":
+        mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(device)
+        return f"peak {mb:.0f} MB (CUDA allocated, this row)"
+    return f"peak RSS {_peak_rss_mb():.0f} MB (process so far)"
+
+
+def _bench_fused_rows(loss_sizes, prop_sizes, device, warmup, repeats, target_ms):
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for b, c in loss_sizes:
+        logits = (torch.randn(b, c, generator=g) * 3).to(device).requires_grad_()
+        targets = (torch.rand(b, c, generator=g) < 0.1).float().to(device)
+        freq = torch.randint(1, 1000, (c,), generator=g).float().to(device)
+        weight = class_aware_weights(freq.cpu().numpy(), 4.0).float().to(device)  # as in training
+        args = (targets, freq, 5000)
+        ref = _fwd_bwd(lambda x: db_focal_loss_reference(x, *args, class_weight=weight), logits)
+        fused = _fwd_bwd(lambda x: db_focal_loss(x, *args, class_weight=weight, backend="auto"), logits)
+        name = "loss_fused_vs_ref" if (b, c) == (256, 80) else f"loss_fused_vs_ref_B{b}_C{c}"
+        rows.append(_compare(name, ref, fused, device, warmup, repeats, "fwd+bwd", target_ms))
+    for c, d in prop_sizes:
+        a = torch.softmax(torch.randn(c, c, generator=g), dim=1).to(device)
+        x = torch.randn(c, d, generator=g).to(device).requires_grad_()
+        w = (torch.randn(d, d, generator=g) / math.sqrt(d)).to(device).requires_grad_()
+        ref = _fwd_bwd(lambda x, w: graph_propagate_reference(a, x, w), x, w)
+        fused = _fwd_bwd(lambda x, w: graph_propagate(a, x, w, backend="auto"), x, w)
+        name = "propagate_fused_vs_ref" if (c, d) == (80, 512) else f"propagate_fused_vs_ref_C{c}_D{d}"
+        rows.append(_compare(name, ref, fused, device, warmup, repeats, "fwd+bwd", target_ms))
+    return rows
+
+
+def _bench_text_row(model, n_ctx, device, warmup, repeats):
+    # prompt-learner text encoding, fwd+bwd as training runs it every step: the shortest
+    # context that holds every EOT against all 77 positions
+    clip, n_classes = model.clip, len(model.classnames)
+    prompts = [" ".join(["X"] * n_ctx) + " " + name + "." for name in model.classnames]
+    tokens = tokenize(prompts).to(device)                                  # (C, 77)
+    eot = tokens.argmax(dim=-1)                                            # (C,) EOT has the largest id
+    x = clip.token_embedding(tokens).detach().requires_grad_()             # (C, 77, W)
+    full = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, truncate=False), x)  # (C, D)
+    truncated = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, truncate=True), x)
+    note = f"C={n_classes}, {n_ctx} ctx tokens: {int(eot.max()) + 1} of {tokens.shape[1]} positions, fwd+bwd"
+    return _compare("text_truncated_vs_full", full, truncated, device, warmup, repeats, note)
+
+
+TRAIN_VARIANTS = {  # name: (truncate, sdpa, fused, bf16)
+    "fast": (True, True, True, False),
+    "naive": (False, False, False, False),
+    "bf16": (True, True, True, True),
+    "no_truncate": (False, True, True, False),
+    "no_sdpa": (True, False, True, False),
+    "no_fused": (True, True, False, False),
+}
+
+
+def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup, repeats):
+    """A whole CAPNet train step (forward, DB-focal loss, backward, SGD step) per variant;
+    one row for each variant other than "fast", against "fast"."""
+    images = _random_images(model.clip, batch, 1, device)  # (B, 3, S, S)
+    targets = torch.from_numpy(train_targets[:batch]).to(device)  # (B, C)
+    criteria = {fused: make_criterion(Config(backend="auto" if fused else "torch"),
+                                      train_targets.sum(0), len(train_targets)) for fused in (True, False)}
+    params = [p for part in model.trainable_parts().values() for p in part]
+    start = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    model.train()
+
+    def step(truncate, sdpa, fused, bf16):
+        with torch.no_grad():  # every step starts from the same weights: outputs comparable
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        _set_fast_paths(model, truncate, fused)
+        opt.zero_grad(set_to_none=True)
+        with _attention_context(sdpa), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits = model(images)  # (B, C)
+        criteria[fused](logits.float(), targets).backward()  # loss in fp32 (SPEC 6)
+        opt.step()
+        return logits.detach().float()
+    fns = {v: functools.partial(step, *TRAIN_VARIANTS[v]) for v in variants}
+    for _ in range(warmup):  # one step warms every variant's kernels alike: a ~20 s step has no JIT
+        fns["fast"]()
+    # the one-path-off variants get one round each (a ViT-B/16 step is ~20 s on 2 cores)
+    ablations = {v: 1 for v in variants if v.startswith("no_")}
+    ms, outs = _time_variants(fns, 0, repeats, device, rounds=ablations)
+    _set_fast_paths(model)
+    ips = lambda v: f"{batch / ms[v] * 1e3:.2f}"
+    peak = _peak_note(device)
+    rows = []
+    for v in variants[1:]:  # variants[0] is "fast"
+        if v == "naive":
+            note = f"C={len(model.classnames)}, batch {batch}, fp32: {ips('fast')} vs {ips(v)} img/s; {peak}"
+        elif v == "bf16":
+            note = (f"bf16 autocast, all fast paths on: {ips(v)} vs {ips('fast')} img/s; "
+                    "diff = logits, bf16 rounding")
+        else:
+            note = f"one fast path off, batch {batch}, fp32, 1 sample"
+        base, fast = ("fast", "bf16") if v == "bf16" else (v, "fast")  # bf16 is the fast side
+        name = "train_step_bf16_vs_fp32" if v == "bf16" else f"train_step_fast_vs_{v}"
+        rows.append(_row(name + tag, ms[base], ms[fast], _max_abs_diff(outs[base], outs[fast]), note))
+    return rows
+
+
+def _bench_eval_row(model, tag, batch, n_views, device, warmup, repeats):
+    # TTE eval: batch x n_views crops through the image tower, logits averaged over views;
+    # F_hat (text tower + GCN) cached once vs recomputed for every batch
+    C = len(model.classnames)
+    views = _random_images(model.clip, batch * n_views, 2, device)  # (B*V, 3, S, S)
+    model.eval()
+    cached = lambda: model(views).view(batch, n_views, C).mean(dim=1)  # (B, C)
+
+    def uncached():
+        model._text_cache = None  # what an uncached eval recomputes per batch
+        return cached()
+    with torch.no_grad():
+        row = _compare(f"eval_tte_cached_vs_uncached{tag}", uncached, cached, device, warmup, repeats)
+    ips = lambda ms: f"{batch / ms * 1e3:.2f}"
+    row["note"] = (f"C={C}, {batch} images x {n_views} views: {ips(row['fast_ms'])} vs "
+                   f"{ips(row['baseline_ms'])} img/s; {_peak_note(device)}")
+    return row
+
+
+def _bench_image_rows(clip, tag, batch, n_gemm, device, warmup, repeats):
+    # ViT image tower forward: SDPA vs math attention, and its FLOP rate against the fp32
+    # GEMM rate measured in the same rounds (so both see the same load)
+    images = _random_images(clip, batch, 3, device)
+    a, b = torch.randn(2, n_gemm, n_gemm, device=device)
+
+    def encode(sdpa):
+        with _attention_context(sdpa):
+            return clip.encode_image(images)  # (B, D)
+    fns = {"math": lambda: encode(False), "sdpa": lambda: encode(True), "gemm": lambda: a @ b}
+    with torch.no_grad():
+        ms, outs = _time_variants(fns, warmup, repeats, device)
+    gemm_gflops = 2 * n_gemm ** 3 / (ms["gemm"] * 1e-3) / 1e9
+    flops = _vit_forward_flops(clip.visual, batch)
+    ideal_ms = flops / (gemm_gflops * 1e9) * 1e3
+    rate = flops / (ms["sdpa"] * 1e-3) / 1e9
+    return [_row(f"attention_sdpa_vs_math{tag}", ms["math"], ms["sdpa"],
+                 _max_abs_diff(outs["math"], outs["sdpa"]), f"image tower forward, batch {batch}"),
+            _row(f"image_fwd_vs_gemm_rate{tag}", ideal_ms, ms["sdpa"], None,
+                 f"ratio = fraction of the fp32 GEMM rate ({n_gemm}^3): {rate:.2f} of {gemm_gflops:.2f} "
+                 f"GFLOP/s ({flops / batch / 1e9:.3f} GFLOP per image)")]
+
+
+def _bench_channels_last_row(clip, tag, batch, device, warmup, repeats):
+    # ResNet image tower forward, channels-last (NHWC) vs the default contiguous (NCHW)
+    import copy
+    images = _random_images(clip, batch, 4, device)
+    visual_cl = copy.deepcopy(clip.visual).to(memory_format=torch.channels_last)
+    images_cl = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return _compare(f"channels_last_vs_default{tag}", lambda: clip.visual(images),
+                        lambda: visual_cl(images_cl), device, warmup, repeats,
+                        f"image tower forward, batch {batch}")
+
+
+def _bench_machine(device, quick):
+    import platform
+    m = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device),
+         "torch": torch.__version__, "python": platform.python_version(),
+         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+         "torch_threads": torch.get_num_threads(),
+         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+         "ext_available": bool(EXT_AVAILABLE), "quick": quick}
+    try:
+        with open("/proc/cpuinfo") as f:
+            m["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if hasattr(os, "getloadavg"):  # other processes on the machine make timings noisy: say so
+        m["loadavg_at_start"] = round(os.getloadavg()[0], 2)
+    if device.type == "cuda":
+        m["gpu"] = torch.cuda.get_device_name(device)
+        m["bf16"] = torch.cuda.is_bf16_supported()
+    else:
+        m["bf16"] = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return m
+
+
+def bench(quick=False, json_path=None):
+    """Measured speed-ups of every fast path, side by side (SPEC 7). Returns
+    {"machine": {...}, "rows": [...]} and prints a table; with json_path also writes it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    machine = _bench_machine(device, quick)
+    t_start = time.perf_counter()
+    if quick:  # toy layouts, seconds: the test suite runs this
+        vit, rn, C, batch, eval_batch, img_batch = BENCH_TINY_VIT, BENCH_TINY_RN, 20, 4, 2, 4
+        warm, reps, big_warm, big_reps, n_gemm, target_ms = 1, 2, 1, 2, 256, 2
+        loss_sizes, prop_sizes = [(256, 80)], [(80, 512)]
+    else:  # the real layouts; the big rows get few repeats (a ViT-B/16 train step is ~20 s on 2 cores)
+        vit, rn, C, batch, eval_batch, img_batch = BENCH_VIT_B16, BENCH_RN50, 80, 32, 4, 8
+        warm, reps, big_warm, big_reps, n_gemm, target_ms = 2, 7, 1, 2, 1024, 20
+        loss_sizes = [(256, 80), (64, 20), (64, 80), (256, 20), (64, 1000), (256, 1000)]
+        prop_sizes = [(80, 512), (20, 512), (1000, 512), (20, 1024), (80, 1024), (1000, 1024)]
+    vit_variants = [v for v in TRAIN_VARIANTS if machine["bf16"] or v != "bf16"]
+    for key, dtype in [("fp32", torch.float32)] + [("bf16", torch.bfloat16)] * machine["bf16"]:
+        a, b = torch.randn(2, n_gemm, n_gemm, device=device).to(dtype)  # the machine's GEMM rate
+        ms, _ = _time_variants({"mm": lambda: a @ b}, 2, reps, device)
+        machine[f"{key}_gemm_gflops"] = round(2 * n_gemm ** 3 / (ms["mm"] * 1e-3) / 1e9, 1)
+    say = lambda what: print(f"bench: {what} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    big = dict(device=device, warmup=big_warm, repeats=big_reps)
+    say("fused ops")
+    rows = _bench_fused_rows(loss_sizes, prop_sizes, device, warm, reps, target_ms)
+    say("ViT text tower")
+    model, train_targets = _bench_model(vit, C, device)
+    rows.append(_bench_text_row(model, 16, **big))
+    say(f"ViT train steps: {', '.join(vit_variants)}")
+    rows += _bench_train_rows(model, train_targets, "", batch, vit_variants, **big)
+    say("ViT eval and image tower")
+    rows.append(_bench_eval_row(model, "_vit", eval_batch, 5, **big))
+    rows += _bench_image_rows(model.clip, "_vit", img_batch, n_gemm, **big)
+    del model
+    say("RN50 train step, eval, channels-last")
+    model, train_targets = _bench_model(rn, C, device)
+    rows += _bench_train_rows(model, train_targets, "_rn50", batch, ["fast", "naive"], **big)
+    rows.append(_bench_eval_row(model, "_rn50", eval_batch, 5, **big))
+    rows.append(_bench_channels_last_row(model.clip, "_rn50", img_batch, **big))
+    machine["peak_rss_mb"] = round(_peak_rss_mb())
+    machine["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_at_end"] = round(os.getloadavg()[0], 2)
+    result = {"machine": machine, "rows": rows}
+    print(format_bench(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    return result
+
+
+def format_bench(result):
+    m = result["machine"]
+    lines = [f"bench on {m['device']} ({m.get('gpu', m['cpu'])}, {m['cpu_count']} cores, torch {m['torch']}, "
+             f"extension {'built' if m['ext_available'] else 'not built: fused rows run the reference'}"
+             f"{', quick toy layouts' if m['quick'] else ''}); load at start {m.get('loadavg_at_start')}",
+             f"fp32 GEMM {m['fp32_gemm_gflops']} GFLOP/s" +
+             (f", bf16 GEMM {m['bf16_gemm_gflops']} GFLOP/s" if "bf16_gemm_gflops" in m else ", no bf16"),
+             f"{'row':<36} {'baseline ms':>12} {'fast ms':>10} {'ratio':>7} {'max|diff|':>10}  note"]
+    for r in result["rows"]:
+        diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
+        lines.append(f"{r['name']:<36} {r['baseline_ms']:>12.3f} {r['fast_ms']:>10.3f} {r['ratio']:>7.2f} "
+                     f"{diff:>10}  {r['note']}")
+    lines.append(f"peak RSS {m['peak_rss_mb']} MB, {m['wall_seconds']} s, load at end {m.get('loadavg_at_end')}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bench.py", description="measured speed-ups of CAPNet's fast paths")
+    parser.add_argument("--quick", action="store_true", help="toy layouts, seconds (what the tests run)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    args = parser.parse_args(argv)
+    bench(quick=args.quick, json_path=args.json)
+
+
+if __name__ == "__main__":
+    main()

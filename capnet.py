@@ -745,6 +745,7 @@ def tte_views(img, size, n_views=5):
 # VOC-LT / COCO-LT papers: head n >= 100, medium 20 <= n < 100, tail n < 20.
 HEAD_MIN = 100
 TAIL_MIN = 20
+GROUPS = ("total", "head", "medium", "tail")  # the mAP columns of every report
 
 
 def class_group(n):
@@ -2233,14 +2234,29 @@ def train(cfg: Config) -> dict:
 
 
 def train_seeds(cfg: Config) -> dict:
-    """--seeds 0,1,2: one run per seed under runs/<name>/seed<k>/, then mean and std (n - 1)."""
+    """--seeds 0,1,2: one run per seed under runs/<name>/seed<k>/, then mean and std (n - 1).
+    A seed whose run finished before is read back (its config must match), a killed one resumes:
+    a long table survives a crash and costs only what is missing."""
     seeds = [int(s) for s in cfg.seeds.split(",")]
-    runs = [train(dataclasses.replace(cfg, seed=s, seeds="", name=f"{cfg.name}/seed{s}")) for s in seeds]
+    runs = []
+    for s in seeds:
+        one = dataclasses.replace(cfg, seed=s, seeds="", name=f"{cfg.name}/seed{s}")
+        run_dir = Path(cfg.out_dir) / one.name
+        if (run_dir / "results.json").exists():
+            done = json.loads((run_dir / "results.json").read_text())
+            changed = [k for k, v in to_jsonable(dataclasses.asdict(one)).items()
+                       if k not in RESUME_FREE and done["config"].get(k) != v]
+            if changed:
+                raise RunError(f"{run_dir} holds a finished run with another config ({', '.join(changed)}); "
+                               f"pick another --name")
+            print(f"{run_dir}: finished before, read from results.json", flush=True)
+            runs.append(done)
+        else:
+            runs.append(train(dataclasses.replace(one, resume=(run_dir / "checkpoint.pt").exists())))
     summary = {"seeds": seeds, "runs": [f"{cfg.out_dir}/{cfg.name}/seed{s}" for s in seeds]}
-    groups = ("total", "head", "medium", "tail")
     for kind in ("zero_shot", "trained"):
         summary[kind] = {}
-        for group in groups:
+        for group in GROUPS:
             values = np.array([r[kind][group] for r in runs], dtype=np.float64)
             std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             summary[kind][group] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
@@ -2249,8 +2265,36 @@ def train_seeds(cfg: Config) -> dict:
         print(f"\n{len(seeds)} seeds ({cfg.seeds}): mean +- std mAP")
         for kind in ("zero_shot", "trained"):
             print(f"  {kind:9s} " + " | ".join(f"{g} {summary[kind][g]['mean']:.2f} +- {summary[kind][g]['std']:.2f}"
-                                             for g in groups))
+                                             for g in GROUPS))
     return summary
+
+
+# ---- tables: every row of a table trained over --seeds (default 0,1,2), mean +- std per group
+
+TABLES = {  # name: rows, each the train flags it adds to the command line's
+    "ablations": ["", "--graph identity", "--graph cooccur", "--loss bce", "--loss focal", "--tau-prime inf",
+                  "--peft none", "--tte 1", "--tte 10"],
+}
+
+
+def run_table(table: str, train_flags: list) -> str:
+    """`python capnet.py table NAME [train flags]` -> the markdown table (also runs/table-NAME-<data>.md)."""
+    lines = ["| row | " + " | ".join(GROUPS) + " |", "|---" * (len(GROUPS) + 1) + "|"]
+    cell = lambda m: f"{m['mean']:.2f} +- {m['std']:.2f}"
+    for i, flags in enumerate(TABLES[table]):
+        cfg = config_from_args(build_parser().parse_args(["train", *train_flags, *flags.split()]))
+        cfg = resolve_config(dataclasses.replace(cfg, name="", seeds=cfg.seeds or "0,1,2"))
+        if "--name" in train_flags:  # --name X groups the rows: runs/X/<row's derived name>/seed<k>
+            cfg.name = f"{train_flags[train_flags.index('--name') + 1]}/{cfg.name}"
+        summary = train_seeds(cfg)
+        if i == 0:  # zero-shot: plain CLIP with the first row's TTE, the same in every run
+            lines.append("| zero-shot | " + " | ".join(cell(summary["zero_shot"][g]) for g in GROUPS) + " |")
+        lines.append(f"| {flags or 'full model'} | " + " | ".join(cell(summary["trained"][g]) for g in GROUPS) + " |")
+    text = "\n".join(lines) + f"\n\n(mAP %, mean +- std over seeds {cfg.seeds}; {cfg.data})\n"
+    path = Path(cfg.out_dir) / f"table-{table}-{cfg.data}.md"
+    write_atomic(path, text)
+    print(f"\n{text}wrote {path}")
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -2418,6 +2462,9 @@ def build_parser():
     for p in (ev, q):
         p.add_argument("--tte", type=int, choices=(1, 5, 10), default=None, help="test-time views (default: the run's)")
         p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    t = sub.add_parser("table", allow_abbrev=False, help="a README results table: rows x seeds, mean +- std")
+    t.add_argument("table", choices=sorted(TABLES))
+    t.add_argument("train_flags", nargs=argparse.REMAINDER, help="train flags for every row, e.g. --data voc-lt")
     sub.add_parser("info", help="versions, device, extension, CLIP models present")
     return parser
 
@@ -2432,6 +2479,8 @@ def main(argv=None):
             return train(config_from_args(args))
         if args.command == "eval":
             return evaluate(args.ckpt, args.tte, args.device, args.out_dir, args.workers)
+        if args.command == "table":
+            return run_table(args.table, args.train_flags)
         if args.command == "predict":
             return predict(args.ckpt, args.images, args.threshold, args.top_k, args.tte, args.device, args.json)
         return info()

@@ -2138,6 +2138,25 @@ def test_seeds_report_mean_and_std(tiny, tmp_path, capsys):
     assert "mean +- std" in capsys.readouterr().out
 
 
+def test_table_runs_every_row_over_seeds_and_resumes(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(capnet.TABLES, "mini", ["", "--graph identity"])
+    args = ["table", "mini", *tiny_args(tiny, tmp_path, "t", "--seeds", "0,1", "--epochs", "1")[1:]]
+    text = capnet.main(args)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:] if line.startswith("|")}
+    assert list(rows) == ["zero-shot", "full model", "--graph identity"]
+    runs = sorted((tmp_path / "t").iterdir())  # one folder per row, named from its flags
+    assert [r.name for r in runs] == ["tiny-clip0-graph-identity-n-ctx-4", "tiny-clip0-n-ctx-4"]
+    for name, run in (("full model", runs[1]), ("--graph identity", runs[0])):
+        seeds = _json.loads((run / "seeds.json").read_text())
+        mean, std = seeds["trained"]["tail"]["mean"], seeds["trained"]["tail"]["std"]
+        assert f"{mean:.2f} +- {std:.2f}" in rows[name].split("|")[5]  # the tail column
+    assert (tmp_path / "table-mini-tiny.md").read_text().startswith(text.splitlines()[0])
+    # a second call reads every finished run back instead of training again
+    capsys.readouterr()
+    assert capnet.main(args) == text
+    assert capsys.readouterr().out.count("finished before, read from results.json") == 4
+
+
 def test_bf16_autocast_on_cpu_and_unreadable_image(tiny, tmp_path, capsys):
     res = capnet.main(tiny_args(tiny, tmp_path, "bf16", "--amp", "bf16", "--epochs", "1"))
     assert "bf16 autocast" in (tmp_path / "bf16" / "log.txt").read_text()

@@ -121,7 +121,7 @@ def _bench_model(layout, n_classes, device):
     # class names put it, which is what truncation depends on
     classnames = [f"thing {i}" for i in range(n_classes)]
     torch.manual_seed(0)
-    model = CAPNet(clip, classnames, Config(), train_targets.sum(0), train_targets)
+    model = CAPNet(clip, classnames, Config(), train_targets)
     return model.to(device), train_targets
 
 

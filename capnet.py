@@ -1196,14 +1196,13 @@ LOGIT_SCALE_MAX = math.log(100.0)  # t <= ln(100), as in CLIP's training
 class CAPNet(nn.Module):
     """logits z_c = exp(t) * cos(normalize(E_I(x)), F_hat_c), F_hat = GCN(PromptLearner())."""
 
-    def __init__(self, clip, classnames, cfg, class_freq=None, train_targets=None):
+    def __init__(self, clip, classnames, cfg, train_targets=None):
         super().__init__()
         if len(classnames) == 0:
             raise ValueError("CAPNet needs at least one class")
         if cfg.peft not in ("adaptformer", "none"):
             raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer' or 'none'")
         self.classnames = list(classnames)
-        self.class_freq = None if class_freq is None else np.asarray(class_freq)  # for graph_summary
         self.clip = clip.eval()
         for param in clip.parameters():
             param.requires_grad_(False)  # frozen backbone (step 1)
@@ -1255,10 +1254,6 @@ class CAPNet(nn.Module):
         lines += [f"{'trainable':<20} {trainable:>12,}",
                   f"{'frozen (CLIP)':<20} {total - trainable:>12,}"]
         return "\n".join(lines)
-
-    def graph_summary(self):
-        counts = self.class_freq if self.class_freq is not None else np.zeros(len(self.classnames))
-        return graph_stats(self.gcn.P, self.classnames, counts)
 
     def clamp_temperature_(self):
         """Keep t <= ln(100) in the parameter itself (call after each optimizer step): the
@@ -1491,25 +1486,13 @@ def _load_extension():
     """Import capnet_ext (registers torch.ops.capnet.*); (module, "") or (None, why not)."""
     if os.environ.get("CAPNET_NO_EXT") == "1":
         return None, "disabled by CAPNET_NO_EXT=1"
-    try:
+    try:  # build_ext --inplace puts it beside this file, which is on sys.path when capnet imports
         import capnet_ext
         return capnet_ext, ""
     except ModuleNotFoundError:
-        pass
-    except (ImportError, OSError) as e:            # e.g. built against another torch
+        return None, "not built"
+    except (ImportError, OSError) as e:  # e.g. built against another torch
         return None, f"import failed: {e}"
-    # capnet.py imported from elsewhere: look beside it, where build_ext --inplace puts it
-    import importlib.util
-    for path in sorted(Path(__file__).resolve().parent.glob("capnet_ext*.so")):
-        try:
-            spec = importlib.util.spec_from_file_location("capnet_ext", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            sys.modules["capnet_ext"] = mod
-            return mod, ""
-        except (ImportError, OSError) as e:
-            return None, f"{path.name} failed to load: {e}"
-    return None, "not built"
 
 
 capnet_ext, _EXT_WHY_NOT = _load_extension()
@@ -1518,13 +1501,6 @@ EXT_CUDA = EXT_AVAILABLE and bool(getattr(capnet_ext, "WITH_CUDA", False))
 if not EXT_AVAILABLE:
     print(f"capnet: fused-op extension capnet_ext {_EXT_WHY_NOT}; using the pure-torch path "
           f"(build it with: python setup.py build_ext --inplace)", file=sys.stderr)
-
-
-def ext_status():
-    """One line for `info` and train logs: which fused-op backend runs where."""
-    if not EXT_AVAILABLE:
-        return f"pure torch (capnet_ext {_EXT_WHY_NOT})"
-    return "capnet_ext (CPU + CUDA kernels)" if EXT_CUDA else "capnet_ext (CPU kernels)"
 
 
 def _use_ext(backend, device, op):
@@ -1699,10 +1675,15 @@ def to_jsonable(x):
     return x
 
 
-def write_atomic(path: Path, text: str):
+def write_atomic(path: Path, text_or_payload):
+    """Temporary file, fsync, rename: a crash at any moment leaves the previous file intact.
+    A str is written as text, anything else with torch.save (checkpoints)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "w" if isinstance(text_or_payload, str) else "wb") as f:
+        if isinstance(text_or_payload, str):
+            f.write(text_or_payload)
+        else:
+            torch.save(text_or_payload, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -1739,7 +1720,7 @@ def format_duration(seconds: float) -> str:
 
 def format_map(m: dict) -> str:
     f = lambda v: "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:5.2f}"
-    return f"total {f(m['total'])} | head {f(m['head'])} | medium {f(m['medium'])} | tail {f(m['tail'])}"
+    return " | ".join(f"{g} {f(m[g])}" for g in GROUPS)
 
 
 # ---- distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nothing else changes
@@ -1816,10 +1797,10 @@ def load_backbone(cfg: Config):
         raise RunError(str(e)) from None
 
 
-def build_model(clip, classes, cfg: Config, class_counts, train_targets, device):
+def build_model(clip, classes, cfg: Config, train_targets, device):
     # the seed fixes every random init (prompts, adapters): a rebuilt model starts where training did
     torch.manual_seed(cfg.seed)
-    return CAPNet(clip, classes, cfg, class_counts, train_targets).to(device)
+    return CAPNet(clip, classes, cfg, train_targets).to(device)
 
 
 # ---- checkpoints: trainable parameters + optimizer + scheduler + RNG, written atomically
@@ -1841,13 +1822,11 @@ def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, wh
 
 
 def rng_state() -> dict:
+    # torch's RNG seeds the DataLoader workers; numpy's global RNG is never drawn from (crops and
+    # batch order come from their own generators, keyed by seed, epoch and index)
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    # numpy arrays are not allowed by weights_only loading: store the MT19937 keys as a tensor
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)}
     return state
 
 
@@ -1855,17 +1834,6 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    s = state["numpy"]
-    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
-
-
-def save_checkpoint(path: Path, payload: dict):
-    """Temporary file, fsync, rename: a crash at any moment leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path) -> dict:
@@ -1989,61 +1957,42 @@ def summarize(ap: torch.Tensor, counts) -> dict:
 # ---- the plot: per-class AP against training frequency (Pillow only)
 
 def plot_ap_vs_freq(per_class: list, path: Path, title: str):
+    """Per-class AP (y, %) against training images (x, log scale) on the tail / medium / head
+    bands: zero-shot (grey ring) joined to trained (orange dot)."""
     from PIL import Image, ImageDraw, ImageFont
-    W, H = 960, 600
-    left, right, top, bottom = 90, 30, 60, 80
+    W, H, left, right, top, bottom = 960, 600, 90, 30, 60, 80
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font, small = ImageFont.load_default(size=18), ImageFont.load_default(size=14)
     counts = [max(1, c["train_count"]) for c in per_class]
-    lo = 10 ** math.floor(math.log10(min(counts)))
-    hi = 10 ** math.ceil(math.log10(max(counts) + 1))
-    lx0, lx1 = math.log10(lo), math.log10(hi)
-
-    def x_of(n):  # log axis
-        return left + (math.log10(max(1, n)) - lx0) / (lx1 - lx0) * (W - left - right)
-
-    def y_of(ap):  # 0..100 percent
-        return H - bottom - ap / 100.0 * (H - top - bottom)
-
-    # tail / medium / head bands (SPEC: tail n < 20, medium 20 <= n < 100, head n >= 100)
-    bands = [(lo, TAIL_MIN, (255, 236, 236), "tail"), (TAIL_MIN, HEAD_MIN, (255, 248, 225), "medium"),
-             (HEAD_MIN, hi, (232, 244, 255), "head")]
-    for a, b, colour, label in bands:
-        a, b = max(a, lo), min(b, hi)
+    lo, hi = math.floor(math.log10(min(counts))), math.ceil(math.log10(max(counts) + 1))  # decades
+    x_of = lambda n: left + (math.log10(max(1, n)) - lo) / (hi - lo) * (W - left - right)
+    y_of = lambda ap: H - bottom - ap / 100.0 * (H - top - bottom)
+    for a, b, colour, label in ((1, TAIL_MIN, (255, 236, 236), "tail"), (TAIL_MIN, HEAD_MIN, (255, 248, 225), "medium"),
+                                (HEAD_MIN, 10 ** hi, (232, 244, 255), "head")):
+        a, b = max(a, 10 ** lo), min(b, 10 ** hi)
         if a < b:
             d.rectangle([x_of(a), top, x_of(b), H - bottom], fill=colour)
             d.text(((x_of(a) + x_of(b)) / 2, top + 6), label, fill=(90, 90, 90), font=small, anchor="mt")
-    for ap in range(0, 101, 20):  # y grid and ticks
+    for ap in range(0, 101, 20):
         d.line([left, y_of(ap), W - right, y_of(ap)], fill=(215, 215, 215))
         d.text((left - 8, y_of(ap)), str(ap), fill="black", font=small, anchor="rm")
-    decade = lo
-    while decade <= hi:  # x ticks at decades, minor ticks at 2..9
-        d.line([x_of(decade), H - bottom, x_of(decade), H - bottom + 6], fill="black")
-        d.text((x_of(decade), H - bottom + 10), f"{decade:g}", fill="black", font=small, anchor="mt")
-        for m in range(2, 10):
-            if decade * m < hi:
-                d.line([x_of(decade * m), H - bottom, x_of(decade * m), H - bottom + 3], fill="black")
-        decade *= 10
+    for e in range(lo, hi + 1):
+        d.text((x_of(10 ** e), H - bottom + 10), f"{10 ** e:g}", fill="black", font=small, anchor="mt")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for xy, text, anchor in (((W / 2, H - 30), "training images per class (log scale)", "mm"),
-                             ((20, (top + H - bottom) / 2), "AP (%)", "lm"), ((W / 2, 25), title, "mm")):
-        d.text(xy, text, fill="black", font=font, anchor=anchor)
-    zs_colour, tr_colour = (120, 120, 120), (220, 90, 20)
-    for c in per_class:  # zero-shot beside trained, joined by a thin line
-        if c["ap"] is None or c["ap_zero_shot"] is None:
-            continue
-        x = x_of(max(1, c["train_count"]))
-        y0, y1 = y_of(c["ap_zero_shot"]), y_of(c["ap"])
-        d.line([x - 4, y0, x + 4, y1], fill=(180, 180, 180))
-        d.ellipse([x - 9, y0 - 5, x + 1, y0 + 5], outline=zs_colour, width=2)
-        d.ellipse([x - 1, y1 - 5, x + 9, y1 + 5], fill=tr_colour)
-    lx, ly = W - right - 190, H - bottom - 62  # legend, bottom right
-    d.rectangle([lx, ly, lx + 180, ly + 54], fill="white", outline=(150, 150, 150))
-    for dy, text, style in ((10, "zero-shot CLIP", dict(outline=zs_colour, width=2)),
-                            (32, "CAPNet (trained)", dict(fill=tr_colour))):
-        d.ellipse([lx + 10, ly + dy, lx + 20, ly + dy + 10], **style)
-        d.text((lx + 30, ly + dy + 5), text, fill="black", font=small, anchor="lm")
+    for xy, text in (((left + 200, H - 30), "training images per class (log scale)"), ((W / 2, 25), title),
+                     ((45, top - 20), "AP (%)")):
+        d.text(xy, text, fill="black", font=font, anchor="mm")
+    for x, text, style in ((W - 330, "zero-shot CLIP", dict(outline=(120, 120, 120), width=2)),
+                           (W - 170, "CAPNet (trained)", dict(fill=(220, 90, 20)))):  # the legend
+        d.ellipse([x, H - 35, x + 10, H - 25], **style)
+        d.text((x + 16, H - 30), text, fill="black", font=small, anchor="lm")
+    for c in per_class:
+        if c["ap"] is not None and c["ap_zero_shot"] is not None:
+            x, y0, y1 = x_of(c["train_count"]), y_of(c["ap_zero_shot"]), y_of(c["ap"])
+            d.line([x - 4, y0, x + 4, y1], fill=(180, 180, 180))
+            d.ellipse([x - 9, y0 - 5, x + 1, y0 + 5], outline=(120, 120, 120), width=2)
+            d.ellipse([x - 1, y1 - 5, x + 9, y1 + 5], fill=(220, 90, 20))
     img.save(path)
 
 
@@ -2131,7 +2080,7 @@ def train(cfg: Config) -> dict:
         log(f"zero-shot mAP (step 0, tte {cfg.tte}): " + format_map(summarize(ap_zero_shot, counts))
             + f"  [{time.time() - t0:.1f}s]")
 
-    model = build_model(clip, classes, cfg, counts, train_targets, device)
+    model = build_model(clip, classes, cfg, train_targets, device)
     log(graph_stats(model.gcn.P, classes, counts) + "\ntrainable parameters:\n" + model.trainable_summary())
 
     train_set = MultiLabelDataset(prepared.train, prepared.image_root, C, cfg.input_size, mode="train",
@@ -2157,7 +2106,7 @@ def train(cfg: Config) -> dict:
 
     def checkpoint(step: int):
         if rank == 0:
-            save_checkpoint(ckpt_path, {
+            write_atomic(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "optimizer": optimizer.state_dict(),
                 "model": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
@@ -2323,8 +2272,7 @@ def load_for_inference(ckpt_path, device: str = "auto", tte: int | None = None):
     dev = torch.device("cuda" if use_cuda else "cpu")
     clip = load_backbone(cfg).to(dev)
     check_checkpoint(ckpt, cfg.data, ckpt["classes"], clip.source, f"checkpoint {ckpt_path}")
-    model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["class_counts"].numpy(),
-                        ckpt["train_targets"].float().numpy(), dev)
+    model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["train_targets"].float().numpy(), dev)
     load_trainable(model, ckpt["model"])
     return model.eval(), cfg, ckpt, dev
 
@@ -2406,7 +2354,7 @@ def info():
         print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads; no CUDA device)")
     print("fused ops: " + ("capnet_ext extension built (backend auto -> ext)" if EXT_AVAILABLE else
                            "extension not built, pure torch reference used (python setup.py build_ext --inplace)"))
-    cache = Path("~/.cache/clip").expanduser()
+    cache = clip_cache_dir()
     print(f"CLIP models (download cache {cache}):")
     for name, url in KNOWN_MODELS.items():
         path = cache / os.path.basename(url)

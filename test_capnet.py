@@ -509,8 +509,7 @@ def tiny_targets(n=40, seed=0):
 
 def tiny_capnet(vision="vit", seed=0, **cfg):
     torch.manual_seed(seed)
-    return capnet.CAPNet(tiny_clip(vision, seed), TINY_CLASSES, tiny_cfg(**cfg), TINY_COUNTS,
-                         tiny_targets())
+    return capnet.CAPNet(tiny_clip(vision, seed), TINY_CLASSES, tiny_cfg(**cfg), tiny_targets())
 
 
 # prompt learner
@@ -632,7 +631,7 @@ def test_graph_stats_names_rarest_classes():
     assert lines[1].startswith("  rare (n=3): mid 0.180, head 0.020")
     assert lines[2].startswith("  mid (n=30)")
     model = tiny_capnet("vit", graph="identity")
-    assert "potted_plant (n=5): no neighbours" in model.graph_summary()
+    assert "potted_plant (n=5): no neighbours" in capnet.graph_stats(model.gcn.P, model.classnames, TINY_COUNTS)
 
 
 # GCN
@@ -744,7 +743,7 @@ def test_untrained_capnet_is_clip_with_the_learned_prompts(vision):
     sd = tiny_clip_state_dict(vision)
     plain = capnet.build_clip(dict(sd))
     torch.manual_seed(0)
-    model = capnet.CAPNet(capnet.build_clip(dict(sd)), TINY_CLASSES, tiny_cfg(), TINY_COUNTS, None)
+    model = capnet.CAPNet(capnet.build_clip(dict(sd)), TINY_CLASSES, tiny_cfg(), None)
     x = tiny_images(vision)
     with torch.no_grad():
         logits = model(x)
@@ -754,8 +753,7 @@ def test_untrained_capnet_is_clip_with_the_learned_prompts(vision):
     assert logits.shape == (3, len(TINY_CLASSES))
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     # with the context started from the template it is zero-shot CLIP
-    model = capnet.CAPNet(capnet.build_clip(dict(sd)), TINY_CLASSES, tiny_cfg(ctx_init="a photo of a"),
-                          TINY_COUNTS, None)
+    model = capnet.CAPNet(capnet.build_clip(dict(sd)), TINY_CLASSES, tiny_cfg(ctx_init="a photo of a"), None)
     with torch.no_grad():
         zs = plain.logit_scale.exp() * v @ capnet.zero_shot_text_features(plain, TINY_CLASSES).T
         torch.testing.assert_close(model(x), zs, rtol=1e-5, atol=1e-5)
@@ -2023,15 +2021,15 @@ def test_corrupted_checkpoint_and_atomic_writes(trained, tmp_path, monkeypatch, 
     # a crash while saving leaves the previous checkpoint intact
     target = tmp_path / "ck.pt"
     payload = capnet.load_checkpoint(good)
-    capnet.save_checkpoint(target, payload)
+    capnet.write_atomic(target, payload)
     before = target.read_bytes()
 
     def crashing_save(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
-        capnet.save_checkpoint(target, payload)
+        capnet.write_atomic(target, payload)
     assert target.read_bytes() == before and capnet.load_checkpoint(target)["step"] == 12
 
 

@@ -926,15 +926,6 @@ def collate_skip_bad(batch):
         return None
     return torch.utils.data.default_collate(batch)
 
-
-def seed_worker(worker_id):
-    # DataLoader seeds torch per worker; numpy and random follow it (our augmentation draws from
-    # its own per-item generator, this only guards other users of the global RNGs)
-    import random
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
 # -----------------------------------------------------------------------------
 # label graph, GCN, prompt learner, CAPNet
 
@@ -1520,12 +1511,8 @@ def db_focal_loss(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10
                   kappa=0.05, lam=2.0, gamma=2.0, balance=2.0, class_weight=None,
                   reduction="mean", backend="auto"):
     """db_focal_loss_reference, fused: one pass per row computes the loss and its gradient."""
-    cw_grad = class_weight is not None and class_weight.requires_grad
-    if cw_grad or not _use_ext(backend, logits.device, "db_focal_loss"):
-        # the kernel differentiates w.r.t. logits only; a trainable class_weight takes the reference
-        if cw_grad and backend == "ext":
-            raise RuntimeError("db_focal_loss: backend='ext' differentiates w.r.t. logits only, "
-                               "but class_weight requires grad")
+    # the kernel differentiates w.r.t. logits only: a trainable class_weight takes the reference
+    if (class_weight is not None and class_weight.requires_grad) or not _use_ext(backend, logits.device, "db_focal_loss"):
         return db_focal_loss_reference(logits, targets, class_freq, num_images, alpha=alpha, beta=beta,
                                        mu=mu, kappa=kappa, lam=lam, gamma=gamma, balance=balance,
                                        class_weight=class_weight, reduction=reduction)
@@ -1782,7 +1769,9 @@ def make_test_set(prepared, cfg: Config):
 
 
 def make_loader(dataset, cfg: Config, **kwargs):
-    return torch.utils.data.DataLoader(dataset, num_workers=cfg.workers, worker_init_fn=seed_worker,
+    # no worker_init_fn: nothing draws from numpy's or Python's global RNG in a worker (every crop
+    # comes from its own generator keyed by seed, epoch and index), so their copies do not matter
+    return torch.utils.data.DataLoader(dataset, num_workers=cfg.workers,
                                        collate_fn=collate_skip_bad if cfg.skip_bad_images else None, **kwargs)
 
 
@@ -1906,9 +1895,7 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 def view_logits(forward, images: torch.Tensor) -> torch.Tensor:
-    """Logits averaged over test-time views (SPEC section 1 step 8)."""
-    if images.dim() == 4:  # (B, 3, S, S): one view
-        return forward(images).float()
+    """images (B, V, 3, S, S) -> logits averaged over the V test-time views (SPEC 1 step 8)."""
     B, V = images.shape[:2]
     logits = forward(images.flatten(0, 1)).float()  # (B * V, C)
     return logits.view(B, V, -1).mean(1)  # (B, C)

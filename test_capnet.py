@@ -1673,8 +1673,7 @@ def test_dataset_bad_images(tmp_path):
     with pytest.raises(Exception, match="broken.png"):
         ds[5]
     ds = capnet.MultiLabelDataset(items, tmp_path, 3, size=32, mode="train", skip_bad=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=capnet.collate_skip_bad,
-                                         worker_init_fn=capnet.seed_worker)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=capnet.collate_skip_bad)
     batches = list(loader)
     assert [b[0].shape[0] for b in batches] == [3, 1]
     assert batches[1][2].tolist() == [3] and ds.bad_count == 2  # counted across worker processes

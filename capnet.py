@@ -341,6 +341,18 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)  # the GELU approximation CLIP was trained with
 
 
+def attention(q, k, v, causal=False):
+    """softmax(q k^T / sqrt(d)) v for (B, H, L, d) heads. scaled_dot_product_attention, except
+    bf16 on the CPU: there its flash backward measured 1.5-2x slower than this matmul form at
+    ViT-B/16's L = 197, d = 64 (README, Speed; same values within bf16 rounding)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal and MATMUL_ATTENTION_BF16_CPU:
+        return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # (B, H, L, d)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, d)
+
+
+MATMUL_ATTENTION_BF16_CPU = True  # the switch bench.py turns off for its baseline
+
+
 class MultiheadAttention(nn.Module):
     """Self-attention holding nn.MultiheadAttention's parameters (in_proj_weight/in_proj_bias
     packed q, k, v; out_proj) but computing with scaled_dot_product_attention, batch-first."""
@@ -356,8 +368,7 @@ class MultiheadAttention(nn.Module):
     def forward(self, x, causal=False):
         B, L, W = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, L, W)
-        out = F.scaled_dot_product_attention(_heads(q, self.n_head), _heads(k, self.n_head),
-                                             _heads(v, self.n_head), is_causal=causal)  # (B, H, L, W/H)
+        out = attention(_heads(q, self.n_head), _heads(k, self.n_head), _heads(v, self.n_head), causal)  # (B, H, L, W/H)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, W))
 
 
@@ -1108,10 +1119,11 @@ class PromptLearner(nn.Module):
     truncate = True  # False: run all 77 positions as openai/CLIP does (same output; bench baseline)
 
     def forward(self):
-        x = self.embeddings()  # (C, L, W), L = max(EOT) + 1
+        x = self.embeddings()  # (C, L, W), L = max(EOT) + 1: already the shortest causal context
         if not self.truncate:
             x = F.pad(x, (0, 0, 0, self.clip.context_length - x.shape[1]))  # (C, 77, W)
-        x = self.clip.encode_text_embeddings(x, self.eot_index, truncate=self.truncate)  # (C, D)
+        # truncate=False: no data-dependent cut (int(eot.max())), so torch.compile sees one graph
+        x = self.clip.encode_text_embeddings(x, self.eot_index, truncate=False)  # (C, D)
         return F.normalize(x.float(), dim=-1)  # (C, D) F_t
 
 
@@ -1789,7 +1801,25 @@ def load_backbone(cfg: Config):
 def build_model(clip, classes, cfg: Config, train_targets, device):
     # the seed fixes every random init (prompts, adapters): a rebuilt model starts where training did
     torch.manual_seed(cfg.seed)
-    return CAPNet(clip, classes, cfg, train_targets).to(device)
+    model = CAPNet(clip, classes, cfg, train_targets).to(device)
+    if use_bf16(cfg, device):  # after the label graph, which is computed in fp32
+        hold_frozen_in_bf16(model.clip)
+    return model
+
+
+def hold_frozen_in_bf16(clip):
+    """Under bf16 autocast, hold the frozen GEMM weights in bf16 once instead of having autocast
+    cast them on every call (it caches casts only of weights that require grad). These are
+    exactly the tensors autocast would round to bf16 (Linear, the attention in-projection, the
+    ResNet convs after the stem, the two output projections), so outputs are unchanged; norms,
+    embeddings, the stem conv (clip.dtype) and every trainable parameter stay fp32."""
+    convs = [m for m in clip.visual.modules() if isinstance(m, nn.Conv2d) and m is not clip.visual.conv1]
+    modules = [m for m in clip.modules() if isinstance(m, (nn.Linear, MultiheadAttention))] + convs
+    params = [p for m in modules for p in m.parameters(recurse=False)] + [clip.text_projection]
+    params += [clip.visual.proj] if isinstance(clip.visual, VisionTransformer) else []
+    for p in params:
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
 
 
 # ---- checkpoints: trainable parameters + optimizer + scheduler + RNG, written atomically

@@ -2265,6 +2265,54 @@ def test_compile_matches_eager(bench_model):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _bf16_step(model, images, targets):
+    """Logits and trainable-parameter gradients of one bf16-autocast train-mode step."""
+    model.train()
+    params = [p for part in model.trainable_parts().values() for p in part]
+    for p in params:
+        p.grad = None
+    with torch.autocast("cpu", torch.bfloat16):
+        logits = model(images)
+    F.binary_cross_entropy_with_logits(logits.float(), targets).backward()
+    return [logits.detach()] + [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("vision", ["vit", "resnet"])
+def test_frozen_weights_held_in_bf16_give_the_autocast_step(vision):
+    # autocast rounds the same fp32 weights to the same bf16 values: holding them in bf16 once
+    # must give the identical step, and must leave every trainable parameter in fp32
+    model = tiny_capnet(vision)
+    images, targets = tiny_images(vision), torch.from_numpy(tiny_targets(3))
+    autocast_only = _bf16_step(model, images, targets)
+    capnet.hold_frozen_in_bf16(model.clip)
+    held = _bf16_step(model, images, targets)
+    for a, b in zip(autocast_only, held):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    dtypes = {p.dtype for p in model.clip.parameters() if not p.requires_grad}
+    assert torch.bfloat16 in dtypes and torch.float32 in dtypes  # GEMM weights bf16, norms fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert model.clip.dtype == torch.float32  # the residual streams stay fp32, as under autocast
+
+
+def test_bf16_matmul_attention_matches_sdpa():
+    # the CPU bf16 attention path (softmax(q k^T / sqrt d) v by matmuls) against SDPA in fp64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 197, 64, generator=g) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    fast = capnet.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert fast.dtype == torch.bfloat16
+    assert (fast.double() - exact).abs().max() < 0.03  # bf16 inputs: ~3 significant digits
+    torch.testing.assert_close(capnet.attention(q, k, v), exact.float(), rtol=1e-5, atol=1e-5)  # fp32: SDPA
+
+
+def test_train_forward_compiles_as_one_graph(bench_model):
+    # the prompt length is fixed when the prompts are built: no data-dependent break
+    model, _ = bench_model
+    model.train()
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
 def test_vit_flop_formula_matches_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
     clip = bench._bench_clip(bench.BENCH_TINY_VIT, torch.device("cpu"))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import capnet
 from capnet import (CAPNet, CLIP, Config, EXT_AVAILABLE, class_aware_weights, db_focal_loss,
                     db_focal_loss_reference, graph_propagate, graph_propagate_reference,
                     make_criterion, tokenize)
@@ -105,6 +106,36 @@ def _vit_forward_flops(visual, batch):
                     + 2 * w * visual.proj.shape[1])
 
 
+def _train_step_flops(model, batch):
+    """FLOPs of one CAPNet train step on a ViT (GEMMs, the patch conv and the attention
+    matmuls; 2 per multiply-add), from the shapes. The CLIP weights are frozen, so backward
+    computes input gradients only, and only where a trainable parameter lies upstream: the
+    image tower back to block 0's adapter (block 0's attention and MLP, the patch conv and
+    every weight gradient but the adapters' are skipped), the text tower back to the context."""
+    vis, clip, C = model.clip.visual, model.clip, len(model.classnames)
+    w, r, D, layers = vis.conv1.out_channels, model.adapter_dim, clip.embed_dim, len(vis.transformer.resblocks)
+    n = (vis.input_resolution // vis.conv1.kernel_size[0]) ** 2 + 1
+    adapter = 4 * n * w * r                                        # down + up, forward; x2 backward
+    image = _vit_forward_flops(vis, batch) + batch * layers * adapter
+    image_bwd = batch * ((layers - 1) * (24 * n * w * w + 8 * n * n * w) + layers * 2 * adapter + 2 * w * D)
+    tw, tl, L = clip.transformer.width, clip.transformer.layers, model.prompt_learner.token_ids.shape[1]
+    text = C * (tl * (24 * L * tw * tw + 4 * L * L * tw) + 2 * tw * D)  # EOT rows only through the projection
+    text_bwd = C * (tl * (24 * L * tw * tw + 8 * L * L * tw) + 2 * tw * D)
+    gcn, gcn_bwd = 3 * (2 * C * D * D + 2 * C * C * D), 3 * (2 * C * C * D + 4 * C * D * D)  # W2 too
+    head, head_bwd = 2 * batch * C * D, 4 * batch * C * D
+    return image + image_bwd + text + text_bwd + gcn + gcn_bwd + head + head_bwd
+
+
+def _eval_flops(model, n_images):
+    """FLOPs of scoring n_images crops at eval: image tower with adapters and the head (the
+    text side is cached)."""
+    vis, C = model.clip.visual, len(model.classnames)
+    w, layers = vis.conv1.out_channels, len(vis.transformer.resblocks)
+    n = (vis.input_resolution // vis.conv1.kernel_size[0]) ** 2 + 1
+    return _vit_forward_flops(vis, n_images) + n_images * (layers * 4 * n * w * model.adapter_dim
+                                                           + 2 * C * model.clip.embed_dim)
+
+
 def _bench_clip(layout, device):
     torch.manual_seed(0)
     return CLIP(**layout).float().to(device).eval()  # random weights (OpenAI's init)
@@ -125,10 +156,31 @@ def _bench_model(layout, n_classes, device):
     return model.to(device), train_targets
 
 
-def _set_fast_paths(model, truncate=True, fused=True):
-    # switches of the model's fast paths (attention: see _attention_context)
+def _set_fast_paths(model, truncate=True, fused=True, new=True):
+    # switches of the model's fast paths (attention: see _attention_context). new: the
+    # elementwise and bf16 paths (fused QuickGELU, bf16 matmul attention on CPU); the third, the
+    # bf16-held frozen weights, is switched by _BF16Weights
     model.prompt_learner.truncate = truncate  # False: all 77 positions, as openai/CLIP runs it
     model.gcn.backend = "auto" if fused else "torch"
+    capnet.MATMUL_ATTENTION_BF16_CPU = new
+    if hasattr(capnet.QuickGELU, "fused"):
+        capnet.QuickGELU.fused = new
+
+
+class _BF16Weights:
+    """Both copies of the frozen GEMM weights, fp32 and bf16 (as capnet.hold_frozen_in_bf16
+    makes them), swapped in by reference: switching costs nothing inside a timed step."""
+
+    def __init__(self, clip):
+        frozen = [p for p in clip.parameters() if not p.requires_grad]
+        fp32 = [p.data for p in frozen]
+        capnet.hold_frozen_in_bf16(clip)
+        self.pairs = [(p, a, p.data) for p, a in zip(frozen, fp32) if p.dtype == torch.bfloat16]
+        self.use(False)
+
+    def use(self, bf16):
+        for p, fp32, half in self.pairs:
+            p.data = half if bf16 else fp32
 
 
 def _attention_context(sdpa):
@@ -194,19 +246,21 @@ def _bench_text_row(model, n_ctx, device, warmup, repeats):
     return _compare("text_truncated_vs_full", full, truncated, device, warmup, repeats, note)
 
 
-TRAIN_VARIANTS = {  # name: (truncate, sdpa, fused, bf16)
-    "fast": (True, True, True, False),
-    "naive": (False, False, False, False),
-    "bf16": (True, True, True, True),
-    "no_truncate": (False, True, True, False),
-    "no_sdpa": (True, False, True, False),
-    "no_fused": (True, True, False, False),
+TRAIN_VARIANTS = {  # name: (truncate, sdpa, fused, bf16, new: fused QuickGELU + bf16 paths)
+    "fast": (True, True, True, False, True),
+    "naive": (False, False, False, False, False),
+    "bf16": (True, True, True, True, True),
+    "bf16_unfused": (True, True, True, True, False),  # every elementwise / bf16-weight path off
+    "no_truncate": (False, True, True, False, True),
+    "no_sdpa": (True, False, True, False, True),
+    "no_fused": (True, True, False, False, True),
 }
 
 
-def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup, repeats):
+def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup, repeats, gemm_gflops):
     """A whole CAPNet train step (forward, DB-focal loss, backward, SGD step) per variant;
-    one row for each variant other than "fast", against "fast"."""
+    one row for each variant other than "fast", against "fast"; and the step against the
+    machine's limit: the FLOP model over the GEMM rate measured in this run (ViT only)."""
     images = _random_images(model.clip, batch, 1, device)  # (B, 3, S, S)
     targets = torch.from_numpy(train_targets[:batch]).to(device)  # (B, C)
     criteria = {fused: make_criterion(Config(backend="auto" if fused else "torch"),
@@ -214,13 +268,15 @@ def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup
     params = [p for part in model.trainable_parts().values() for p in part]
     start = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    weights = _BF16Weights(model.clip)
     model.train()
 
-    def step(truncate, sdpa, fused, bf16):
+    def step(truncate, sdpa, fused, bf16, new):
         with torch.no_grad():  # every step starts from the same weights: outputs comparable
             for p, p0 in zip(params, start):
                 p.copy_(p0)
-        _set_fast_paths(model, truncate, fused)
+        _set_fast_paths(model, truncate, fused, new)
+        weights.use(bf16 and new)
         opt.zero_grad(set_to_none=True)
         with _attention_context(sdpa), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits = model(images)  # (B, C)
@@ -234,6 +290,7 @@ def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup
     ablations = {v: 1 for v in variants if v.startswith("no_")}
     ms, outs = _time_variants(fns, 0, repeats, device, rounds=ablations)
     _set_fast_paths(model)
+    weights.use(False)
     ips = lambda v: f"{batch / ms[v] * 1e3:.2f}"
     peak = _peak_note(device)
     rows = []
@@ -243,11 +300,23 @@ def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup
         elif v == "bf16":
             note = (f"bf16 autocast, all fast paths on: {ips(v)} vs {ips('fast')} img/s; "
                     "diff = logits, bf16 rounding")
+        elif v == "bf16_unfused":
+            note = (f"bf16, fused QuickGELU + bf16-held weights + matmul attention on vs off: "
+                    f"{ips('bf16')} vs {ips(v)} img/s")
         else:
             note = f"one fast path off, batch {batch}, fp32, 1 sample"
-        base, fast = ("fast", "bf16") if v == "bf16" else (v, "fast")  # bf16 is the fast side
-        name = "train_step_bf16_vs_fp32" if v == "bf16" else f"train_step_fast_vs_{v}"
+        base, fast = {"bf16": ("fast", "bf16"), "bf16_unfused": (v, "bf16")}.get(v, (v, "fast"))
+        name = {"bf16": "train_step_bf16_vs_fp32", "bf16_unfused": "train_step_bf16_fused_vs_unfused"}.get(
+            v, f"train_step_fast_vs_{v}")
         rows.append(_row(name + tag, ms[base], ms[fast], _max_abs_diff(outs[base], outs[fast]), note))
+    if isinstance(model.clip.visual, capnet.VisionTransformer):
+        flops = _train_step_flops(model, batch)
+        for kind, v in (("fp32", "fast"), ("bf16", "bf16")):
+            if v in ms:  # ratio = (FLOPs / GEMM rate) / step time: the fraction of the GEMM-bound limit
+                ideal_ms = flops / (gemm_gflops[kind] * 1e9) * 1e3
+                rows.append(_row(f"train_step_roofline_{kind}{tag}", ideal_ms, ms[v], None,
+                                 f"{flops / 1e12:.3f} TFLOP per step at the {kind} GEMM rate "
+                                 f"{gemm_gflops[kind]:.0f} GFLOP/s; ratio = fraction of that limit"))
     return rows
 
 
@@ -268,6 +337,21 @@ def _bench_eval_row(model, tag, batch, n_views, device, warmup, repeats):
     row["note"] = (f"C={C}, {batch} images x {n_views} views: {ips(row['fast_ms'])} vs "
                    f"{ips(row['baseline_ms'])} img/s; {_peak_note(device)}")
     return row
+
+
+def _bench_eval_bf16_row(model, tag, batch, n_views, device, warmup, repeats, gemm_gflops):
+    # TTE eval in bf16 (frozen weights held in bf16, every fast path on) against the bf16 GEMM limit
+    views = _random_images(model.clip, batch * n_views, 2, device)  # (B*V, 3, S, S)
+    weights = _BF16Weights(model.clip)
+    weights.use(True)
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+        ms, _ = _time_variants({"bf16": lambda: model(views)}, warmup, repeats, device)
+    weights.use(False)
+    ideal_ms = _eval_flops(model, batch * n_views) / (gemm_gflops["bf16"] * 1e9) * 1e3
+    return _row(f"eval_tte_roofline_bf16{tag}", ideal_ms, ms["bf16"], None,
+                f"{batch} images x {n_views} views: {batch / ms['bf16'] * 1e3:.2f} img/s; "
+                f"ratio = fraction of the bf16 GEMM limit")
 
 
 def _bench_image_rows(clip, tag, batch, n_gemm, device, warmup, repeats):
@@ -343,7 +427,7 @@ def bench(quick=False, json_path=None):
         warm, reps, big_warm, big_reps, n_gemm, target_ms = 2, 7, 1, 2, 1024, 20
         loss_sizes = [(256, 80), (64, 20), (64, 80), (256, 20), (64, 1000), (256, 1000)]
         prop_sizes = [(80, 512), (20, 512), (1000, 512), (20, 1024), (80, 1024), (1000, 1024)]
-    vit_variants = [v for v in TRAIN_VARIANTS if machine["bf16"] or v != "bf16"]
+    vit_variants = [v for v in TRAIN_VARIANTS if machine["bf16"] or not v.startswith("bf16")]
     for key, dtype in [("fp32", torch.float32)] + [("bf16", torch.bfloat16)] * machine["bf16"]:
         a, b = torch.randn(2, n_gemm, n_gemm, device=device).to(dtype)  # the machine's GEMM rate
         ms, _ = _time_variants({"mm": lambda: a @ b}, 2, reps, device)
@@ -356,14 +440,17 @@ def bench(quick=False, json_path=None):
     model, train_targets = _bench_model(vit, C, device)
     rows.append(_bench_text_row(model, 16, **big))
     say(f"ViT train steps: {', '.join(vit_variants)}")
-    rows += _bench_train_rows(model, train_targets, "", batch, vit_variants, **big)
+    gemm = {k: machine.get(f"{k}_gemm_gflops") for k in ("fp32", "bf16")}
+    rows += _bench_train_rows(model, train_targets, "", batch, vit_variants, **big, gemm_gflops=gemm)
     say("ViT eval and image tower")
     rows.append(_bench_eval_row(model, "_vit", eval_batch, 5, **big))
+    if machine["bf16"]:
+        rows.append(_bench_eval_bf16_row(model, "_vit", eval_batch, 5, **big, gemm_gflops=gemm))
     rows += _bench_image_rows(model.clip, "_vit", img_batch, n_gemm, **big)
     del model
     say("RN50 train step, eval, channels-last")
     model, train_targets = _bench_model(rn, C, device)
-    rows += _bench_train_rows(model, train_targets, "_rn50", batch, ["fast", "naive"], **big)
+    rows += _bench_train_rows(model, train_targets, "_rn50", batch, ["fast", "naive"], **big, gemm_gflops=gemm)
     rows.append(_bench_eval_row(model, "_rn50", eval_batch, 5, **big))
     rows.append(_bench_channels_last_row(model.clip, "_rn50", img_batch, **big))
     machine["peak_rss_mb"] = round(_peak_rss_mb())

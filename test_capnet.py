@@ -2335,6 +2335,26 @@ def test_capnet_never_imports_data_prep_or_bench():
     assert out.split() == ["False", "False"]
 
 
+def test_train_step_and_eval_flop_models_match_flop_counter(bench_model):
+    # the roofline rows divide these closed forms by the measured GEMM rate: they must count
+    # exactly what runs (math attention and the reference GCN show every matmul to the counter)
+    from torch.utils.flop_counter import FlopCounterMode
+    model, images, targets, crit = _bench_batch(bench_model, 3, 3)
+    model.gcn.backend = "torch"
+    try:
+        with bench._attention_context(sdpa=False), FlopCounterMode(display=False) as counter:
+            _bench_forward_backward(model, images, targets, crit)
+        assert bench._train_step_flops(model, 3) == counter.get_total_flops()
+        model.eval()
+        with torch.no_grad(), bench._attention_context(sdpa=False), FlopCounterMode(display=False) as counter:
+            model.class_features()  # the cached text side, outside the count
+            counter.flop_counts.clear()
+            model(images)
+        assert bench._eval_flops(model, 3) == counter.get_total_flops()
+    finally:
+        model.gcn.backend = "auto"
+
+
 def test_bench_quick_json_and_table(tmp_path, capsys):
     import json
     path = tmp_path / "bench.json"
@@ -2343,7 +2363,9 @@ def test_bench_quick_json_and_table(tmp_path, capsys):
     machine, rows = result["machine"], {r["name"]: r for r in result["rows"]}
     assert machine["quick"] is True and machine["fp32_gemm_gflops"] > 0
     required = ["loss_fused_vs_ref", "propagate_fused_vs_ref", "text_truncated_vs_full",
-                "train_step_fast_vs_naive"] + (["train_step_bf16_vs_fp32"] if machine["bf16"] else [])
+                "train_step_fast_vs_naive", "train_step_roofline_fp32"]
+    required += ["train_step_bf16_vs_fp32", "train_step_bf16_fused_vs_unfused", "train_step_roofline_bf16",
+                 "eval_tte_roofline_bf16_vit"] if machine["bf16"] else []
     assert set(required) <= set(rows)
     table = capsys.readouterr().out
     for name, r in rows.items():
@@ -2351,7 +2373,7 @@ def test_bench_quick_json_and_table(tmp_path, capsys):
         assert r["baseline_ms"] > 0 and r["fast_ms"] > 0
         assert r["ratio"] == pytest.approx(r["baseline_ms"] / r["fast_ms"], rel=1e-3)
         assert name in table
-        if name.startswith(("train_step_bf16", "image_fwd_vs_gemm")):
+        if name.startswith(("train_step_bf16", "image_fwd_vs_gemm", "train_step_roofline", "eval_tte_roofline")):
             continue
         assert r["max_abs_diff"] < 1e-4, name  # every fp32 fast path gives the same outputs
     # truncation really shortened the text context: 16 context tokens + name + SOT/EOT

@@ -654,16 +654,37 @@ def load_clip(name_or_path, device="cpu", download_root=None):
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT = 10  # longest side / shortest side that reaches the resize (VOC and COCO stay below)
 
 
-def load_rgb(path):
-    """Image file -> PIL RGB image, decoded now (so a truncated file fails here, by name)."""
-    from PIL import Image
+def load_rgb(path, exif=False):
+    """Image file -> 8-bit PIL RGB image (to_rgb), decoded now: a truncated file, or one past Pillow's
+    decompression-bomb limit, fails here, by name. exif=True applies the EXIF orientation as photo
+    viewers do (predict: users' photos). Train and eval leave it off, like openai/CLIP's preprocess
+    (Image.open + convert("RGB")) behind the published baselines; benchmark labels refer to the
+    images as stored."""
+    from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as e:  # missing, unreadable, truncated, not an image
+            return to_rgb(ImageOps.exif_transpose(img) if exif else img)
+    except Exception as e:  # missing, unreadable, truncated, not an image, decompression bomb
         raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def to_rgb(img):
+    """PIL image of any mode -> 8-bit RGB. I;16* and I hold 16-bit values: scaled by 255/65535
+    (Pillow's own conversion clips, so 16-bit greys came out white); F is read as 0..1 when it lies
+    there, else 0..255. Transparency is composited on white, the page most cut-outs are made for."""
+    from PIL import Image
+    if img.mode[0] in "IF":
+        a = np.asarray(img, dtype=np.float64)  # (H, W)
+        scale = 255 / 65535 if img.mode[0] == "I" else (255.0 if a.max() <= 1 else 1.0)
+        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))
+    if img.mode in ("LA", "La", "PA", "RGBa") or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
 
 
 def to_tensor(img):
@@ -674,14 +695,17 @@ def to_tensor(img):
 
 
 def resize_short_side(img, size):
-    """Bicubic resize so the short side is `size`; the long side is floored as torchvision does."""
+    """Bicubic resize so the short side is `size`; the long side is floored as torchvision does.
+    Only the centre MAX_ASPECT x short side of a longer side is resized, so an absurd panorama
+    (20000 x 10 would become 496,000 x 248) costs bounded memory and time."""
     w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
+    cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)  # (w, h) for any sane image
+    if cw <= ch:
+        new_w, new_h = size, int(size * ch / cw)
     else:
-        new_w, new_h = int(size * w / h), size
+        new_w, new_h = int(size * cw / ch), size
     from PIL import Image
-    return img.resize((new_w, new_h), Image.BICUBIC)
+    return img.resize((new_w, new_h), Image.BICUBIC, box=((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2))
 
 
 def crop(img, top, left, size):
@@ -695,7 +719,7 @@ def center_crop(img, size):
 
 def preprocess(img, size):
     """PIL image -> (3, size, size): OpenAI's CLIP eval transform."""
-    return to_tensor(center_crop(resize_short_side(img.convert("RGB"), size), size))
+    return to_tensor(center_crop(resize_short_side(to_rgb(img), size), size))
 
 
 def train_augment(img, size, rng, scale=(0.5, 1.0)):
@@ -704,7 +728,7 @@ def train_augment(img, size, rng, scale=(0.5, 1.0)):
     size x size, horizontal flip with p = 0.5. All randomness from the numpy Generator `rng`,
     so a (seed, epoch, index) triple fixes the view exactly."""
     from PIL import Image
-    img = img.convert("RGB")
+    img = to_rgb(img)
     W, H = img.size
     box = None
     for _ in range(10):
@@ -738,7 +762,7 @@ def tte_views(img, size, n_views=5):
     from PIL import Image
     if n_views not in (1, 5, 10):
         raise ValueError(f"n_views must be 1, 5 or 10, got {n_views}")
-    img = resize_short_side(img.convert("RGB"), round(size * 248 / 224))
+    img = resize_short_side(to_rgb(img), round(size * 248 / 224))
     W, H = img.size
     if n_views == 1:
         views = [center_crop(img, size)]

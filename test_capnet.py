@@ -360,6 +360,80 @@ def test_load_rgb_errors_name_the_file(tmp_path):
             capnet.load_rgb(tmp_path / name)
 
 
+def _grey16(w=40, h=30, seed=0):  # a 16-bit grey picture and its 8-bit rounding (value / 257)
+    a16 = np.random.default_rng(seed).integers(0, 65536, (h, w)).astype(np.uint16)
+    return a16, np.rint(a16 / 257).astype(np.uint8)
+
+
+def test_to_rgb_every_mode_scaled_and_composited_on_white(tmp_path):
+    from PIL import Image
+    a16, a8 = _grey16()
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"  # Pillow's own convert("RGB") clips this to white
+    for name, img in (("g16.png", None), ("g32.tif", Image.fromarray(a16.astype(np.int32)))):
+        if img is not None:
+            img.save(tmp_path / name)
+        rgb = np.asarray(capnet.load_rgb(tmp_path / name)).astype(int)  # (H, W, 3)
+        assert rgb.shape == (30, 40, 3) and np.abs(rgb - a8[..., None]).max() <= 1  # within 1/255 of 8-bit
+    f = np.linspace(0, 255, 12, dtype=np.float32).reshape(3, 4)
+    assert np.abs(np.asarray(capnet.to_rgb(Image.fromarray(f)))[..., 1] - f).max() <= 0.5  # F: Pillow's 0..255
+    # alpha on white: a transparent pixel is white, an opaque one keeps its colour, half is the mix
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[0, 0], rgba[0, 1], rgba[0, 2] = (200, 10, 10, 255), (0, 0, 0, 0), (0, 0, 0, 128)
+    out = np.asarray(capnet.to_rgb(Image.fromarray(rgba, "RGBA"))).astype(int)
+    assert out[0, 0].tolist() == [200, 10, 10] and out[0, 1].tolist() == [255, 255, 255]
+    assert np.abs(out[0, 2] - 127).max() <= 1
+    la = Image.fromarray(np.stack([np.full((2, 2), 50, np.uint8), np.array([[0, 255], [255, 255]], np.uint8)], -1), "LA")
+    assert np.asarray(capnet.to_rgb(la))[:, :, 0].tolist() == [[255, 50], [50, 50]]
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    pal.save(tmp_path / "p.png", transparency=0)
+    assert np.asarray(capnet.load_rgb(tmp_path / "p.png")).tolist() == [[[255, 255, 255], [10, 200, 30]]]
+    Image.new("1", (3, 2), 1).save(tmp_path / "bw.png")
+    assert np.asarray(capnet.load_rgb(tmp_path / "bw.png")).min() == 255
+    Image.new("RGB", (8, 8), (200, 40, 40)).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert np.abs(np.asarray(capnet.load_rgb(tmp_path / "cmyk.jpg")).astype(int) - (200, 40, 40)).max() <= 3
+
+
+def _exif6_jpeg(path, upright):
+    """Store `upright` turned 90 degrees counter-clockwise, with EXIF orientation 6 ("turn it 90 degrees
+    clockwise to view"), as phones write portrait photos."""
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_applied_for_predict_not_for_benchmarks(tmp_path):
+    from PIL import Image
+    upright = Image.fromarray(np.kron(np.arange(12, dtype=np.uint8).reshape(4, 3) * 20, np.ones((8, 8), np.uint8)))
+    _exif6_jpeg(tmp_path / "phone.jpg", upright.convert("RGB"))  # 24 wide x 32 high when viewed
+    stored = np.asarray(capnet.load_rgb(tmp_path / "phone.jpg"))
+    shown = np.asarray(capnet.load_rgb(tmp_path / "phone.jpg", exif=True))
+    assert stored.shape == (24, 32, 3) and shown.shape == (32, 24, 3)
+    assert np.array_equal(shown, np.rot90(stored, k=-1))  # the stored pixels, turned clockwise
+    assert np.abs(shown[..., 0].astype(int) - np.asarray(upright)).mean() < 2  # = the upright picture (JPEG noise)
+    # train and eval keep the pixels as stored (openai/CLIP's preprocess; benchmark labels refer to them)
+    ds = capnet.MultiLabelDataset([("phone.jpg", [0])], tmp_path, 1, size=16, mode="eval", n_views=1)
+    assert torch.equal(ds[0][0], capnet.tte_views(Image.fromarray(stored), 16, 1))
+
+
+def test_resize_bounds_absurd_aspect_ratios():
+    from PIL import Image
+    strip = Image.fromarray(np.tile(np.arange(20000, dtype=np.uint32) % 251, (10, 1)).astype(np.uint8)).convert("RGB")
+    out = capnet.resize_short_side(strip, 248)
+    assert out.size == (248 * capnet.MAX_ASPECT, 248)  # not 496,000 x 248
+    middle = np.asarray(strip.crop((10000 - 50, 0, 10000 + 50, 10)).resize(out.size, Image.BICUBIC)).astype(int)
+    assert np.abs(np.asarray(out) - middle).max() <= 1  # the centre 100 x 10 kept (the filter reaches past its ends)
+    assert capnet.resize_short_side(strip.transpose(Image.Transpose.ROTATE_90), 24).size == (24, 240)
+    for w, h in ((1, 1), (3000, 40), (20000, 10)):
+        assert capnet.tte_views(Image.new("RGB", (w, h), (9, 9, 9)), 32, 5).shape == (5, 3, 32, 32)
+    normal = _image(300, 200)  # up to MAX_ASPECT the resize is torchvision's, unchanged
+    assert capnet.resize_short_side(normal, 124).tobytes() == normal.resize((186, 124), Image.BICUBIC).tobytes()
+
+
 def test_resize_pos_embed():
     pos = torch.randn(1 + 4 * 4, 8)
     assert capnet.resize_pos_embed(pos, (4, 4)) is pos  # native size: the checkpoint's own embedding

@@ -660,7 +660,7 @@ MAX_ASPECT = 10  # longest side / shortest side that reaches the resize (VOC and
 def load_rgb(path, exif=False):
     """Image file -> 8-bit RGB (to_rgb), decoded now: a truncated file or a decompression bomb fails
     here, by name. exif=True (predict) turns users' photos as viewers do; train and eval keep the pixels
-    as stored, like openai/CLIP's preprocess behind the published baselines (README, "Choices")."""
+    as stored, like openai/CLIP's preprocess behind the published baselines (README, "Your own images")."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
@@ -933,7 +933,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
                 raise
             with self._bad.get_lock():
                 self._bad.value += 1
-            print(f"warning: skipping bad image {self.image_root / relpath}: {e}", file=sys.stderr)
+            print(f"warning: skipped (--skip-bad-images): {e}", file=sys.stderr)
             return None
         if self.mode == "train":
             rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -2359,10 +2359,9 @@ def image_files(paths) -> list:
 @torch.no_grad()
 def predict(ckpt_path, paths, threshold: float = 0.5, top_k: int = 5, tte: int | None = None,
             device: str = "auto", as_json: bool = False, batch_size: int = 16) -> list:
-    """`capnet.py predict`: per image, the labels with probability >= threshold (at most top_k, best first),
-    printed as each batch finishes; an unreadable file gets its error, the others their results."""
+    """`capnet.py predict`: per image (batch by batch) the labels with probability >= threshold, or its error."""
     if not 0.0 <= threshold <= 1.0 or top_k < 1 or batch_size < 1:
-        raise RunError(f"need 0 <= --threshold <= 1, --top-k >= 1, --batch-size >= 1; got {threshold}, {top_k}, {batch_size}")
+        raise RunError(f"out of range: --threshold {threshold} (0..1), --top-k {top_k} or --batch-size {batch_size} (>= 1)")
     model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte)
     classes, amp, files = list(ckpt["classes"]), use_bf16(cfg, dev), image_files(paths)
     width = min(60, max(len(str(f)) for f in files) + 2)
@@ -2371,7 +2370,8 @@ def predict(ckpt_path, paths, threshold: float = 0.5, top_k: int = 5, tte: int |
     def row(f, p):  # p: (C,) probabilities
         label = lambda i: {"name": classes[i], "prob": round(float(p[i]), 4)}
         best = torch.argsort(p, descending=True).tolist()
-        return {"image": str(f), "labels": [label(i) for i in best[:top_k] if p[i] >= threshold], "best": label(best[0])}
+        labels = [label(i) for i in best[:top_k] if p[i] >= threshold]
+        return {"image": str(f), "labels": labels, "best": label(best[0])}
 
     def show(r):  # one element of the JSON list (opened by "[" above), or one table line
         if as_json:

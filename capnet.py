@@ -654,16 +654,31 @@ def load_clip(name_or_path, device="cpu", download_root=None):
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT = 10  # longest side / shortest side that reaches the resize (VOC and COCO stay below)
 
 
-def load_rgb(path):
-    """Image file -> PIL RGB image, decoded now (so a truncated file fails here, by name)."""
-    from PIL import Image
+def load_rgb(path, exif=False):
+    """Image file -> 8-bit RGB (to_rgb), decoded now: a truncated file or a decompression bomb fails
+    here, by name. exif=True (predict) turns users' photos as viewers do; train and eval keep the pixels
+    as stored, like openai/CLIP's preprocess behind the published baselines (README, "Your own images")."""
+    from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as e:  # missing, unreadable, truncated, not an image
+            return to_rgb(ImageOps.exif_transpose(img) if exif else img)
+    except Exception as e:  # missing, unreadable, truncated, not an image, decompression bomb
         raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def to_rgb(img):
+    """PIL image of any mode -> 8-bit RGB. I;16* and I hold 16-bit values, scaled by 1/257 (Pillow's
+    own conversion clips them: white); F keeps Pillow's 0..255. Transparency is composited on white."""
+    from PIL import Image
+    if img.mode[0] in "IF":
+        a = np.asarray(img, dtype=np.float64) / (257 if img.mode[0] == "I" else 1)  # (H, W)
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
 
 
 def to_tensor(img):
@@ -674,14 +689,16 @@ def to_tensor(img):
 
 
 def resize_short_side(img, size):
-    """Bicubic resize so the short side is `size`; the long side is floored as torchvision does."""
+    """Bicubic resize so the short side is `size`; the long side is floored as torchvision does. Only its
+    centre MAX_ASPECT x short side is kept: a 20000 x 10 panorama costs no 496,000 x 248 image."""
     w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
+    cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)  # (w, h) for any sane image
+    if cw <= ch:
+        new_w, new_h = size, int(size * ch / cw)
     else:
-        new_w, new_h = int(size * w / h), size
+        new_w, new_h = int(size * cw / ch), size
     from PIL import Image
-    return img.resize((new_w, new_h), Image.BICUBIC)
+    return img.resize((new_w, new_h), Image.BICUBIC, box=((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2))
 
 
 def crop(img, top, left, size):
@@ -695,7 +712,7 @@ def center_crop(img, size):
 
 def preprocess(img, size):
     """PIL image -> (3, size, size): OpenAI's CLIP eval transform."""
-    return to_tensor(center_crop(resize_short_side(img.convert("RGB"), size), size))
+    return to_tensor(center_crop(resize_short_side(to_rgb(img), size), size))
 
 
 def train_augment(img, size, rng, scale=(0.5, 1.0)):
@@ -704,7 +721,7 @@ def train_augment(img, size, rng, scale=(0.5, 1.0)):
     size x size, horizontal flip with p = 0.5. All randomness from the numpy Generator `rng`,
     so a (seed, epoch, index) triple fixes the view exactly."""
     from PIL import Image
-    img = img.convert("RGB")
+    img = to_rgb(img)
     W, H = img.size
     box = None
     for _ in range(10):
@@ -716,11 +733,7 @@ def train_augment(img, size, rng, scale=(0.5, 1.0)):
             box = (left, top, left + w, top + h)
             break
     if box is None:  # fallback: the whole image, cut to an aspect ratio inside [3/4, 4/3], centred
-        w, h = W, H
-        if W / H < 3 / 4:
-            h = int(round(W / (3 / 4)))
-        elif W / H > 4 / 3:
-            w = int(round(H * 4 / 3))
+        w, h = min(W, int(round(H * 4 / 3))), min(H, int(round(W * 4 / 3)))
         top, left = (H - h) // 2, (W - w) // 2
         box = (left, top, left + w, top + h)
     img = img.crop(box).resize((size, size), Image.BICUBIC)
@@ -738,7 +751,7 @@ def tte_views(img, size, n_views=5):
     from PIL import Image
     if n_views not in (1, 5, 10):
         raise ValueError(f"n_views must be 1, 5 or 10, got {n_views}")
-    img = resize_short_side(img.convert("RGB"), round(size * 248 / 224))
+    img = resize_short_side(to_rgb(img), round(size * 248 / 224))
     W, H = img.size
     if n_views == 1:
         views = [center_crop(img, size)]
@@ -920,7 +933,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
                 raise
             with self._bad.get_lock():
                 self._bad.value += 1
-            print(f"warning: skipping bad image {self.image_root / relpath}: {e}", file=sys.stderr)
+            print(f"warning: skipped (--skip-bad-images): {e}", file=sys.stderr)
             return None
         if self.mode == "train":
             rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -933,9 +946,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
 def collate_skip_bad(batch):
     """Default collation without the None items of bad images; None when the whole batch is bad."""
     batch = [b for b in batch if b is not None]
-    if not batch:
-        return None
-    return torch.utils.data.default_collate(batch)
+    return torch.utils.data.default_collate(batch) if batch else None
 
 # -----------------------------------------------------------------------------
 # label graph, GCN, prompt learner, CAPNet
@@ -1931,15 +1942,32 @@ def view_logits(forward, images: torch.Tensor) -> torch.Tensor:
     return logits.view(B, V, -1).mean(1)  # (B, C)
 
 
+PROGRESS_SECONDS = 10.0
+
+
+def with_progress(batches, what: str, total: int, batch_size: int):
+    """Yields the batches; every PROGRESS_SECONDS 'what: done/total images | images/s | eta' on stderr."""
+    t0 = last = time.time()
+    for k, batch in enumerate(batches, 1):
+        yield batch
+        done, now = min(total, k * batch_size), time.time()
+        if now - last >= PROGRESS_SECONDS and done < total:
+            rate, last = done / (now - t0), now
+            print(f"{what}: {done}/{total} images | {rate:.1f} images/s | eta "
+                  f"{format_duration((total - done) / rate)}", file=sys.stderr, flush=True)
+
+
 @torch.no_grad()
 def score_dataset(forward, dataset, cfg: Config, device, amp: bool, rank: int = 0, world: int = 1):
     """-> (scores (N, C), targets (N, C)) over the whole set; under DDP each process scores
     every world-th image and the pieces are gathered (in dataset order) on every process."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = make_loader(shard, cfg, batch_size=max(1, cfg.eval_batch_size // max(1, cfg.tte)))
+    if dataset.skip_bad:  # bad_count: this pass's unreadable images (zero-shot and final pass read the same)
+        dataset._bad.value = 0
     C = dataset.targets.shape[1]
     scores, targets, indices = [torch.zeros(0, C)], [torch.zeros(0, C)], [torch.zeros(0, dtype=torch.long)]
-    for batch in loader:
+    for batch in with_progress(loader, "scoring", len(shard), loader.batch_size) if rank == 0 else loader:
         if batch is None:  # every image of the batch unreadable (--skip-bad-images)
             continue
         images, target, index = batch
@@ -2295,12 +2323,12 @@ def load_for_inference(ckpt_path, device: str = "auto", tte: int | None = None):
 
 
 def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_dir: str = "runs",
-             workers: int | None = None) -> dict:
+             workers: int | None = None, skip_bad: bool = False) -> dict:
     """`capnet.py eval`: model, preprocessing and class list from the checkpoint -> mAP dict (percent)."""
     ckpt_path = Path(ckpt_path) if ckpt_path else latest_checkpoint(out_dir)
     model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte)
-    if workers is not None:
-        cfg = dataclasses.replace(cfg, workers=workers)
+    cfg = dataclasses.replace(cfg, workers=cfg.workers if workers is None else workers,
+                              skip_bad_images=cfg.skip_bad_images or skip_bad)
     prepared = load_dataset(cfg, prepare=False)
     check_checkpoint(ckpt, cfg.data, prepared.classes, ckpt["clip"], f"checkpoint {ckpt_path} vs {cfg.data_root}/{cfg.data}")
     counts = ckpt["class_counts"].numpy()
@@ -2310,10 +2338,10 @@ def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_d
     test_set = make_test_set(prepared, cfg)
     t0 = time.time()
     result = summarize(average_precision(*score_dataset(model, test_set, cfg, dev, use_bf16(cfg, dev))), counts)
-    print(f"{ckpt_path} (step {ckpt['step']}), {cfg.data} test ({len(test_set)} images), tte {cfg.tte}: "
-          f"{time.time() - t0:.1f}s")
+    print(f"{ckpt_path} (step {ckpt['step']}), {cfg.data} test ({len(test_set)} images, {test_set.bad_count} unreadable "
+          f"skipped), tte {cfg.tte}: {time.time() - t0:.1f}s")
     print("mAP " + format_map(result))
-    return result
+    return {**result, "bad_images": {"test": test_set.bad_count}}
 
 
 def image_files(paths) -> list:
@@ -2321,10 +2349,8 @@ def image_files(paths) -> list:
     for p in map(Path, paths):
         if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
+        else:  # a file, or a missing one: predict reports it among the results
             files.append(p)
-        else:
-            raise RunError(f"no such image or folder: {p}")
     if not files:
         raise RunError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, paths))}")
     return files
@@ -2332,31 +2358,47 @@ def image_files(paths) -> list:
 
 @torch.no_grad()
 def predict(ckpt_path, paths, threshold: float = 0.5, top_k: int = 5, tte: int | None = None,
-            device: str = "auto", as_json: bool = False) -> list:
-    """`capnet.py predict`: per image, the labels with probability >= threshold (at most top_k, best first)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise RunError(f"--threshold must lie in [0, 1], got {threshold}")
-    if top_k < 1:
-        raise RunError(f"--top-k must be at least 1, got {top_k}")
+            device: str = "auto", as_json: bool = False, batch_size: int = 16) -> list:
+    """`capnet.py predict`: per image (batch by batch) the labels with probability >= threshold, or its error."""
+    if not 0.0 <= threshold <= 1.0 or top_k < 1 or batch_size < 1:
+        raise RunError(f"out of range: --threshold {threshold} (0..1), --top-k {top_k} or --batch-size {batch_size} (>= 1)")
     model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte)
-    classes, amp = list(ckpt["classes"]), use_bf16(cfg, dev)
-    label = lambda i: {"name": classes[i], "prob": round(float(probs[i]), 4)}
+    classes, amp, files = list(ckpt["classes"]), use_bf16(cfg, dev), image_files(paths)
+    width = min(60, max(len(str(f)) for f in files) + 2)
+    print("[" if as_json else f"{'image'.ljust(width)}labels with probability >= {threshold:.2f} (top {top_k})")
+
+    def row(f, p):  # p: (C,) probabilities
+        label = lambda i: {"name": classes[i], "prob": round(float(p[i]), 4)}
+        best = torch.argsort(p, descending=True).tolist()
+        labels = [label(i) for i in best[:top_k] if p[i] >= threshold]
+        return {"image": str(f), "labels": labels, "best": label(best[0])}
+
+    def show(r):  # one element of the JSON list (opened by "[" above), or one table line
+        if as_json:
+            return print((" " if r is rows[0] else ",") + json.dumps(r), flush=True)
+        labels = ", ".join(f"{l['name']} {l['prob']:.2f}" for l in r.get("labels", []))
+        best = "best" in r and f"(none; best: {r['best']['name']} {r['best']['prob']:.2f})"
+        print(r["image"].ljust(width) + (labels or best or f"error: {r['error']}"), flush=True)
+
     rows = []
-    for f in image_files(paths):
-        views = tte_views(load_rgb(f), cfg.input_size, cfg.tte)  # (V, 3, S, S)
+    for chunk in with_progress((files[i:i + batch_size] for i in range(0, len(files), batch_size)),
+                               "predict", len(files), batch_size):
+        read = []
+        for f in chunk:  # (V, 3, S, S) views, or the OSError naming the file: the other images go on
+            try:
+                read.append(tte_views(load_rgb(f, exif=True), cfg.input_size, cfg.tte))
+            except OSError as e:
+                read.append(e)
+        good = [v for v in read if torch.is_tensor(v)]
         with autocast(dev, amp):
-            probs = torch.sigmoid(view_logits(model, views.unsqueeze(0).to(dev))[0]).cpu()  # (C,)
-        best = torch.argsort(probs, descending=True).tolist()
-        rows.append({"image": str(f), "labels": [label(i) for i in best[:top_k] if probs[i] >= threshold],
-                     "best": label(best[0])})
+            probs = iter(torch.sigmoid(view_logits(model, torch.stack(good).to(dev))).cpu() if good else [])  # (B, C)
+        for f, v in zip(chunk, read):
+            rows.append(row(f, next(probs)) if torch.is_tensor(v) else {"image": str(f), "error": str(v)})
+            show(rows[-1])
     if as_json:
-        print(json.dumps(rows, indent=2))
-        return rows
-    width = min(60, max(len(r["image"]) for r in rows) + 2)
-    print(f"{'image'.ljust(width)}labels with probability >= {threshold:.2f} (top {top_k})")
-    for r in rows:
-        shown = ", ".join(f"{l['name']} {l['prob']:.2f}" for l in r["labels"])
-        print(r["image"].ljust(width) + (shown or f"(none; best: {r['best']['name']} {r['best']['prob']:.2f})"))
+        print("]")
+    failed = [r["error"] for r in rows if "error" in r]
+    print(f"{len(rows)} images, {len(failed)} unreadable", *failed, sep="\n  ", file=sys.stderr)
     return rows
 
 
@@ -2418,12 +2460,14 @@ def build_parser():
     ev.add_argument("--ckpt", default=None, help="default: the latest runs/**/checkpoint.pt")
     ev.add_argument("--workers", type=int, default=None)
     ev.add_argument("--out-dir", default="runs")
+    ev.add_argument("--skip-bad-images", action="store_true", help="leave unreadable test images out, and count them")
     q = sub.add_parser("predict", allow_abbrev=False, help="labels and probabilities for your own images")
     q.add_argument("--ckpt", required=True)
     q.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     q.add_argument("--threshold", type=float, default=0.5)
     q.add_argument("--top-k", type=int, default=5)
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     for p in (ev, q):
         p.add_argument("--tte", type=int, choices=(1, 5, 10), default=None, help="test-time views (default: the run's)")
         p.add_argument("--device", choices=CHOICES["device"], default="auto")
@@ -2443,11 +2487,12 @@ def main(argv=None):
         if args.command == "train":
             return train(config_from_args(args))
         if args.command == "eval":
-            return evaluate(args.ckpt, args.tte, args.device, args.out_dir, args.workers)
+            return evaluate(args.ckpt, args.tte, args.device, args.out_dir, args.workers, args.skip_bad_images)
         if args.command == "table":
             return run_table(args.table, args.train_flags)
         if args.command == "predict":
-            return predict(args.ckpt, args.images, args.threshold, args.top_k, args.tte, args.device, args.json)
+            rows = predict(args.ckpt, args.images, args.threshold, args.top_k, args.tte, args.device, args.json, args.batch_size)
+            return sys.exit(1) if any("error" in r for r in rows) else rows  # scripts notice an unreadable file
         return info()
     except (RunError, ValueError, OSError) as e:  # OSError: missing files, unreadable images
         # user errors: the message says what to do; CAPNET_DEBUG=1 shows the traceback

@@ -6,6 +6,7 @@ import json as _json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -358,6 +359,80 @@ def test_load_rgb_errors_name_the_file(tmp_path):
     for name in ("missing.jpg", "cut.jpg", "notes.jpg"):
         with pytest.raises(OSError, match=f"cannot read image .*{name}"):
             capnet.load_rgb(tmp_path / name)
+
+
+def _grey16(w=40, h=30, seed=0):  # a 16-bit grey picture and its 8-bit rounding (value / 257)
+    a16 = np.random.default_rng(seed).integers(0, 65536, (h, w)).astype(np.uint16)
+    return a16, np.rint(a16 / 257).astype(np.uint8)
+
+
+def test_to_rgb_every_mode_scaled_and_composited_on_white(tmp_path):
+    from PIL import Image
+    a16, a8 = _grey16()
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"  # Pillow's own convert("RGB") clips this to white
+    for name, img in (("g16.png", None), ("g32.tif", Image.fromarray(a16.astype(np.int32)))):
+        if img is not None:
+            img.save(tmp_path / name)
+        rgb = np.asarray(capnet.load_rgb(tmp_path / name)).astype(int)  # (H, W, 3)
+        assert rgb.shape == (30, 40, 3) and np.abs(rgb - a8[..., None]).max() <= 1  # within 1/255 of 8-bit
+    f = np.linspace(0, 255, 12, dtype=np.float32).reshape(3, 4)
+    assert np.abs(np.asarray(capnet.to_rgb(Image.fromarray(f)))[..., 1] - f).max() <= 0.5  # F: Pillow's 0..255
+    # alpha on white: a transparent pixel is white, an opaque one keeps its colour, half is the mix
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[0, 0], rgba[0, 1], rgba[0, 2] = (200, 10, 10, 255), (0, 0, 0, 0), (0, 0, 0, 128)
+    out = np.asarray(capnet.to_rgb(Image.fromarray(rgba, "RGBA"))).astype(int)
+    assert out[0, 0].tolist() == [200, 10, 10] and out[0, 1].tolist() == [255, 255, 255]
+    assert np.abs(out[0, 2] - 127).max() <= 1
+    la = Image.fromarray(np.stack([np.full((2, 2), 50, np.uint8), np.array([[0, 255], [255, 255]], np.uint8)], -1), "LA")
+    assert np.asarray(capnet.to_rgb(la))[:, :, 0].tolist() == [[255, 50], [50, 50]]
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    pal.save(tmp_path / "p.png", transparency=0)
+    assert np.asarray(capnet.load_rgb(tmp_path / "p.png")).tolist() == [[[255, 255, 255], [10, 200, 30]]]
+    Image.new("1", (3, 2), 1).save(tmp_path / "bw.png")
+    assert np.asarray(capnet.load_rgb(tmp_path / "bw.png")).min() == 255
+    Image.new("RGB", (8, 8), (200, 40, 40)).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert np.abs(np.asarray(capnet.load_rgb(tmp_path / "cmyk.jpg")).astype(int) - (200, 40, 40)).max() <= 3
+
+
+def _exif6_jpeg(path, upright):
+    """Store `upright` turned 90 degrees counter-clockwise, with EXIF orientation 6 ("turn it 90 degrees
+    clockwise to view"), as phones write portrait photos."""
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_applied_for_predict_not_for_benchmarks(tmp_path):
+    from PIL import Image
+    upright = Image.fromarray(np.kron(np.arange(12, dtype=np.uint8).reshape(4, 3) * 20, np.ones((8, 8), np.uint8)))
+    _exif6_jpeg(tmp_path / "phone.jpg", upright.convert("RGB"))  # 24 wide x 32 high when viewed
+    stored = np.asarray(capnet.load_rgb(tmp_path / "phone.jpg"))
+    shown = np.asarray(capnet.load_rgb(tmp_path / "phone.jpg", exif=True))
+    assert stored.shape == (24, 32, 3) and shown.shape == (32, 24, 3)
+    assert np.array_equal(shown, np.rot90(stored, k=-1))  # the stored pixels, turned clockwise
+    assert np.abs(shown[..., 0].astype(int) - np.asarray(upright)).mean() < 2  # = the upright picture (JPEG noise)
+    # train and eval keep the pixels as stored (openai/CLIP's preprocess; benchmark labels refer to them)
+    ds = capnet.MultiLabelDataset([("phone.jpg", [0])], tmp_path, 1, size=16, mode="eval", n_views=1)
+    assert torch.equal(ds[0][0], capnet.tte_views(Image.fromarray(stored), 16, 1))
+
+
+def test_resize_bounds_absurd_aspect_ratios():
+    from PIL import Image
+    strip = Image.fromarray(np.tile(np.arange(20000, dtype=np.uint32) % 251, (10, 1)).astype(np.uint8)).convert("RGB")
+    out = capnet.resize_short_side(strip, 248)
+    assert out.size == (248 * capnet.MAX_ASPECT, 248)  # not 496,000 x 248
+    middle = np.asarray(strip.crop((10000 - 50, 0, 10000 + 50, 10)).resize(out.size, Image.BICUBIC)).astype(int)
+    assert np.abs(np.asarray(out) - middle).max() <= 1  # the centre 100 x 10 kept (the filter reaches past its ends)
+    assert capnet.resize_short_side(strip.transpose(Image.Transpose.ROTATE_90), 24).size == (24, 240)
+    for w, h in ((1, 1), (3000, 40), (20000, 10)):
+        assert capnet.tte_views(Image.new("RGB", (w, h), (9, 9, 9)), 32, 5).shape == (5, 3, 32, 32)
+    normal = _image(300, 200)  # up to MAX_ASPECT the resize is torchvision's, unchanged
+    assert capnet.resize_short_side(normal, 124).tobytes() == normal.resize((186, 124), Image.BICUBIC).tobytes()
 
 
 def test_resize_pos_embed():
@@ -1985,6 +2060,160 @@ def test_predict_table_and_json(trained, tiny, capsys):
     with pytest.raises(SystemExit):
         capnet.main(["predict", "--ckpt", ckpt, str(tiny["root"] / "missing.png")])
     assert "missing.png" in capsys.readouterr().err
+
+
+BROKEN = ("bomb.png", "empty.jpg", "notes.jpg", "truncated.jpg")
+
+
+def _real_world_folder(folder):
+    """The files people have: every common format and mode, odd sizes, a phone photo with EXIF
+    orientation, a non-ASCII name, and broken files (names in BROKEN). -> the upright picture of the
+    phone photo, saved beside it as upright.png."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pic = Image.fromarray(_tiny_image([0, 3], rng)).resize((96, 64), Image.BICUBIC)  # red and yellow quadrants
+    folder.mkdir()
+    pic.save(folder / "photo.jpg", quality=90)
+    pic.save(folder / "progressive.jpg", quality=90, progressive=True)
+    pic.convert("CMYK").save(folder / "cmyk.jpg")
+    for mode in ("L", "LA", "RGBA", "1"):
+        pic.convert(mode).save(folder / f"mode_{mode}.png")
+    pic.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette_transparent.png", transparency=0)
+    a16, a8 = _grey16(64, 48, seed=1)
+    Image.fromarray(a16).save(folder / "grey16.png")
+    Image.fromarray(a8).save(folder / "grey8.png")
+    for suffix in ("gif", "webp", "bmp", "tif"):
+        pic.save(folder / f"picture.{suffix}")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "one_pixel.png")
+    Image.fromarray(np.tile(_tiny_image([1], rng), (2, 94, 1))[:40, :3000]).save(folder / "panorama.jpg")
+    pic.save(folder / "café_日本.png")
+    _exif6_jpeg(folder / "phone.jpg", pic)
+    capnet.load_rgb(folder / "phone.jpg", exif=True).save(folder / "upright.png")  # its pixels, lossless
+    Image.new("RGB", (2000, 1500), (1, 2, 3)).save(folder / "bomb.png")  # past the limit the test sets
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("meeting notes, not a picture")
+    data = (folder / "photo.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+
+
+def test_predict_real_world_folder_reports_bad_files_and_goes_on(trained, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # bombs: over 2x this is refused (3 MP here)
+    folder = tmp_path / "PHOTOS"
+    _real_world_folder(folder)
+    names = sorted(p.name for p in folder.iterdir())
+    ckpt = str(trained["dir"] / "checkpoint.pt")
+    with pytest.raises(SystemExit) as e:  # some files failed: the exit status says so
+        capnet.main(["predict", "--ckpt", ckpt, str(folder), "--json", "--batch-size", "4", "--top-k", "4",
+                     "--threshold", "0"])
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    rows = _json.loads(out)
+    assert [Path(r["image"]).name for r in rows] == names and len(rows) == 23
+    for r in rows:
+        if Path(r["image"]).name in BROKEN:
+            assert set(r) == {"image", "error"} and r["error"].startswith(f"cannot read image {r['image']}: ")
+        else:
+            assert set(r) == {"image", "labels", "best"} and len(r["labels"]) == 4, r
+            assert all(0 <= l["prob"] <= 1 and l["name"] in WORLD_CLASSES for l in r["labels"])
+    by_name = {Path(r["image"]).name: r for r in rows}
+    assert "DecompressionBombError" in by_name["bomb.png"]["error"] and "truncated" in by_name["truncated.jpg"]["error"]
+    assert "23 images, 4 unreadable" in err and all(by_name[b]["error"] in err for b in BROKEN)
+    probs = lambda name: np.array([l["prob"] for l in sorted(by_name[name]["labels"], key=lambda l: l["name"])])
+    assert np.abs(probs("grey16.png") - probs("grey8.png")).max() <= 1 / 255  # not a white picture
+    assert np.array_equal(probs("phone.jpg"), probs("upright.png"))  # EXIF orientation applied
+    # the table: every file a line, the broken ones with their error
+    with pytest.raises(SystemExit):
+        capnet.main(["predict", "--ckpt", ckpt, str(folder)])
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 24 and "23 images, 4 unreadable" in err
+    for b in BROKEN:
+        assert any(b in line and "error: cannot read image" in line for line in lines)
+    assert any("café_日本.png" in line and "error" not in line for line in lines)
+    # a folder of readable images: results, exit status 0 (main returns them)
+    assert len(capnet.main(["predict", "--ckpt", ckpt, str(folder / "photo.jpg"), str(folder / "grey16.png")])) == 2
+
+
+def test_eval_and_train_skip_bad_test_images_counted_once(trained, tiny, tmp_path, capsys):
+    data = tmp_path / "data" / "tiny"
+    shutil.copytree(Path(tiny["data_root"]) / "tiny", data)
+    test_items = _json.loads((data / "dataset.json").read_text())["test"]
+    (data / "images" / test_items[3][0]).write_bytes(b"")
+    (data / "images" / test_items[7][0]).write_text("not an image")
+    ckpt = capnet.load_checkpoint(trained["dir"] / "checkpoint.pt")  # the trained run, pointed at the copy
+    ckpt["config"]["data_root"] = str(tmp_path / "data")
+    torch.save(ckpt, tmp_path / "moved.pt")
+    with pytest.raises(SystemExit):  # as in train: without the flag, an error naming the file
+        capnet.main(["eval", "--ckpt", str(tmp_path / "moved.pt"), "--workers", "0"])
+    assert f"cannot read image {data / 'images' / test_items[3][0]}" in capsys.readouterr().err
+    res = capnet.main(["eval", "--ckpt", str(tmp_path / "moved.pt"), "--workers", "0", "--skip-bad-images"])
+    assert res["bad_images"] == {"test": 2} and 0 < res["total"] <= 100
+    assert "(16 images, 2 unreadable skipped)" in capsys.readouterr().out
+    # train: the zero-shot and the final pass read the same test set, the two files count once
+    args = tiny_args(tiny, tmp_path, "skipbad", "--skip-bad-images", "--epochs", "1")
+    args[args.index("--data-root") + 1] = str(tmp_path / "data")
+    results = capnet.main(args)
+    assert results["bad_images"]["test"] == 2
+    assert _json.loads((tmp_path / "skipbad" / "results.json").read_text())["bad_images"]["test"] == 2
+
+
+def test_scoring_and_predict_print_progress(trained, tiny, monkeypatch, capsys):
+    monkeypatch.setattr(capnet, "PROGRESS_SECONDS", 0.0)  # a line after every batch but the last
+    ckpt = str(trained["dir"] / "checkpoint.pt")
+    capnet.main(["eval", "--ckpt", ckpt, "--workers", "0"])  # 16 test images, 40 // 5 = 8 per batch
+    err = capsys.readouterr().err
+    assert re.search(r"^scoring: 8/16 images \| [0-9.]+ images/s \| eta \d+:\d\d:\d\d$", err, re.M), err
+    capnet.main(["predict", "--ckpt", ckpt, str(tiny["test_images"]), "--batch-size", "5", "--json"])
+    err = capsys.readouterr().err
+    assert [int(m) for m in re.findall(r"^predict: (\d+)/16 images", err, re.M)] == [5, 10, 15]
+
+
+_PEAK_RSS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import capnet
+
+def kb(key):  # from /proc/self/status
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+
+mark, load = {}, capnet.load_for_inference
+def load_then_mark(*args, **kw):  # the peak of predict alone: restart VmHWM once the model is loaded
+    out = load(*args, **kw)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    mark["kb"] = kb("VmRSS:")
+    return out
+capnet.load_for_inference = load_then_mark
+rows = capnet.predict(sys.argv[2], [sys.argv[3]], tte=1, as_json=True)
+print(json.dumps({"images": len(rows), "rss_after_load_kb": mark["kb"], "peak_kb": kb("VmHWM:")}), file=sys.stderr)
+"""
+
+
+def test_predict_peak_memory_2000_images_within_2x_of_20(trained, tmp_path):
+    # measured in a fresh process each: peak RSS (VmHWM) and its growth over the RSS with the model
+    # loaded. Held decoded images would grow with the folder: 2,000 views at 32 px are 24 MB.
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to restart the peak-RSS counter")
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    measured = {}
+    for n in (20, 2000):
+        (tmp_path / str(n)).mkdir()
+        for i in range(n):
+            (tmp_path / str(n) / f"{i:04d}.png").write_bytes(buf.getvalue())
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        run = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(Path(capnet.__file__).parent),
+                              str(trained["dir"] / "checkpoint.pt"), str(tmp_path / str(n))],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        measured[n] = _json.loads(run.stderr.strip().splitlines()[-1])
+        assert measured[n]["images"] == n
+    growth = {n: m["peak_kb"] - m["rss_after_load_kb"] for n, m in measured.items()}
+    print(f"predict peak RSS: {measured}, growth over the loaded model (kB): {growth}")
+    assert measured[2000]["peak_kb"] <= 2 * measured[20]["peak_kb"]
+    assert growth[2000] <= 2 * max(growth[20], 1024)
 
 
 def test_checkpoint_from_other_data_classes_or_backbone_is_refused(trained, tiny):

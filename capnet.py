@@ -336,9 +336,17 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x)  # (B, D)
 
 
+def quick_gelu_reference(x):
+    return x * torch.sigmoid(1.702 * x)  # the GELU approximation CLIP was trained with
+
+
 class QuickGELU(nn.Module):
+    fused = True  # capnet::quick_gelu (one pass, fp32 math) where the extension has a kernel
+
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)  # the GELU approximation CLIP was trained with
+        if self.fused and _use_ext("auto", x.device, "quick_gelu"):
+            return torch.ops.capnet.quick_gelu(x)
+        return quick_gelu_reference(x)
 
 
 def attention(q, k, v, causal=False):
@@ -1561,9 +1569,9 @@ def graph_propagate(adj, x, weight, *, negative_slope=0.2, activation=True, back
     return out
 
 
-# Autograd of both ops is registered in C++ (csrc/capnet_ops.cpp; a Python register_autograd
-# round trip cost as much as the fused loss itself); the fake (meta) kernels that let
-# torch.compile and torch.library.opcheck trace them are registered here, the same way for both.
+# Autograd of these ops and of capnet::quick_gelu (QuickGELU) is registered in C++ (csrc/capnet_ops.cpp;
+# a Python register_autograd round trip cost as much as the fused loss itself); the fake (meta) kernels
+# that let torch.compile and torch.library.opcheck trace them are registered here, the same way for all.
 if EXT_AVAILABLE:
     @torch.library.register_fake("capnet::db_focal_loss")
     def _db_focal_loss_fake(logits, targets, class_freq, num_images, alpha, beta, mu, kappa, lam,
@@ -1580,6 +1588,14 @@ if EXT_AVAILABLE:
                                        output_mask):
         shapes = (adj.shape, x.shape, weight.shape)
         return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
+
+    @torch.library.register_fake("capnet::quick_gelu")  # no autocast rule: bf16 in, bf16 out
+    def _quick_gelu_fake(x):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("capnet::quick_gelu_backward")
+    def _quick_gelu_backward_fake(grad, x):
+        return x.new_empty(x.shape)
 
     # under autocast the kernels' inner ATen GEMMs would be autocast again and return bf16 (then
     # the next GCN layer fails its dtype check): the ops take float32 inputs and run outside it

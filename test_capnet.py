@@ -1227,6 +1227,186 @@ def test_graph_propagate_ext_gradcheck_noncontiguous_and_compile_safe():
     _close(out, ref, 1e-10)
 
 
+def _qg_both(x, upstream):
+    """(y, dy/dx . upstream) of capnet::quick_gelu and of quick_gelu_reference."""
+    out = []
+    for f in (torch.ops.capnet.quick_gelu, capnet.quick_gelu_reference):
+        z = x.detach().clone().requires_grad_()
+        y = f(z)
+        y.backward(upstream)
+        out.append((y.detach(), z.grad))
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("device", FUSED_DEVICES)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_quick_gelu_ext_matches_reference(device, dtype, rtol):
+    g = torch.Generator().manual_seed(61)
+    for shape in [(1,), (7,), (16,), (33,), (3, 5), (4, 17, 33), (2, 197, 64), (70001,)]:
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dtype).to(device)
+        upstream = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+        (y, dx), (y_ref, dx_ref) = _qg_both(x, upstream)
+        assert y.dtype == dx.dtype == dtype and y.shape == dx.shape == x.shape
+        _close(y, y_ref, rtol)
+        _close(dx, dx_ref, rtol)
+        _close(torch.ops.capnet.quick_gelu_backward(upstream, x), dx_ref, rtol)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", FUSED_DEVICES)
+@pytest.mark.parametrize("dtype,eps,tiny", [(torch.bfloat16, 2.0 ** -7, 2.0 ** -133),
+                                            (torch.float16, 2.0 ** -10, 2.0 ** -24)])
+def test_quick_gelu_ext_half_types_rounded_once(device, dtype, eps, tiny):
+    # float32 math on the widened input, rounded once to the input's dtype: exactly the float32
+    # op's result rounded, and within one ulp of the float32 reference on the upcast input
+    g = torch.Generator().manual_seed(62)
+    x = (torch.randn(4, 197, 40, generator=g) * 4).to(dtype).to(device)
+    upstream = torch.randn(x.shape, generator=g).to(dtype).to(device)
+    x[0, 0, :4] = torch.tensor([0.0, -0.0, float("nan"), 2.0 ** -20], dtype=dtype)
+    y, dx = torch.ops.capnet.quick_gelu(x), torch.ops.capnet.quick_gelu_backward(upstream, x)
+    assert y.dtype == dx.dtype == dtype
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y, torch.ops.capnet.quick_gelu(x.float()).to(dtype), **exact)
+    torch.testing.assert_close(dx, torch.ops.capnet.quick_gelu_backward(upstream.float(), x.float()).to(dtype), **exact)
+    (y_ref, dx_ref), = _qg_both(x.float(), upstream.float())[1:]
+    one_ulp = dict(rtol=eps, atol=tiny, equal_nan=True)
+    torch.testing.assert_close(y.float(), y_ref, **one_ulp)
+    torch.testing.assert_close(dx.float(), dx_ref, **one_ulp)
+    if dtype == torch.bfloat16:  # NaN is stored as c10::BFloat16 stores it
+        assert y[0, 0, 2].view(torch.int16).item() == 0x7FC0
+    # through autograd: the incoming gradient arrives in the input's dtype
+    z = x.detach().clone().requires_grad_()
+    torch.ops.capnet.quick_gelu(z).backward(upstream)
+    torch.testing.assert_close(z.grad, dx, **exact)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", FUSED_DEVICES)
+def test_quick_gelu_ext_noncontiguous_empty_large_and_sliced(device):
+    g = torch.Generator().manual_seed(63)
+    x = torch.randn(37, 29, generator=g, dtype=torch.float64).to(device)
+    up = torch.randn(29, 37, generator=g, dtype=torch.float64).to(device)
+    for xs, us in ((x.t(), up), (x[:, ::3], up.t()[:, ::3]), (x.t(), up.t().contiguous().t())):
+        (y, dx), (y_ref, dx_ref) = _qg_both(xs, us)      # non-contiguous x and upstream gradient
+        _close(y, y_ref, 1e-10)
+        _close(dx, dx_ref, 1e-10)
+    for shape in [(0,), (3, 0, 5)]:
+        e = torch.empty(shape, device=device, requires_grad=True)
+        y = torch.ops.capnet.quick_gelu(e)
+        y.sum().backward()
+        assert y.shape == e.grad.shape == shape
+    # |x| up to 1e4 and near the float32 maximum: every sigmoid saturates, nothing is NaN
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        big = torch.logspace(0, 4, 400, dtype=dtype, device=device)
+        big = torch.cat([big, -big, torch.tensor([3e38, -3e38, 1.7e38, -1.7e38], dtype=dtype, device=device)])
+        (y, dx), (y_ref, dx_ref) = _qg_both(big, torch.ones_like(big))
+        assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+        _close(y, y_ref, rtol)
+        _close(dx, dx_ref, rtol)
+    # every element takes the same path wherever it lies: a slice gives the same bits
+    x32 = torch.randn(1000, generator=g).to(device)
+    for lo, hi in ((0, 5), (3, 21), (7, 1000), (999, 1000)):
+        assert torch.equal(torch.ops.capnet.quick_gelu(x32[lo:hi]), torch.ops.capnet.quick_gelu(x32)[lo:hi])
+
+
+@needs_ext
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_quick_gelu_ext_every_cpu_path(capability):
+    # the kernel picks AVX-512, AVX2 or the scalar loop at run time, capped by ATEN_CPU_CAPABILITY
+    # as ATen's kernels are: the narrower paths (this process takes the widest) pass the same tests
+    code = ("import torch, test_capnet as t\n"
+            "for d, r in ((torch.float64, 1e-10), (torch.float32, 1e-5)): t.test_quick_gelu_ext_matches_reference('cpu', d, r)\n"
+            "for d, e, a in ((torch.bfloat16, 2.0 ** -7, 2.0 ** -133), (torch.float16, 2.0 ** -10, 2.0 ** -24)):\n"
+            "    t.test_quick_gelu_ext_half_types_rounded_once('cpu', d, e, a)\n"
+            "t.test_quick_gelu_ext_noncontiguous_empty_large_and_sliced('cpu'); print('ok')")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["ok"], r.stdout + r.stderr
+
+
+@needs_ext
+def test_quick_gelu_ext_gradcheck_and_opcheck():
+    x = (torch.randn(3, 7, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(torch.ops.capnet.quick_gelu, (x,))
+    assert torch.autograd.gradcheck(lambda t: capnet.QuickGELU()(t), (x,))
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = torch.randn(4, 6, dtype=dtype)
+        torch.library.opcheck(torch.ops.capnet.quick_gelu.default, (xd.clone().requires_grad_(),))
+        torch.library.opcheck(torch.ops.capnet.quick_gelu.default, (xd.t(),))
+        torch.library.opcheck(torch.ops.capnet.quick_gelu_backward.default, (torch.randn(4, 6, dtype=dtype), xd))
+
+
+@needs_ext
+def test_quick_gelu_ext_bad_input_clear_errors():
+    with pytest.raises(RuntimeError, match=r"quick_gelu: x must be a floating tensor .* got Long"):
+        torch.ops.capnet.quick_gelu(torch.arange(4))
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=r"quick_gelu_backward: grad shape \[4, 3\] must equal x shape \[3, 4\]"):
+        torch.ops.capnet.quick_gelu_backward(torch.randn(4, 3), x)
+    with pytest.raises(RuntimeError, match=r"quick_gelu_backward: grad \(Double\) and x \(Float\) must have the same dtype"):
+        torch.ops.capnet.quick_gelu_backward(x.double(), x)
+    with pytest.raises(RuntimeError, match=r"quick_gelu_backward: x must be a floating tensor"):
+        torch.ops.capnet.quick_gelu_backward(torch.ones(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and capnet.EXT_CUDA), reason="no GPU or capnet_ext built without CUDA")
+def test_quick_gelu_ext_device_mismatch_clear_error():
+    x = torch.randn(3, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="must be on the same device"):
+        torch.ops.capnet.quick_gelu_backward(x.cpu(), x)
+
+
+def _grads(module):
+    return [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+
+@needs_ext
+def test_quick_gelu_fused_clip_mlp_on_off_agree(monkeypatch):
+    # a residual block (its MLP: c_fc, QuickGELU, c_proj) in float64 and float32, fused vs reference
+    torch.manual_seed(64)
+    block = capnet.ResidualAttentionBlock(64, 2)
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        block = block.to(dtype)
+        x = torch.randn(2, 9, 64, dtype=dtype)
+        res = []
+        for fused in (True, False):
+            monkeypatch.setattr(capnet.QuickGELU, "fused", fused)
+            block.zero_grad(set_to_none=True)
+            z = x.clone().requires_grad_()
+            y = block(z)
+            y.backward(torch.ones_like(y))
+            res.append([y.detach(), z.grad] + _grads(block))
+            fn = type(block.mlp.gelu(z).grad_fn).__name__
+            assert (fn == "CppFunction") == fused              # the op ran exactly when fused
+        for got, want in zip(*res):
+            _close(got, want, rtol)
+    # a whole CAPNet train-mode forward and backward (both towers, the trainable parts' grads)
+    model = tiny_capnet("vit")
+    with torch.no_grad():
+        model.gcn.W2.normal_(std=0.1)
+    model.train()
+    images = tiny_images("vit")
+    res = {}
+    for fused, bf16 in ((True, False), (False, False), (True, True), (False, True)):
+        monkeypatch.setattr(capnet.QuickGELU, "fused", fused)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            logits = model(images)
+        logits.float().square().mean().backward()
+        res[fused, bf16] = [logits.detach().float()] + _grads(model)
+    assert len(res[True, False]) > 1
+    for got, want in zip(res[True, False], res[False, False]):
+        _close(got, want, 1e-4)
+    # bf16 autocast: the fused and the reference activation agree within bf16 rounding, and both are
+    # as close to the float32 step (rounding of the bf16 GEMMs dominates: ~2% here, either path)
+    torch.testing.assert_close(res[True, True][0], res[False, True][0], rtol=0,
+                               atol=0.05 * float(res[False, True][0].abs().max()))
+    for fused in (True, False):
+        for got, want in zip(res[fused, True], res[False, False]):
+            assert float((got - want).norm()) <= 0.1 * float(want.norm()) + 1e-12
+
+
 @needs_ext
 def test_fused_ops_pass_opcheck():
     logits, targets, counts, N, weight = _db_case(4, 6, torch.float32, "cpu", seed=31)

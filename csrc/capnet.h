@@ -24,6 +24,10 @@ DbFocalInputs check_db_focal_inputs(const at::Tensor& logits, const at::Tensor& 
 void check_graph_inputs(const at::Tensor& adj, const at::Tensor& x, const at::Tensor& weight,
                         double negative_slope);
 
+// QuickGELU: x of a floating dtype (float16, bfloat16, float32, float64); for the backward
+// (grad != nullptr) grad of x's shape, dtype and device. `op` names the op in the messages.
+void check_quick_gelu_inputs(const char* op, const at::Tensor& x, const at::Tensor* grad);
+
 // the epilogues are the device-specific part of the propagation
 using LeakyForwardFn = void (*)(at::Tensor& pre, double slope);             // in place
 using LeakyBackwardFn = at::Tensor (*)(const at::Tensor& grad_out, const at::Tensor& out,

@@ -91,12 +91,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_propagate_backward_cuda(
                                        activation, output_mask, leaky_backward_cuda);
 }
 
+at::Tensor quick_gelu_cuda(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "quick_gelu: CUDA kernel called with x on ", x.device());
+  check_quick_gelu_inputs("quick_gelu", x, nullptr);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+  check_cuda(capnet_cuda::quick_gelu_forward(to_kernel_dtype(xc.scalar_type()), xc.data_ptr(),
+                                             y.data_ptr(), xc.numel(),
+                                             at::cuda::getCurrentCUDAStream()),
+             "quick_gelu");
+  return y;
+}
+
+at::Tensor quick_gelu_backward_cuda(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "quick_gelu_backward: CUDA kernel called with x on ", x.device());
+  check_quick_gelu_inputs("quick_gelu_backward", x, &grad);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), gc = grad.contiguous();
+  at::Tensor dx = at::empty(xc.sizes(), xc.options());
+  check_cuda(capnet_cuda::quick_gelu_backward(to_kernel_dtype(xc.scalar_type()), gc.data_ptr(),
+                                              xc.data_ptr(), dx.data_ptr(), xc.numel(),
+                                              at::cuda::getCurrentCUDAStream()),
+             "quick_gelu_backward");
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(capnet, CUDA, m) {
   m.impl("db_focal_loss", &db_focal_loss_cuda);
   m.impl("graph_propagate", &graph_propagate_cuda);
   m.impl("graph_propagate_backward", &graph_propagate_backward_cuda);
+  m.impl("quick_gelu", &quick_gelu_cuda);
+  m.impl("quick_gelu_backward", &quick_gelu_backward_cuda);
 }
 
 }  // namespace capnet

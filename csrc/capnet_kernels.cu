@@ -9,6 +9,8 @@
 //   result is bitwise reproducible.
 // graph_propagate (specification: `graph_propagate_reference`): the GEMMs run in cuBLAS from
 //   the glue; here are the fused LeakyReLU epilogue and its backward.
+// quick_gelu (specification: `quick_gelu_reference`, formula in capnet_math.h): one grid-stride
+//   pass, forward y = x sigmoid(1.702 x), backward grad_x = grad dy/dx from x alone.
 // Half types are loaded and stored as fp16/bf16 and computed in float32.
 #include "capnet_kernels.h"
 #include "capnet_math.h"
@@ -155,6 +157,36 @@ unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(b < 4096 ? (b > 0 ? b : 1) : 4096);  // grid-stride beyond
 }
 
+// grad == nullptr: out = quick_gelu(x); else out = grad * d quick_gelu / dx
+template <typename T>
+__global__ void quick_gelu_kernel(const T* __restrict__ x, const T* __restrict__ grad,
+                                  T* __restrict__ out, int64_t n) {
+  using acc_t = typename AccOf<T>::type;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const acc_t v = to_acc(x[i]);
+    out[i] = from_acc<T>(grad ? capnet_math::quick_gelu_backward<acc_t>(to_acc(grad[i]), v)
+                              : capnet_math::quick_gelu_forward<acc_t>(v));
+  }
+}
+
+cudaError_t quick_gelu_launch(Dtype dtype, const void* x, const void* grad, void* out,
+                              int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+#define CAPNET_QG_CALL(T)                                                                     \
+  quick_gelu_kernel<T><<<blocks_for(n), kMaxThreads, 0, stream>>>(                            \
+      static_cast<const T*>(x), static_cast<const T*>(grad), static_cast<T*>(out), n)
+  switch (dtype) {
+    case Dtype::f16: CAPNET_QG_CALL(__half); break;
+    case Dtype::bf16: CAPNET_QG_CALL(__nv_bfloat16); break;
+    case Dtype::f32: CAPNET_QG_CALL(float); break;
+    case Dtype::f64: CAPNET_QG_CALL(double); break;
+    default: return cudaErrorInvalidValue;
+  }
+#undef CAPNET_QG_CALL
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t db_focal_loss_forward(Dtype dtype, const void* logits, const void* targets,
@@ -207,6 +239,16 @@ cudaError_t leaky_relu_backward(Dtype dtype, const void* grad_out, const void* o
   }
 #undef CAPNET_LB_CALL
   return cudaGetLastError();
+}
+
+cudaError_t quick_gelu_forward(Dtype dtype, const void* x, void* y, int64_t n,
+                               cudaStream_t stream) {
+  return quick_gelu_launch(dtype, x, nullptr, y, n, stream);
+}
+
+cudaError_t quick_gelu_backward(Dtype dtype, const void* grad, const void* x, void* grad_x,
+                                int64_t n, cudaStream_t stream) {
+  return quick_gelu_launch(dtype, x, grad, grad_x, n, stream);
 }
 
 }  // namespace capnet_cuda

@@ -35,4 +35,12 @@ cudaError_t leaky_relu_inplace(Dtype dtype, void* data, int64_t n, double slope,
 cudaError_t leaky_relu_backward(Dtype dtype, const void* grad_out, const void* out,
                                 void* grad_pre, int64_t n, double slope, cudaStream_t stream);
 
+// QuickGELU (see capnet.py quick_gelu_reference, formula in capnet_math.h), elementwise over n
+// contiguous elements of `dtype`: y = x sigmoid(1.702 x), and its backward from the incoming
+// gradient and the input, grad_x = grad dy/dx. Half types are computed in float32.
+cudaError_t quick_gelu_forward(Dtype dtype, const void* x, void* y, int64_t n,
+                               cudaStream_t stream);
+cudaError_t quick_gelu_backward(Dtype dtype, const void* grad, const void* x, void* grad_x,
+                                int64_t n, cudaStream_t stream);
+
 }  // namespace capnet_cuda

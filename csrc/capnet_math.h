@@ -1,7 +1,7 @@
-// capnet_math.h: the per-element DB-focal math shared by the CPU (C++) and CUDA kernels.
-// Torch-free, so capnet_kernels.cu can include it under plain `nvcc -c`.
+// capnet_math.h: the per-element math (DB-focal loss, QuickGELU) shared by the CPU (C++) and
+// CUDA kernels. Torch-free, so capnet_kernels.cu can include it under plain `nvcc -c`.
 //
-// Per element (b, c), with y in {0, 1}, inv_n = 1 / n_c, row_sum = sum_k y_bk / n_k
+// DB-focal loss, per element (b, c), with y in {0, 1}, inv_n = 1 / n_c, row_sum = sum_k y_bk / n_k
 // (SPEC section 3; the specification is capnet.py `db_focal_loss_reference`):
 //   r   = inv_n / row_sum,  w = alpha + sigmoid(beta (r - mu))      (w = alpha + 1 if row_sum = 0)
 //   z'  = z + bias_c,  z'' = z' if y else lam z',  w' = w if y else w / lam
@@ -12,6 +12,12 @@
 // Gradient: dloss/dt = -K q^gamma (gamma p_t bce + q) with q = 1 - p_t, K = balance w' cw_c
 // (the q^(gamma-1) of the chain rule times dq/dt = -q p_t folds into q^gamma: no 0 * inf at q = 0),
 // and dt/dz = +1 (y = 1) or -lam (y = 0).
+//
+// QuickGELU, CLIP's MLP activation (specification: capnet.py `quick_gelu_reference`):
+//   y = x s,  s = sigmoid(1.702 x) = 1 / (1 + exp(-1.702 x))
+//   dy/dx = s (1 + 1.702 x (1 - s)), computed as s + y (1.702 (1 - s)): the same value, and no
+//   inf * 0 = NaN at huge |x| (there s is exactly 0 or 1, so y = -0 or 1 - s = 0 multiplies a
+//   finite factor). exp(-1.702 x) = inf for x << 0 gives s = 0, y = -0, as the reference does.
 #pragma once
 #include <cmath>
 
@@ -56,6 +62,22 @@ CAPNET_HD void db_focal_element(acc_t z, bool pos, acc_t inv_n, acc_t bias, acc_
   const acc_t qg = pow_gamma(q, gamma);
   *loss = k * qg * bce;
   if (grad) *grad = -k * qg * (gamma * pt * bce + q) * (pos ? one : -lam) * grad_scale;
+}
+
+template <typename acc_t>
+CAPNET_HD acc_t quick_gelu_sigmoid(acc_t x) {
+  using std::exp;
+  return acc_t(1) / (acc_t(1) + exp(acc_t(-1.702) * x));
+}
+
+template <typename acc_t>
+CAPNET_HD acc_t quick_gelu_forward(acc_t x) { return x * quick_gelu_sigmoid(x); }
+
+// d loss / d x of one element, from the incoming gradient g and the input x
+template <typename acc_t>
+CAPNET_HD acc_t quick_gelu_backward(acc_t g, acc_t x) {
+  const acc_t s = quick_gelu_sigmoid(x);
+  return g * (s + (x * s) * (acc_t(1.702) * (acc_t(1) - s)));
 }
 
 }  // namespace capnet_math

@@ -119,7 +119,7 @@ PRESETS = {
 METHODS = {
     "capnet": {},
     "zero-shot": dict(epochs=0),  # plain CLIP, "a photo of a {name}.": the trained columns = step-0 zero-shot
-    # CoOp (Zhou et al. 2022): one context for all classes; sigmoid BCE, its multi-label form in LMPT's code
+    # CoOp (Zhou et al. 2022): one context for all classes; sigmoid BCE, as CoOp's softmax CE is single-label
     "coop": dict(ctx="shared", graph="identity", peft="none", loss="bce"),
     # LMPT (Xia et al. 2023, richard-peng-xia/LMPT): class-specific context from "a photo of a", DB-focal
     # without class-aware weights, no random crop (whole image, + flip); its caption loss is left out

@@ -1968,13 +1968,14 @@ def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
     # --peft full: CLIP's own weights train at lr * clip_lr_scale (ours), prompts and GCN at the full lr
     trainable = [p for p in model.parameters() if p.requires_grad]
     no_decay = {id(p) for p in model.no_decay_parameters()}  # temperature, adapter scales
-    clip = {id(p) for p in model.clip.parameters()} if cfg.peft == "full" else set()
+    clip_ids = {id(p) for p in model.clip.parameters()} if cfg.peft == "full" else set()
     t = model.logit_scale
-    groups = [{"params": [p for p in trainable if id(p) not in no_decay | clip], "weight_decay": cfg.weight_decay},
+    decay = [p for p in trainable if id(p) not in no_decay | clip_ids]  # prompts, GCN, adapters
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": [p for p in trainable if id(p) in no_decay and p is not t], "weight_decay": 0.0},
               {"params": [t], "weight_decay": 0.0, "lr": cfg.lr * cfg.temperature_lr_scale}]
-    if clip:
-        groups.append({"params": [p for p in trainable if id(p) in clip], "weight_decay": cfg.weight_decay,
+    if clip_ids:
+        groups.append({"params": [p for p in trainable if id(p) in clip_ids], "weight_decay": cfg.weight_decay,
                        "lr": cfg.lr * cfg.clip_lr_scale})
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     total = cfg.epochs * steps_per_epoch

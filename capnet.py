@@ -50,7 +50,7 @@ class Config:
     ctx_init: str = ""                # "" = N(0, 0.02^2) init; else a template, e.g. "a photo of a"
     ctx: str = "class"                # class: M vectors per class (CAPNet, LMPT) | shared: one (M, W) set (CoOp)
     # label graph and GCN (steps 3, 4)
-    graph: str = "text"               # text | cooccur | identity
+    graph: str = "text"               # text | cooccur | identity (GCN as a per-class MLP) | none (no GCN)
     s: float = 10.0                   # s, sharpness of the text-similarity softmax
     p: float = 0.2                    # p, neighbour weight in P = (1 - p) I + p A
     cooccur_threshold: float = 0.4    # ML-GCN binarisation threshold of P(j|i) (graph=cooccur)
@@ -120,10 +120,10 @@ METHODS = {
     "capnet": {},
     "zero-shot": dict(epochs=0),  # plain CLIP, "a photo of a {name}.": the trained columns = step-0 zero-shot
     # CoOp (Zhou et al. 2022): one context for all classes; sigmoid BCE, as CoOp's softmax CE is single-label
-    "coop": dict(ctx="shared", graph="identity", peft="none", loss="bce"),
+    "coop": dict(ctx="shared", graph="none", peft="none", loss="bce"),
     # LMPT (Xia et al. 2023, richard-peng-xia/LMPT): class-specific context from "a photo of a", DB-focal
     # without class-aware weights, no random crop (whole image, + flip); its caption loss is left out
-    "lmpt": dict(ctx_init="a photo of a", graph="identity", peft="none", tau_prime=float("inf"), scale_min=1.0),
+    "lmpt": dict(ctx_init="a photo of a", graph="none", peft="none", tau_prime=float("inf"), scale_min=1.0),
 }
 
 # -----------------------------------------------------------------------------
@@ -974,7 +974,7 @@ def collate_skip_bad(batch):
 # imbalanced training labels: tail classes get neighbours because their names are similar to
 # others, not because they co-occur often (they rarely do). `cooccur` and `identity` are the
 # ablations.
-GRAPH_MODES = ("text", "cooccur", "identity")
+GRAPH_MODES = ("text", "cooccur", "identity", "none")  # none: no GCN at all (CAPNet freezes it)
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
 
 
@@ -1040,7 +1040,7 @@ def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, thre
         if train_targets is None:
             raise ValueError("graph mode 'cooccur' needs the training labels (train_targets)")
         P = cooccur_graph(train_targets, p, threshold)
-    elif mode == "identity":
+    elif mode in ("identity", "none"):
         P = torch.eye(len(classnames), dtype=torch.float64)
     else:
         raise ValueError(f"unknown graph mode {mode!r}; expected one of {GRAPH_MODES}")
@@ -1247,6 +1247,8 @@ class CAPNet(nn.Module):
                               cfg.cooccur_threshold)
         device = clip.token_embedding.weight.device
         self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(device)
+        if cfg.graph == "none":  # no GCN (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
+            self.gcn.requires_grad_(False)
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
         self.peft, self.adapter_dim = ("full" if cfg.peft == "full" else "none"), 0
         if cfg.peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
@@ -1271,7 +1273,7 @@ class CAPNet(nn.Module):
         if self.peft == "full":  # the fine-tuning baseline: every CLIP weight, text tower included
             peft = list(self.clip.parameters())
         return {"prompts": [self.prompt_learner.ctx],
-                "gcn": [self.gcn.W0, self.gcn.W1, self.gcn.W2],
+                "gcn": [w for w in (self.gcn.W0, self.gcn.W1, self.gcn.W2) if w.requires_grad],
                 "temperature": [self.logit_scale],
                 "peft": peft}
 
@@ -1645,7 +1647,7 @@ DATA_PREP_COMMANDS = {
     "nus-wide-lt": "python data_prep.py nus-wide-lt --nus-root DIR",
 }
 CHOICES = {
-    "graph": ("text", "cooccur", "identity"), "loss": LOSSES, "ctx": ("class", "shared"),
+    "graph": GRAPH_MODES, "loss": LOSSES, "ctx": ("class", "shared"),
     "peft": ("adaptformer", "none", "full"), "sampler": ("uniform", "class-aware"), "tte": (1, 5, 10),
     "device": ("auto", "cpu", "cuda"), "amp": ("auto", "bf16", "none"), "backend": ("auto", "ext", "torch"),
 }

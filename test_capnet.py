@@ -718,6 +718,15 @@ def test_identity_graph_and_bad_mode():
         capnet.build_label_graph("cooccur", None, list("abc"), None)
 
 
+def test_graph_none_is_no_gcn():
+    """--graph none (the CoOp and LMPT baselines): nothing of the GCN trains and F_hat = F_t exactly;
+    --graph identity keeps a trainable GCN, a per-class MLP on F_t."""
+    model = tiny_capnet(graph="none").train()
+    assert not any(p.requires_grad for p in model.gcn.parameters()) and model.trainable_parts()["gcn"] == []
+    assert torch.equal(model.class_features(), model.prompt_learner())
+    assert len(tiny_capnet(graph="identity").trainable_parts()["gcn"]) == 3
+
+
 def test_graph_stats_names_rarest_classes():
     P = torch.tensor([[0.8, 0.15, 0.05], [0.1, 0.8, 0.1], [0.02, 0.18, 0.8]])
     text = capnet.graph_stats(P, ["head", "mid", "rare"], np.array([100, 30, 3]))
@@ -2106,10 +2115,10 @@ def test_class_aware_sampler_moves_toward_uniform_and_is_pure():
 def test_method_presets_fill_flags_and_flags_override():
     parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
     coop = parse("--method", "coop")
-    assert (coop.ctx, coop.graph, coop.peft, coop.loss) == ("shared", "identity", "none", "bce")
+    assert (coop.ctx, coop.graph, coop.peft, coop.loss) == ("shared", "none", "none", "bce")
     assert coop.lr == 0.005 and coop.ctx_init == "a photo of a"  # the data preset stays underneath
     lmpt = parse("--method", "lmpt")
-    assert (lmpt.ctx, lmpt.graph, lmpt.peft, lmpt.loss) == ("class", "identity", "none", "db-focal")
+    assert (lmpt.ctx, lmpt.graph, lmpt.peft, lmpt.loss) == ("class", "none", "none", "db-focal")
     assert lmpt.tau_prime == float("inf") and lmpt.scale_min == 1.0
     assert parse("--method", "zero-shot").epochs == 0
     assert parse("--method", "coop", "--loss", "asl", "--peft", "full").loss == "asl"  # a flag still wins
@@ -2119,9 +2128,9 @@ def test_method_presets_fill_flags_and_flags_override():
     # the run folder derives from the resolved flags, never from the method's name
     name = lambda cfg: capnet.resolve_config(cfg).name
     assert name(parse("--method", "capnet")) == name(parse()) == "synthetic-lt"
-    assert name(coop) == "synthetic-lt-graph-identity-loss-bce-peft-none-ctx-shared"
-    assert name(coop) == name(parse("--ctx", "shared", "--graph", "identity", "--peft", "none", "--loss", "bce"))
-    assert name(lmpt) == "synthetic-lt-graph-identity-peft-none-tau-prime-inf-scale-min-1.0"
+    assert name(coop) == "synthetic-lt-graph-none-loss-bce-peft-none-ctx-shared"
+    assert name(coop) == name(parse("--ctx", "shared", "--graph", "none", "--peft", "none", "--loss", "bce"))
+    assert name(lmpt) == "synthetic-lt-graph-none-peft-none-tau-prime-inf-scale-min-1.0"
     assert name(parse("--method", "zero-shot")) == "synthetic-lt-epochs-0"
     assert capnet.TABLES["methods"] == ["--method zero-shot", "--method coop", "--method lmpt", "--method capnet"]
     with pytest.raises(SystemExit):

@@ -48,17 +48,19 @@ class Config:
     # prompts (section 1 step 2)
     n_ctx: int = 16                   # M, learnable context vectors per class
     ctx_init: str = ""                # "" = N(0, 0.02^2) init; else a template, e.g. "a photo of a"
+    ctx: str = "class"                # class: M vectors per class (CAPNet, LMPT) | shared: one (M, W) set (CoOp)
     # label graph and GCN (steps 3, 4)
-    graph: str = "text"               # text | cooccur | identity
+    graph: str = "text"               # text | cooccur | identity (GCN as a per-class MLP) | none (no GCN)
     s: float = 10.0                   # s, sharpness of the text-similarity softmax
     p: float = 0.2                    # p, neighbour weight in P = (1 - p) I + p A
     cooccur_threshold: float = 0.4    # ML-GCN binarisation threshold of P(j|i) (graph=cooccur)
     negative_slope: float = 0.2       # LeakyReLU slope between GCN layers
     # PEFT (step 5)
-    peft: str = "adaptformer"         # adaptformer (ViT) / bias tuning (ResNet) | none
+    peft: str = "adaptformer"         # adaptformer (ViT) / bias tuning (ResNet) | none | full (all of CLIP)
+    clip_lr_scale: float = 0.1        # --peft full: CLIP's own weights train at lr * this (ours: gentler than prompts)
     adapter_dim: int = 0              # r, AdaptFormer bottleneck (0 = LIFT rule)
     # loss (section 3)
-    loss: str = "db-focal"            # db-focal | bce | focal
+    loss: str = "db-focal"            # db-focal | bce | focal | asl
     alpha: float = 0.1                # alpha, rebalance weight floor
     beta: float = 10.0                # beta, rebalance sigmoid steepness
     mu: float = 0.2                   # mu, rebalance sigmoid centre
@@ -67,6 +69,9 @@ class Config:
     gamma: float = 2.0                # gamma, focal exponent
     balance: float = 2.0              # overall loss scale of the DB-focal term
     tau_prime: float = 4.0            # tau', class-aware re-weighting temperature (inf = off)
+    asl_gamma_pos: float = 0.0        # ASL gamma+, focusing on positives (Ridnik et al. 2021)
+    asl_gamma_neg: float = 4.0        # ASL gamma-, focusing on negatives
+    asl_clip: float = 0.05            # ASL probability margin m: negatives use max(p - m, 0)
     # optimisation (section 6)
     epochs: int = 30
     batch_size: int = 64
@@ -78,6 +83,8 @@ class Config:
     # images
     input_size: int = 224             # crop size fed to the image tower
     scale_min: float = 0.5            # random resized crop scale range (scale_min, 1)
+    sampler: str = "uniform"          # uniform: each image once per epoch | class-aware: inverse-frequency draws
+    sampler_power: float = 1.0        # q: class-aware weight of image i = sum_c y_ic n_c^-q
     tte: int = 5                      # test-time views: 1 | 5 | 10
     eval_batch_size: int = 64
     # runtime
@@ -105,6 +112,18 @@ PRESETS = {
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),
     "coco-lt": dict(clip="ViT-B/16"),
     "nus-wide-lt": dict(clip="ViT-B/16"),
+}
+
+# --method presets: flags only, laid over the data preset; any flag given still wins. One protocol for
+# all (README "Methods and baselines"): sigmoid scores, last epoch, CLIP statistics, same schedule and TTE
+METHODS = {
+    "capnet": {},
+    "zero-shot": dict(epochs=0),  # plain CLIP, "a photo of a {name}.": the trained columns = step-0 zero-shot
+    # CoOp (Zhou et al. 2022): one context for all classes; sigmoid BCE, as CoOp's softmax CE is single-label
+    "coop": dict(ctx="shared", graph="none", peft="none", loss="bce"),
+    # LMPT (Xia et al. 2023, richard-peng-xia/LMPT): class-specific context from "a photo of a", DB-focal
+    # without class-aware weights, no random crop (whole image, + flip); its caption loss is left out
+    "lmpt": dict(ctx_init="a photo of a", graph="none", peft="none", tau_prime=float("inf"), scale_min=1.0),
 }
 
 # -----------------------------------------------------------------------------
@@ -963,7 +982,7 @@ def collate_skip_bad(batch):
 # imbalanced training labels: tail classes get neighbours because their names are similar to
 # others, not because they co-occur often (they rarely do). `cooccur` and `identity` are the
 # ablations.
-GRAPH_MODES = ("text", "cooccur", "identity")
+GRAPH_MODES = ("text", "cooccur", "identity", "none")  # none: no GCN at all (CAPNet freezes it)
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
 
 
@@ -1029,7 +1048,7 @@ def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, thre
         if train_targets is None:
             raise ValueError("graph mode 'cooccur' needs the training labels (train_targets)")
         P = cooccur_graph(train_targets, p, threshold)
-    elif mode == "identity":
+    elif mode in ("identity", "none"):
         P = torch.eye(len(classnames), dtype=torch.float64)
     else:
         raise ValueError(f"unknown graph mode {mode!r}; expected one of {GRAPH_MODES}")
@@ -1084,9 +1103,10 @@ class PromptLearner(nn.Module):
     frozen CLIP's. With `ctx_init` (e.g. "a photo of a") every class's context starts as that
     template's token embeddings and M is the template's token count (CoOp's convention;
     `n_ctx` is then ignored), so the untrained prompts read exactly "a photo of a {name}."
+    With `shared` (CoOp) one (M, W) context serves every class instead of a (C, M, W) tensor.
     """
 
-    def __init__(self, clip, classnames, n_ctx=16, ctx_init=""):
+    def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False):
         super().__init__()
         # a reference, not a submodule: the frozen CLIP is registered once, under CAPNet.clip
         object.__setattr__(self, "clip", clip)
@@ -1117,13 +1137,14 @@ class PromptLearner(nn.Module):
         token_ids = token_ids.to(device)
         with torch.no_grad():
             emb = clip.token_embedding(token_ids).float()  # (C, L, W)
+            shape = (M, emb.shape[-1]) if shared else (len(classnames), M, emb.shape[-1])
             if ctx_init:
                 init = clip.token_embedding(torch.tensor(init_ids, device=device)).float()  # (M, W)
-                ctx = init.unsqueeze(0).repeat(len(classnames), 1, 1)  # (C, M, W)
+                ctx = init.expand(shape).clone()  # (C, M, W), or (M, W) shared
             else:
-                ctx = torch.randn(len(classnames), M, emb.shape[-1], device=device) * 0.02  # (C, M, W)
+                ctx = torch.randn(shape, device=device) * 0.02  # (C, M, W), or (M, W) shared
         self.n_ctx = M
-        self.ctx = nn.Parameter(ctx)  # (C, M, W)
+        self.ctx = nn.Parameter(ctx)  # (C, M, W), or (M, W) shared
         # frozen pieces, rebuilt from CLIP on load, so not saved in checkpoints
         self.register_buffer("token_ids", token_ids, persistent=False)  # (C, L)
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, W) SOT
@@ -1133,7 +1154,8 @@ class PromptLearner(nn.Module):
     def embeddings(self):
         """Token embeddings of the prompts (without positional embeddings): (C, L, W)."""
         dtype = self.clip.token_embedding.weight.dtype
-        return torch.cat([self.prefix, self.ctx, self.suffix], dim=1).to(dtype)  # (C, L, W)
+        ctx = self.ctx.expand(self.prefix.shape[0], -1, -1)  # (C, M, W): a shared context serves every class
+        return torch.cat([self.prefix, ctx, self.suffix], dim=1).to(dtype)  # (C, L, W)
 
     truncate = True  # False: run all 77 positions as openai/CLIP does (same output; bench baseline)
 
@@ -1222,19 +1244,21 @@ class CAPNet(nn.Module):
         super().__init__()
         if len(classnames) == 0:
             raise ValueError("CAPNet needs at least one class")
-        if cfg.peft not in ("adaptformer", "none"):
-            raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer' or 'none'")
+        if cfg.peft not in ("adaptformer", "none", "full"):
+            raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
         self.clip = clip.eval()
         for param in clip.parameters():
-            param.requires_grad_(False)  # frozen backbone (step 1)
-        self.prompt_learner = PromptLearner(clip, classnames, cfg.n_ctx, cfg.ctx_init)
+            param.requires_grad_(cfg.peft == "full")  # frozen backbone (step 1), unless fully fine-tuned
+        self.prompt_learner = PromptLearner(clip, classnames, cfg.n_ctx, cfg.ctx_init, cfg.ctx == "shared")
         P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p,
                               cfg.cooccur_threshold)
         device = clip.token_embedding.weight.device
         self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(device)
+        if cfg.graph == "none":  # no GCN (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
+            self.gcn.requires_grad_(False)
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
-        self.peft, self.adapter_dim = "none", 0
+        self.peft, self.adapter_dim = ("full" if cfg.peft == "full" else "none"), 0
         if cfg.peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
             self.adapter_dim = add_adaptformer(clip.visual, len(classnames), cfg.adapter_dim)
             self.peft = "adaptformer"
@@ -1254,8 +1278,10 @@ class CAPNet(nn.Module):
         peft = [p for n, p in self.clip.visual.named_parameters() if ".adapter." in n]
         if self.peft == "bias":
             peft = bias_tuning_parameters(self.clip.visual)
+        if self.peft == "full":  # the fine-tuning baseline: every CLIP weight, text tower included
+            peft = list(self.clip.parameters())
         return {"prompts": [self.prompt_learner.ctx],
-                "gcn": [self.gcn.W0, self.gcn.W1, self.gcn.W2],
+                "gcn": [w for w in (self.gcn.W0, self.gcn.W1, self.gcn.W2) if w.requires_grad],
                 "temperature": [self.logit_scale],
                 "peft": peft}
 
@@ -1270,7 +1296,8 @@ class CAPNet(nn.Module):
         counts = {k: sum(p.numel() for p in v) for k, v in parts.items()}
         trainable = sum(counts.values())
         total = sum(p.numel() for p in self.parameters())
-        peft = {"adaptformer": "peft (AdaptFormer)", "bias": "peft (bias tuning)"}.get(self.peft, "peft (none)")
+        peft = {"adaptformer": "peft (AdaptFormer)", "bias": "peft (bias tuning)",
+                "full": "peft (all of CLIP)"}.get(self.peft, "peft (none)")
         names = {"prompts": "prompts", "gcn": "gcn", "temperature": "temperature", "peft": peft}
         lines = [f"{names[k]:<20} {v:>12,}" for k, v in counts.items()]
         lines += [f"{'trainable':<20} {trainable:>12,}",
@@ -1311,7 +1338,7 @@ class CAPNet(nn.Module):
 
 # The DB-focal loss itself (SPEC 3) is `db_focal_loss` in the fused-op section; here are the
 # class-aware weights and the loss the trainer uses.
-LOSSES = ("db-focal", "bce", "focal")
+LOSSES = ("db-focal", "bce", "focal", "asl")
 
 
 def class_aware_weights(class_freq, tau_prime):
@@ -1334,6 +1361,17 @@ def focal_loss(logits, targets, gamma=2.0):
     return ((1 - torch.exp(-bce)) ** gamma * bce).mean()
 
 
+def asymmetric_loss(logits, targets, gamma_pos=0.0, gamma_neg=4.0, clip=0.05):
+    """ASL (Ridnik et al. 2021), mean over B*C like every loss here (the paper's code sums):
+    -[y (1-p)^g+ log p + (1-y) p_m^g- log(1-p_m)], p_m = max(p - clip, 0); gradients flow through
+    the focusing weights too. log is clamped at 1e-8 as in the paper's code."""
+    p = torch.sigmoid(logits)  # (B, C)
+    p_m = (p - clip).clamp(min=0)  # (B, C) shifted probability: easy negatives (p <= clip) cost nothing
+    pos = (1 - p) ** gamma_pos * torch.log(p.clamp(min=1e-8))  # (B, C)
+    neg = p_m ** gamma_neg * torch.log((1 - p_m).clamp(min=1e-8))  # (B, C)
+    return -(targets * pos + (1 - targets) * neg).mean()
+
+
 def make_criterion(cfg, class_freq, num_images):
     """fn(logits (B, C), targets (B, C)) -> scalar, the training loss chosen by cfg.loss."""
     if cfg.loss not in LOSSES:
@@ -1342,6 +1380,9 @@ def make_criterion(cfg, class_freq, num_images):
         return lambda logits, targets: F.binary_cross_entropy_with_logits(logits, targets)
     if cfg.loss == "focal":
         return lambda logits, targets: focal_loss(logits, targets, cfg.gamma)
+    if cfg.loss == "asl":
+        return lambda logits, targets: asymmetric_loss(logits, targets, cfg.asl_gamma_pos, cfg.asl_gamma_neg,
+                                                       cfg.asl_clip)
     freq = torch.as_tensor(np.asarray(class_freq), dtype=torch.float32)  # (C,)
     weight = class_aware_weights(freq, cfg.tau_prime)  # checks that every class has an image
     if (freq >= num_images).any():  # the NTR bias needs log(N / n_c - 1) finite
@@ -1349,6 +1390,8 @@ def make_criterion(cfg, class_freq, num_images):
         raise ValueError(f"class {c} is in every training image ({int(freq[c])} of {num_images}): "
                          f"the DB-focal NTR bias log(N / n - 1) is undefined; use --loss bce or focal")
 
+    # the focal factor is per element (SPEC 3, as Wu et al.); LMPT's released code (dbl.py) takes it
+    # from the batch-mean BCE, one scalar per batch: --method lmpt keeps the elementwise form
     def criterion(logits, targets):
         return db_focal_loss(logits, targets, freq.to(logits.device), num_images,
                              alpha=cfg.alpha, beta=cfg.beta, mu=cfg.mu, kappa=cfg.kappa,
@@ -1620,14 +1663,15 @@ DATA_PREP_COMMANDS = {
     "nus-wide-lt": "python data_prep.py nus-wide-lt --nus-root DIR",
 }
 CHOICES = {
-    "graph": ("text", "cooccur", "identity"), "loss": ("db-focal", "bce", "focal"),
-    "peft": ("adaptformer", "none"), "tte": (1, 5, 10), "device": ("auto", "cpu", "cuda"),
-    "amp": ("auto", "bf16", "none"), "backend": ("auto", "ext", "torch"),
+    "graph": GRAPH_MODES, "loss": LOSSES, "ctx": ("class", "shared"),
+    "peft": ("adaptformer", "none", "full"), "sampler": ("uniform", "class-aware"), "tte": (1, 5, 10),
+    "device": ("auto", "cpu", "cuda"), "amp": ("auto", "bf16", "none"), "backend": ("auto", "ext", "torch"),
 }
 # fields that may change between a run and its --resume without changing any number
 RESUME_FREE = {"resume", "workers", "log_every", "device", "eval_batch_size", "compile", "seeds"}
 # fields that name an ablation: a non-default value goes into the derived run name
-ABLATION_FIELDS = ("graph", "loss", "peft", "tau_prime", "tte", "n_ctx", "s", "p", "ctx_init")
+ABLATION_FIELDS = ("graph", "loss", "peft", "tau_prime", "tte", "n_ctx", "s", "p", "ctx_init", "ctx", "sampler",
+                   "scale_min")
 CHECKPOINT_FORMAT = "capnet-checkpoint-1"
 
 
@@ -1635,14 +1679,14 @@ class RunError(RuntimeError):
     """A user-facing failure whose message says what to do (printed without a traceback)."""
 
 
-def preset_config(data: str) -> Config:
+def preset_config(data: str, method: str = "capnet") -> Config:
     # an unknown name is a custom dataset prepared with `data_prep.py lists`: a real dataset
-    return Config(**PRESETS.get(data, dict(clip="ViT-B/16")), data=data)
+    return Config(**{**PRESETS.get(data, dict(clip="ViT-B/16")), **METHODS[method]}, data=data)
 
 
 def run_name(cfg: Config) -> str:
     base = preset_config(cfg.data)
-    parts = [cfg.data]
+    parts = [cfg.data] + (["epochs-0"] if cfg.epochs == 0 else [])  # evaluate only (--method zero-shot)
     clip = cfg.clip
     if clip and clip != base.clip and Path(clip).name != "clip.pt":
         parts.append((Path(clip).stem if clip not in KNOWN_MODELS else clip).replace("/", "-").replace("@", "-"))
@@ -1660,8 +1704,8 @@ def resolve_config(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{flag(key)} {getattr(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
-    for keys, least, rule in ((("epochs", "batch_size", "eval_batch_size", "input_size", "n_ctx"), 1, "be at least 1"),
-                              (("workers", "adapter_dim", "ckpt_every", "seed", "log_every"), 0, "not be negative")):
+    for keys, least, rule in ((("batch_size", "eval_batch_size", "input_size", "n_ctx"), 1, "be at least 1"),
+                              (("epochs", "workers", "adapter_dim", "ckpt_every", "seed", "log_every"), 0, "not be negative")):
         for key in keys:
             if getattr(cfg, key) < least:
                 raise ValueError(f"{flag(key)} must {rule}, got {getattr(cfg, key)}")
@@ -1769,12 +1813,24 @@ def barrier(world: int):
         torch.distributed.barrier()
 
 
-def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+def sampler_weights(targets, class_freq, power: float = 1.0):
+    # Class-aware re-sampling: image i is drawn with probability proportional to sum_c y_ic n_c^-q.
+    # q = 1 is the per-image marginal of Shen et al.'s class-aware sampling (a class uniformly, then
+    # one of its images), the re-sampling of Wu et al. 2020; q < 1 softens it. Unlabelled images: 0.
+    inv = np.maximum(np.asarray(class_freq, dtype=np.float64), 1) ** -power  # (C,) n_c^-q
+    w = np.asarray(targets, dtype=np.float64) @ inv  # (N,)
+    return w / w.sum()
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                  weights=None):
     # The global batches of one epoch (drop_last), each cut to this process's shard. The order
     # depends only on (seed, epoch), so a resumed run and every DDP process see the same batches;
     # batch_size is the global batch (2 processes x 32 = 1 process x 64). The extra words keep
-    # this stream apart from the dataset's augmentation RNG [seed, epoch, index].
-    order = np.random.default_rng([seed, epoch, 2**32 - 1, 1]).permutation(num_items)
+    # this stream apart from the dataset's augmentation RNG [seed, epoch, index]. With `weights`
+    # (class-aware sampler) an epoch is num_items draws with replacement: as many steps as uniform.
+    rng = np.random.default_rng([seed, epoch, 2**32 - 1, 1])
+    order = rng.permutation(num_items) if weights is None else rng.choice(num_items, num_items, p=weights)
     steps = num_items // batch_size
     return [order[i * batch_size:(i + 1) * batch_size][rank::world].tolist() for i in range(steps)]
 
@@ -1927,12 +1983,18 @@ def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
     # first steps of the DB-focal loss, where every logit starts positive (cosines ~0.25), drive t
     # towards 0 and flatten all logits (measured on synthetic-lt: exp(t) 14 -> 0.08, mAP falls
     # 10+ points); at 1/100 of the lr t still adapts (14.0 -> 13.2) and mAP does not collapse.
+    # --peft full: CLIP's own weights train at lr * clip_lr_scale (ours), prompts and GCN at the full lr
     trainable = [p for p in model.parameters() if p.requires_grad]
     no_decay = {id(p) for p in model.no_decay_parameters()}  # temperature, adapter scales
+    clip_ids = {id(p) for p in model.clip.parameters()} if cfg.peft == "full" else set()
     t = model.logit_scale
-    groups = [{"params": [p for p in trainable if id(p) not in no_decay], "weight_decay": cfg.weight_decay},
+    decay = [p for p in trainable if id(p) not in no_decay | clip_ids]  # prompts, GCN, adapters
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": [p for p in trainable if id(p) in no_decay and p is not t], "weight_decay": 0.0},
               {"params": [t], "weight_decay": 0.0, "lr": cfg.lr * cfg.temperature_lr_scale}]
+    if clip_ids:
+        groups.append({"params": [p for p in trainable if id(p) in clip_ids], "weight_decay": cfg.weight_decay,
+                       "lr": cfg.lr * cfg.clip_lr_scale})
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     total = cfg.epochs * steps_per_epoch
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
@@ -2150,6 +2212,7 @@ def train(cfg: Config) -> dict:
     if steps_per_epoch == 0:
         raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
     total_steps = cfg.epochs * steps_per_epoch
+    weights = sampler_weights(train_targets, counts, cfg.sampler_power) if cfg.sampler == "class-aware" else None
     optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
     criterion = make_criterion(cfg, counts, len(prepared.train))
     step, wall_before = 0, 0.0
@@ -2161,7 +2224,9 @@ def train(cfg: Config) -> dict:
         step, wall_before = ckpt["step"], ckpt["wall_seconds"]
     forward = model
     if world > 1:
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # --peft full: CLIP's token table and its own logit scale are trainable but get no gradient
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      find_unused_parameters=cfg.peft == "full")
     if cfg.compile:
         forward = torch.compile(forward)
 
@@ -2170,6 +2235,7 @@ def train(cfg: Config) -> dict:
             write_atomic(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "optimizer": optimizer.state_dict(),
                 "model": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
+                "holds": "the full model (--peft full)" if cfg.peft == "full" else "the trainable parameters",
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
                 "config": dataclasses.asdict(cfg), "classes": list(classes), "clip": dict(clip.source),
                 "class_counts": torch.as_tensor(counts, dtype=torch.int64),
@@ -2184,7 +2250,7 @@ def train(cfg: Config) -> dict:
     while step < total_steps:
         epoch = step // steps_per_epoch
         train_set.set_epoch(epoch)
-        batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, rank, world)
+        batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, rank, world, weights)
         loader = make_loader(train_set, cfg, batch_sampler=batches[step - epoch * steps_per_epoch:],
                              pin_memory=device.type == "cuda")
         for batch in loader:
@@ -2223,7 +2289,10 @@ def train(cfg: Config) -> dict:
 
     model.eval()
     t0 = time.time()
-    ap = average_precision(*score_dataset(model, test_set, cfg, device, amp, rank, world))
+    if total_steps == 0:  # --epochs 0 (--method zero-shot): evaluate only, "trained" is the step-0 zero-shot
+        ap = ap_zero_shot
+    else:
+        ap = average_precision(*score_dataset(model, test_set, cfg, device, amp, rank, world))
     results = {"zero_shot": summarize(ap_zero_shot, counts), "trained": summarize(ap, counts),
                "per_class": per_class_rows(classes, counts, ap_zero_shot, ap), "config": dataclasses.asdict(cfg),
                "seed": cfg.seed, "versions": versions(), "steps": total_steps, "world_size": world,
@@ -2284,6 +2353,7 @@ def train_seeds(cfg: Config) -> dict:
 TABLES = {  # name: rows, each the train flags it adds to the command line's
     "ablations": ["", "--graph identity", "--graph cooccur", "--loss bce", "--loss focal", "--tau-prime inf",
                   "--peft none", "--tte 1", "--tte 10"],
+    "methods": ["--method zero-shot", "--method coop", "--method lmpt", "--method capnet"],
 }
 
 
@@ -2451,8 +2521,8 @@ def parse_bool(text: str) -> bool:
 
 
 def config_from_args(args) -> Config:
-    """Preset of --data, then every flag given on the command line."""
-    cfg = preset_config(args.data or Config.data)
+    """Preset of --data, then of --method, then every flag given on the command line."""
+    cfg = preset_config(args.data or Config.data, getattr(args, "method", None) or "capnet")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     return dataclasses.replace(cfg, **given)
 
@@ -2463,6 +2533,7 @@ def build_parser():
                                      description="CAPNet: CLIP prompts + label-graph GCN for long-tailed multi-label recognition")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", allow_abbrev=False, help="train (default: the embedded synthetic-lt)")
+    p.add_argument("--method", choices=sorted(METHODS), help="a preset of flags (README: Methods and baselines)")
     # one strict --key value flag per Config field (underscores become dashes); bools also as bare flags
     kinds = {"int": int, "float": float, "str": str, "bool": parse_bool}
     for f in dataclasses.fields(Config):

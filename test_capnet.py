@@ -629,6 +629,26 @@ def test_prompt_learner_template_init_is_zero_shot_clip():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_shared_context_is_one_tensor():
+    """--ctx shared (CoOp): one (M, W) context read by every class; --ctx class: one per class."""
+    clip = tiny_clip()
+    C, W = len(TINY_CLASSES), clip.token_embedding.weight.shape[1]
+    shared = capnet.PromptLearner(clip, TINY_CLASSES, n_ctx=6, shared=True)
+    assert shared.ctx.shape == (6, W)
+    assert capnet.PromptLearner(clip, TINY_CLASSES, n_ctx=6).ctx.shape == (C, 6, W)
+    x = shared.embeddings()  # (C, L, W)
+    assert all(torch.equal(x[c, 1:7], shared.ctx) for c in range(C))
+    shared().sum().backward()  # every class's gradient lands in the one tensor
+    assert shared.ctx.grad.shape == (6, W) and shared.ctx.grad.abs().sum() > 0
+    template = capnet.PromptLearner(clip, TINY_CLASSES, ctx_init="a photo of a", shared=True)
+    with torch.no_grad():  # from the template, the shared prompts are still plain CLIP's
+        torch.testing.assert_close(template(), capnet.zero_shot_text_features(clip, TINY_CLASSES),
+                                   rtol=1e-5, atol=1e-5)
+    model = tiny_capnet(ctx="shared")
+    assert model.trainable_parts()["prompts"][0].shape == (4, W)
+    assert model(tiny_images("vit")).shape == (3, C)
+
+
 def test_prompt_too_long_names_the_class():
     clip = tiny_clip()
     long_name = "very_" * 70 + "long"
@@ -696,6 +716,15 @@ def test_identity_graph_and_bad_mode():
         capnet.build_label_graph("nope", None, list("abc"), None)
     with pytest.raises(ValueError, match="cooccur"):
         capnet.build_label_graph("cooccur", None, list("abc"), None)
+
+
+def test_graph_none_is_no_gcn():
+    """--graph none (the CoOp and LMPT baselines): nothing of the GCN trains and F_hat = F_t exactly;
+    --graph identity keeps a trainable GCN, a per-class MLP on F_t."""
+    model = tiny_capnet(graph="none").train()
+    assert not any(p.requires_grad for p in model.gcn.parameters()) and model.trainable_parts()["gcn"] == []
+    assert torch.equal(model.class_features(), model.prompt_learner())
+    assert len(tiny_capnet(graph="identity").trainable_parts()["gcn"]) == 3
 
 
 def test_graph_stats_names_rarest_classes():
@@ -801,6 +830,31 @@ def test_exactly_the_trainable_parts_require_grad(vision, peft, kind):
     no_decay = model.no_decay_parameters()
     assert model.logit_scale in no_decay
     assert len(no_decay) == 1 + (2 if kind == "adaptformer" else 0)
+
+
+@pytest.mark.parametrize("vision", ["vit", "resnet"])
+def test_peft_full_leaves_no_clip_parameter_frozen(vision):
+    model = tiny_capnet(vision, peft="full")
+    assert all(p.requires_grad for p in model.clip.parameters())
+    assert not any(".adapter." in n for n, _ in model.named_parameters())  # no adapters: CLIP itself trains
+    assert {id(p) for p in model.trainable_parts()["peft"]} == {id(p) for p in model.clip.parameters()}
+    assert "frozen(CLIP)0" in model.trainable_summary().replace(" ", "")
+    cfg = tiny_cfg(peft="full", lr=0.01, clip_lr_scale=0.1)
+    optimizer, _ = capnet.build_optimizer(model, cfg, steps_per_epoch=4)
+    clip_group = optimizer.param_groups[-1]  # CLIP's weights train at lr * clip_lr_scale
+    assert {id(p) for p in clip_group["params"]} == {id(p) for p in model.clip.parameters()}
+    assert clip_group["initial_lr"] == pytest.approx(0.001) and optimizer.param_groups[0]["initial_lr"] == 0.01
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(1 for _ in model.parameters())
+    first = next(model.clip.visual.parameters())
+    before = first.detach().clone()
+    model.train()
+    loss = model(tiny_images(vision)).sigmoid().sum()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(first, before)
+    # without --peft full the optimizer keeps its three groups (old checkpoints resume)
+    assert len(capnet.build_optimizer(tiny_capnet(vision), tiny_cfg(), 4)[0].param_groups) == 3
 
 
 def test_resnet_batchnorm_statistics_stay_frozen_in_training():
@@ -1058,6 +1112,38 @@ def test_make_criterion_losses():
         capnet.make_criterion(tiny_cfg(loss="mse"), n, N)
     with pytest.raises(ValueError, match="class 1 is in every training image"):
         capnet.make_criterion(tiny_cfg(), [10, 100, 5], 100)
+
+
+def test_asymmetric_loss_hand_computed_2x3():
+    """ASL (Ridnik et al. 2021) on a 2 x 3 example, each element written out with math."""
+    z = [[2.0, -1.0, 0.5], [-3.0, 0.2, 1.5]]
+    y = [[1, 0, 0], [0, 1, 1]]
+
+    def by_hand(gp, gn, m):
+        total = 0.0
+        for zr, yr in zip(z, y):
+            for zi, yi in zip(zr, yr):
+                p = 1 / (1 + math.exp(-zi))
+                if yi:
+                    total += -((1 - p) ** gp) * math.log(p)
+                else:
+                    pm = max(p - m, 0.0)  # sigmoid(-3) = 0.047 < 0.05: that negative costs nothing
+                    total += -(pm ** gn) * math.log(1 - pm)
+        return total / 6  # mean over B * C
+
+    zt, yt = torch.tensor(z, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    got = capnet.asymmetric_loss(zt, yt)  # defaults: gamma+ 0, gamma- 4, clip 0.05
+    assert got.item() == pytest.approx(by_hand(0.0, 4.0, 0.05), rel=1e-12)
+    assert capnet.asymmetric_loss(zt, yt, 1.0, 2.0, 0.0).item() == pytest.approx(by_hand(1.0, 2.0, 0.0), rel=1e-12)
+    # gamma 0, clip 0: plain BCE
+    torch.testing.assert_close(capnet.asymmetric_loss(zt, yt, 0.0, 0.0, 0.0),
+                               F.binary_cross_entropy_with_logits(zt, yt))
+    cfg = tiny_cfg(loss="asl", asl_gamma_pos=1.0, asl_gamma_neg=2.0, asl_clip=0.0)
+    crit = capnet.make_criterion(cfg, np.array([1, 1, 1]), 2)
+    assert crit(zt, yt).item() == pytest.approx(by_hand(1.0, 2.0, 0.0), rel=1e-12)
+    zg = zt.clone().requires_grad_(True)
+    capnet.asymmetric_loss(zg, yt).backward()
+    assert torch.isfinite(zg.grad).all() and zg.grad[1, 0] == 0  # clipped negative: no gradient
 
 
 # -----------------------------------------------------------------------------
@@ -2181,6 +2267,70 @@ def test_schedule_and_batches_are_pure_functions():
     assert [sorted(x + y) for x, y in zip(*shards)] == [sorted(b) for b in a]  # DDP shards = global batch
 
 
+def test_class_aware_sampler_moves_toward_uniform_and_is_pure():
+    rng = np.random.default_rng(0)
+    N = 400
+    targets = (rng.random((N, 4)) < [0.6, 0.25, 0.08, 0.02]).astype(np.float32)
+    targets[targets.sum(1) == 0, 0] = 1  # every image has a label
+    counts = targets.sum(0)
+    w = capnet.sampler_weights(targets, counts, 1.0)
+    expected = targets @ (1 / counts)  # sum over the image's labels of 1 / n_c
+    np.testing.assert_allclose(w, expected / expected.sum())
+    drawn = capnet.epoch_batches(N, 20, seed=3, epoch=1, weights=w)
+    assert len(drawn) == N // 20 and all(len(b) == 20 for b in drawn)  # as many steps as uniform
+    epoch_counts = targets[[i for b in drawn for i in b]].sum(0)  # class frequencies in the drawn epoch
+    spread = lambda c: c.max() / c.min()
+    assert spread(epoch_counts) < spread(counts) / 4  # far closer to uniform than the data
+    half = targets[[i for b in capnet.epoch_batches(N, 20, 3, 1, weights=capnet.sampler_weights(
+        targets, counts, 0.5)) for i in b]].sum(0)
+    assert spread(epoch_counts) < spread(half) < spread(counts)  # q between 0 and 1: in between
+    # a pure function of (seed, epoch): the same batches again, others for another epoch or seed
+    assert drawn == capnet.epoch_batches(N, 20, seed=3, epoch=1, weights=w)
+    assert drawn != capnet.epoch_batches(N, 20, seed=3, epoch=2, weights=w)
+    assert drawn != capnet.epoch_batches(N, 20, seed=4, epoch=1, weights=w)
+    shards = [capnet.epoch_batches(N, 20, 3, 1, rank=r, world=2, weights=w) for r in range(2)]
+    assert [sorted(x + y) for x, y in zip(*shards)] == [sorted(b) for b in drawn]  # DDP shards = global batch
+
+
+def test_method_presets_fill_flags_and_flags_override():
+    parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
+    coop = parse("--method", "coop")
+    assert (coop.ctx, coop.graph, coop.peft, coop.loss) == ("shared", "none", "none", "bce")
+    assert coop.lr == 0.005 and coop.ctx_init == "a photo of a"  # the data preset stays underneath
+    lmpt = parse("--method", "lmpt")
+    assert (lmpt.ctx, lmpt.graph, lmpt.peft, lmpt.loss) == ("class", "none", "none", "db-focal")
+    assert lmpt.tau_prime == float("inf") and lmpt.scale_min == 1.0
+    assert parse("--method", "zero-shot").epochs == 0
+    assert parse("--method", "coop", "--loss", "asl", "--peft", "full").loss == "asl"  # a flag still wins
+    assert parse("--method", "coop", "--loss", "asl", "--peft", "full").peft == "full"
+    voc = parse("--data", "voc-lt", "--method", "lmpt")
+    assert voc.mu == 0.3 and voc.lam == 5.0 and voc.ctx_init == "a photo of a"
+    # the run folder derives from the resolved flags, never from the method's name
+    name = lambda cfg: capnet.resolve_config(cfg).name
+    assert name(parse("--method", "capnet")) == name(parse()) == "synthetic-lt"
+    assert name(coop) == "synthetic-lt-graph-none-loss-bce-peft-none-ctx-shared"
+    assert name(coop) == name(parse("--ctx", "shared", "--graph", "none", "--peft", "none", "--loss", "bce"))
+    assert name(lmpt) == "synthetic-lt-graph-none-peft-none-tau-prime-inf-scale-min-1.0"
+    assert name(parse("--method", "zero-shot")) == "synthetic-lt-epochs-0"
+    assert capnet.TABLES["methods"] == ["--method zero-shot", "--method coop", "--method lmpt", "--method capnet"]
+    with pytest.raises(SystemExit):
+        parse("--method", "clip-adapter")
+    for flag, bad in (("--ctx", "per-class"), ("--sampler", "balanced"), ("--loss", "asym"), ("--peft", "lora")):
+        with pytest.raises(ValueError, match=flag):
+            capnet.resolve_config(parse(flag, bad))
+
+
+def test_zero_shot_method_evaluates_only(trained, tiny, tmp_path):
+    args = tiny_args(tiny, tmp_path, "zs", "--method", "zero-shot")
+    del args[args.index("--epochs"):args.index("--epochs") + 2]  # the preset's epochs 0, not tiny_args' 3
+    res = capnet.main(args)
+    assert res["config"]["epochs"] == 0 and res["steps"] == 0
+    same = lambda a, b: all(a[g] == b[g] or (math.isnan(a[g]) and math.isnan(b[g])) for g in capnet.GROUPS)
+    assert same(res["trained"], res["zero_shot"]) and same(res["zero_shot"], trained["results"]["zero_shot"])
+    assert all(c["ap"] == c["ap_zero_shot"] for c in res["per_class"])
+    assert not (tmp_path / "zs" / "checkpoint.pt").exists()  # nothing trained, nothing to resume
+
+
 def test_train_writes_every_output(trained, tiny):
     run, res = trained["dir"], trained["results"]
     for f in ("config.json", "log.txt", "checkpoint.pt", "results.json", "per_class_ap.csv", "ap_vs_freq.png"):
@@ -2479,8 +2629,11 @@ def _run_capnet(args, env_extra=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path):
-    extra = ("--epochs", "5", "--ckpt-every", "3")  # checkpoints at steps 3, 4, 6, 8, 9, ... (mid-epoch too)
+# the default, and a baseline made of the new flags: shared context, class-aware sampler, ASL, all of CLIP
+@pytest.mark.parametrize("flags", [(), ("--method", "coop", "--sampler", "class-aware", "--loss", "asl",
+                                        "--peft", "full")], ids=["capnet", "coop-class-aware-asl-full"])
+def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path, flags):
+    extra = ("--epochs", "5", "--ckpt-every", "3", *flags)  # checkpoints at steps 3, 4, 6, 8, 9, ... (mid-epoch too)
     full = _run_capnet(tiny_args(tiny, tmp_path, "full", *extra))
     killed = _run_capnet(tiny_args(tiny, tmp_path, "killed", *extra))
     ckpt = tmp_path / "killed" / "checkpoint.pt"
@@ -2506,6 +2659,12 @@ def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path):
     pa = capnet.load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     pb = capnet.load_checkpoint(ckpt)["model"]
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    if flags:  # the full model is in the checkpoint, and it says so; eval and predict rebuild it
+        assert capnet.load_checkpoint(ckpt)["holds"] == "the full model (--peft full)"
+        assert "clip.visual.conv1.weight" in pb and "clip.transformer.resblocks.0.mlp.c_fc.weight" in pb
+        assert capnet.evaluate(ckpt, workers=0)["total"] == pytest.approx(b["trained"]["total"], abs=1e-9)
+        rows = capnet.predict(ckpt, [tiny["test_images"]], as_json=True)
+        assert len(rows) == 16 and all("best" in r for r in rows)
 
 
 def test_torchrun_two_processes_matches_one(tiny, tmp_path):

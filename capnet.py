@@ -2332,13 +2332,7 @@ def train_seeds(cfg: Config) -> dict:
             runs.append(done)
         else:
             runs.append(train(dataclasses.replace(one, resume=(run_dir / "checkpoint.pt").exists())))
-    summary = {"seeds": seeds, "runs": [f"{cfg.out_dir}/{cfg.name}/seed{s}" for s in seeds]}
-    for kind in ("zero_shot", "trained"):
-        summary[kind] = {}
-        for group in GROUPS:
-            values = np.array([r[kind][group] for r in runs], dtype=np.float64)
-            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-            summary[kind][group] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
+    summary = {"seeds": seeds, "runs": [f"{cfg.out_dir}/{cfg.name}/seed{s}" for s in seeds], **mean_std(runs)}
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(Path(cfg.out_dir) / cfg.name / "seeds.json", summary)
         print(f"\n{len(seeds)} seeds ({cfg.seeds}): mean +- std mAP")
@@ -2346,6 +2340,16 @@ def train_seeds(cfg: Config) -> dict:
             print(f"  {kind:9s} " + " | ".join(f"{g} {summary[kind][g]['mean']:.2f} +- {summary[kind][g]['std']:.2f}"
                                              for g in GROUPS))
     return summary
+
+
+def mean_std(runs: list, kinds=("zero_shot", "trained")) -> dict:
+    """{kind: {group: {"mean", "std" (n - 1), "values"}}} over the runs' results."""
+    out = {}
+    for kind in kinds:
+        values = {g: np.array([r[kind][g] for r in runs], dtype=np.float64) for g in GROUPS}
+        out[kind] = {g: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                         "values": v.tolist()} for g, v in values.items()}
+    return out
 
 
 # ---- tables: every row of a table trained over --seeds (default 0,1,2), mean +- std per group
@@ -2361,12 +2365,20 @@ def run_table(table: str, train_flags: list) -> str:
     """`python capnet.py table NAME [train flags]` -> the markdown table (also runs/table-NAME-<data>.md)."""
     lines = ["| row | " + " | ".join(GROUPS) + " |", "|---" * (len(GROUPS) + 1) + "|"]
     cell = lambda m: f"{m['mean']:.2f} +- {m['std']:.2f}"
+    first = None
     for i, flags in enumerate(TABLES[table]):
         cfg = config_from_args(build_parser().parse_args(["train", *train_flags, *flags.split()]))
         cfg = resolve_config(dataclasses.replace(cfg, name="", seeds=cfg.seeds or "0,1,2"))
         if "--name" in train_flags:  # --name X groups the rows: runs/X/<row's derived name>/seed<k>
             cfg.name = f"{train_flags[train_flags.index('--name') + 1]}/{cfg.name}"
-        summary = train_seeds(cfg)
+        first = first or cfg
+        if i and dataclasses.replace(cfg, tte=first.tte, name=first.name) == first:
+            # only the TTE differs, which training never reads: score the first row's checkpoints again
+            summary = mean_std([{"trained": evaluate(Path(cfg.out_dir) / first.name / f"seed{s}" / "checkpoint.pt",
+                                                     cfg.tte, cfg.device, workers=cfg.workers)}
+                                for s in cfg.seeds.split(",")], kinds=("trained",))
+        else:
+            summary = train_seeds(cfg)
         if i == 0:  # zero-shot: plain CLIP with the first row's TTE, the same in every run
             lines.append("| zero-shot | " + " | ".join(cell(summary["zero_shot"][g]) for g in GROUPS) + " |")
         lines.append(f"| {flags or 'full model'} | " + " | ".join(cell(summary["trained"][g]) for g in GROUPS) + " |")

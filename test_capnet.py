@@ -2704,17 +2704,20 @@ def test_seeds_report_mean_and_std(tiny, tmp_path, capsys):
 
 
 def test_table_runs_every_row_over_seeds_and_resumes(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(capnet.TABLES, "mini", ["", "--graph identity"])
+    monkeypatch.setitem(capnet.TABLES, "mini", ["", "--graph identity", "--tte 1"])
     args = ["table", "mini", *tiny_args(tiny, tmp_path, "t", "--seeds", "0,1", "--epochs", "1")[1:]]
     text = capnet.main(args)
     rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:] if line.startswith("|")}
-    assert list(rows) == ["zero-shot", "full model", "--graph identity"]
+    assert list(rows) == ["zero-shot", "full model", "--graph identity", "--tte 1"]
     runs = sorted((tmp_path / "t").iterdir())  # one folder per row, named from its flags
     assert [r.name for r in runs] == ["tiny-clip0-graph-identity-n-ctx-4", "tiny-clip0-n-ctx-4"]
     for name, run in (("full model", runs[1]), ("--graph identity", runs[0])):
         seeds = _json.loads((run / "seeds.json").read_text())
         mean, std = seeds["trained"]["tail"]["mean"], seeds["trained"]["tail"]["std"]
         assert f"{mean:.2f} +- {std:.2f}" in rows[name].split("|")[5]  # the tail column
+    # a TTE-only row trains nothing (no folder of its own): it re-scores the full model's checkpoints
+    tte1 = [capnet.evaluate(runs[1] / f"seed{s}" / "checkpoint.pt", 1, workers=0)["tail"] for s in (0, 1)]
+    assert f"{np.mean(tte1):.2f} +- {np.std(tte1, ddof=1):.2f}" in rows["--tte 1"].split("|")[5]
     assert (tmp_path / "table-mini-tiny.md").read_text().startswith(text.splitlines()[0])
     # a second call reads every finished run back instead of training again
     capsys.readouterr()

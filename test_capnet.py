@@ -1879,18 +1879,19 @@ def test_synthetic_style_shift_between_pretraining_and_downstream():
     from PIL import Image, ImageDraw
     C = len(data_prep.SYN_CLASSES)
     rng = np.random.default_rng(0)
-    diffs, sat, grain = [], {"web": [], "target": []}, {"web": [], "target": []}
+    diffs, unexplained, grain = [], [], {"web": [], "target": []}
     for seed in range(20):
         labels, sky, ground, anchor = data_prep._syn_sample_scene(rng, np.full(C, 1 / C), np.full(C, 0.3))
         img = {s: data_prep._syn_render(seed, labels, anchor, sky, ground, 48, s).astype(float) for s in ("web", "target")}
         assert np.array_equal(img["web"], data_prep._syn_render(seed, labels, anchor, sky, ground, 48, "web"))
+        turned = np.clip(img["web"] @ data_prep.SYN_TARGET_TURN.T, 0, 255)  # the same scene, hue turned
         diffs.append(np.abs(img["web"] - img["target"]).mean())
+        unexplained.append(np.abs(turned - img["target"]).mean() / diffs[-1])
         for s, x in img.items():
-            sat[s].append((x.max(-1) - x.min(-1)).mean())
             grain[s].append(np.abs(np.diff(x, axis=1)).mean())  # neighbour differences: texture
-    # a global shift: every scene changes a lot, colours are duller, the texture is grainier
-    assert min(diffs) > 15
-    assert np.mean(sat["target"]) < 0.8 * np.mean(sat["web"])
+    # a global shift: every scene changes a lot, mostly by the colour turn (the rest: exposure,
+    # grain, clutter, the families' palettes), and the texture is grainier
+    assert min(diffs) > 8 and np.median(unexplained) < 0.6
     assert np.mean(grain["target"]) > 1.5 * np.mean(grain["web"])
     # the family-level change: a family member's painter draws differently in the target palette,
     # every other class exactly the same

@@ -447,26 +447,28 @@ def _make_split_items(pool, num_classes, name, seed, alpha=None, warn=True):
 # snow) with 1-5 objects drawn as small icons; where an object can appear depends on the
 # scene ("fish" needs water, "moon" needs night), so labels co-occur in ways the names explain.
 # The world's properties, each built on purpose (README, "The synthetic default"):
-#  1. Pretraining is not the downstream task. CLIP learns from web-like captions: short, about
-#     the salient object (drawn larger), each other object named only half the time, sometimes
-#     a synonym (_SynCaptioner): the single-label bias of web alt-text. Its images are in the "web"
-#     style; the labelled images in the "target" style, a global shift (_syn_target_look:
-#     warm, washed-out evening light, darker towards the bottom, film grain; objects 0.9x
-#     smaller among pebble clutter), so zero-shot is below what training can reach everywhere.
-#  2. Semantic families (SYN_FAMILIES): "tree" / "pine tree" / "palm tree", "boat" / "sailboat"
-#     / "rowboat", "car" / "race car" / "police car" share a head word, and web captions
-#     sometimes call a member by it, so their names are close in text space. Each family changes look together between the two styles (autumn
-#     foliage, red-painted hulls, mud-brown bodies: SYN_PALETTES); the head member is abundant
-#     in train, the others scarce, and family members rarely share a scene (_syn_sample_scene,
-#     family_mix). So the text graph links a tail class to what its head relative learned and
-#     the co-occurrence graph cannot: the paper's argument, built into the miniature.
+#  1. Pretraining is not the downstream task. CLIP learns from web-like captions (_SynCaptioner):
+#     short, the salient object (drawn larger) named first, each other object only half the
+#     time (the single-label bias of alt-text), and a class that has a synonym called by it half
+#     the time ("yacht", "fir"). Its images are drawn in the "web" style, the labelled train and
+#     test images in the "target" style: a global shift (_syn_target_look: every hue turned by
+#     35 degrees, exposure, film grain; pebble clutter on the ground), so zero-shot is below
+#     what training can reach in every group.
+#  2. Semantic families (SYN_FAMILIES): "tree" / "pine tree" / "palm tree", "boat" / "sailboat" /
+#     "rowboat", "car" / "race car" / "police car" share a head word, and captions sometimes
+#     call a member by it. Each family changes look together between the two styles (autumn
+#     foliage, red-painted hulls, mud-brown paint: SYN_PALETTES); the head member is abundant in
+#     train, the others scarce, and family members rarely share a scene (_syn_sample_scene,
+#     family_mix), so the co-occurrence graph cannot link them and only the text graph can: the
+#     paper's argument, built in on purpose. Whether the names end up close in the small CLIP's
+#     text space is measured, not assumed (dataset.json "source", "text_neighbours").
 #  3. Train long-tailed, test balanced. Three disjoint draws (own random streams):
 #     train    long-tailed: each scene's anchor (salient) object is drawn from power-law class
 #              weights (Pareto-like, as Wu et al. 2020's target counts), extra objects with
 #              probability proportional to the same weights -> head / medium / tail non-empty,
 #              every class present; target style;
-#     test     balanced (uniform anchors, constant extra-object rate), target style, so every
-#              group's AP is measurable;
+#     test     balanced: uniform anchors, extra objects joining more readily where scenes seldom
+#              allow them, so label counts come out near equal; target style;
 #     pretrain balanced, web style, in memory only, with captions, for the small CLIP.
 # The CLIP (ViT image tower, so AdaptFormer applies) is trained with the symmetric InfoNCE loss
 # of Radford et al. 2021 and saved as a plain state dict with OpenAI's parameter names. What
@@ -511,11 +513,11 @@ SYN_CLASSES = list(SYN_OBJECTS)
 SYN_FAMILIES = {"tree": ("tree", "pine tree", "palm tree"), "boat": ("boat", "sailboat", "rowboat"),
                 "car": ("car", "race car", "police car")}
 SYN_FAMILY_OF = {SYN_CLASSES.index(m): f for f, members in SYN_FAMILIES.items() for m in members}
-# Web captions sometimes call an object by another word, as alt-text does: a synonym ("yacht"
-# for a sailboat, "fir" for a pine tree) or, for a family member, the family's word ("a tree"
-# for a palm tree, "a boat" for a rowboat), which is also what puts a family's names close
-# together in the text space of a CLIP whose text encoder learned only from these captions
-# (without it the nearest text neighbour of "palm tree" was "umbrella", its beach companion).
+# Web captions call an object by another word as alt-text does: a synonym ("yacht" for a
+# sailboat, "fir" for a pine tree) or, for a family member, the family's word ("a tree" for a
+# palm tree, "a boat" for a rowboat). The class name then is only one of the words the text
+# encoder learned for the object, so zero-shot with "a photo of a {name}." is weaker for these
+# classes than what labelled images can teach the prompts.
 SYN_SYNONYMS = {"person": "man", "mountain": "peak", "airplane": "jet", "house": "cottage", "dog": "puppy",
                 "boat": "ship", "car": "automobile", "pine tree": "fir", "sailboat": "yacht",
                 "rowboat": "dinghy", "race car": "racer", "police car": "cruiser"}
@@ -902,7 +904,7 @@ class _SynCaptioner:
     the captions add the scene phrase. Always "a {word}" (never "an"), to match the zero-shot
     template "a photo of a {name}."."""
 
-    def __init__(self, encode, p_mention=0.5, p_synonym=0.3, p_family_word=0.15):
+    def __init__(self, encode, p_mention=0.5, p_synonym=0.5, p_family_word=0.15):
         self.p_mention, self.p_synonym, self.p_family_word = p_mention, p_synonym, p_family_word
         self.name = [encode("a " + n) for n in SYN_CLASSES]
         self.synonym = [encode("a " + SYN_SYNONYMS[n]) if n in SYN_SYNONYMS else None for n in SYN_CLASSES]
@@ -1032,7 +1034,7 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
                       pretrain_steps=1000, batch_size=64, lr=1e-3, patch=8, width=96, layers=3,
                       text_width=96, text_layers=2, embed_dim=96, tail_exponent=1.4, extra_rate=0.3,
                       test_extra_rate=0.25, pretrain_extra_rate=0.25, family_mix=0.05, p_mention=0.5,
-                      p_synonym=0.3, p_family_word=0.15, log=print):
+                      p_synonym=0.5, p_family_word=0.15, log=print):
     """Draw the synthetic-lt world and pretrain its CLIP -> Path of <root>/synthetic-lt/dataset.json.
 
     Writes <root>/synthetic-lt/{dataset.json, images/{train,test}/*.png, clip.pt}. The keyword

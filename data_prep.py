@@ -441,72 +441,106 @@ def _make_split_items(pool, num_classes, name, seed, alpha=None, warn=True):
 # -----------------------------------------------------------------------------
 # synthetic-lt: procedurally drawn scenes and a small contrastively pretrained CLIP
 #
-# The embedded default (SPEC section 5): a toy world that needs no download, yet exercises
-# everything CAPNet is about. Each image is a scene: a sky (day or night) above a ground
-# (grass, water, sand or snow) with 1-5 objects drawn as small icons. Object classes have
-# plain English names, and where an object can appear depends on the scene ("boat" and
-# "fish" need water, "moon" and "star" need night, "snowman" needs snow), so labels co-occur
-# in ways the names explain. Some names share words ("boat"/"sailboat", "tree"/"pine tree"/
-# "palm tree"): the text side alone confuses them, the pixels do not, so the long-tailed
-# training set has something real to teach beyond zero-shot.
-# Three disjoint draws (different seeds):
-#   train    long-tailed: each image's first ("anchor") object is drawn from power-law class
-#            weights (Pareto-like, as Wu et al. 2020's target counts), extra objects with
-#            probability proportional to the same weights -> head / medium / tail all non-empty;
-#   test     roughly balanced (uniform anchors, constant extra-object rate), so tail AP is measurable;
-#   pretrain balanced, in memory only, with captions generated from the labels
-#            ("a photo of a sun, a cloud and a boat on the water."), for the small CLIP.
-# The CLIP (ViT image tower, so AdaptFormer applies) is trained with the symmetric InfoNCE
-# loss of Radford et al. 2021 and saved as a plain state dict with OpenAI's parameter names.
-# Captions mention a random subset of the objects, as web alt-text does, so zero-shot is
-# decent but imperfect (measured and stored in dataset.json "source").
-
-
+# The embedded default (SPEC section 5): a miniature of the real long-tailed multi-label
+# problem (VOC-LT / COCO-LT with a web-trained CLIP), built so that each part of CAPNet has
+# a job. Each image is a scene: a sky (day or night) above a ground (grass, water, sand or
+# snow) with 1-5 objects drawn as small icons; where an object can appear depends on the
+# scene ("fish" needs water, "moon" needs night), so labels co-occur in ways the names explain.
+# The world's properties, each built on purpose (README, "The synthetic default"):
+#  1. Pretraining is not the downstream task. CLIP learns from web-like captions (_SynCaptioner):
+#     short, the salient object (drawn larger) named first, each other object only half the
+#     time (the single-label bias of alt-text), and a class that has a synonym called by it half
+#     the time ("yacht", "fir"). Its images are drawn in the "web" style, the labelled train and
+#     test images in the "target" style: a global shift (_syn_target_look: every hue turned by
+#     35 degrees, exposure, film grain; pebble clutter on the ground), so zero-shot is below
+#     what training can reach in every group.
+#  2. Semantic families (SYN_FAMILIES): "tree" / "pine tree" / "palm tree", "boat" / "sailboat" /
+#     "rowboat", "car" / "race car" / "police car" share a head word, and captions sometimes
+#     call a member by it. Each family changes look together between the two styles (autumn
+#     foliage, red-painted hulls, mud-brown paint: SYN_PALETTES); the head member is abundant in
+#     train, the others scarce, and family members rarely share a scene (_syn_sample_scene,
+#     family_mix), so the co-occurrence graph cannot link them and only the text graph can: the
+#     paper's argument, built in on purpose. Whether the names end up close in the small CLIP's
+#     text space is measured, not assumed (dataset.json "source", "text_neighbours").
+#  3. Train long-tailed, test balanced. Three disjoint draws (own random streams):
+#     train    long-tailed: each scene's anchor (salient) object is drawn from power-law class
+#              weights (Pareto-like, as Wu et al. 2020's target counts), extra objects with
+#              probability proportional to the same weights -> head / medium / tail non-empty,
+#              every class present; target style;
+#     test     balanced: uniform anchors, extra objects joining more readily where scenes seldom
+#              allow them, so label counts come out near equal; target style;
+#     pretrain balanced, web style, in memory only, with captions, for the small CLIP.
+# The CLIP (ViT image tower, so AdaptFormer applies) is trained with the symmetric InfoNCE loss
+# of Radford et al. 2021 and saved as a plain state dict with OpenAI's parameter names. What
+# the properties give is measured at preparation and stored in dataset.json "source": zero-shot
+# on the test scenes in both styles, family co-occurrence in train, text-space neighbours.
 
 SYN_SKIES = ("day", "night")
 SYN_GROUNDS = ("grass", "water", "sand", "snow")
 # name -> (region, skies it appears under, grounds it appears on); "sky" objects are placed
 # above the horizon, "ground" objects below it, "horizon" objects (mountains) stand on it.
+# The order is the long-tail rank (head first): each family's head member (tree, boat, car)
+# is among the most frequent classes, its relatives among the rarest.
 SYN_OBJECTS = {
-    "sun": ("sky", ("day",), SYN_GROUNDS),
-    "cloud": ("sky", ("day",), SYN_GROUNDS),
-    "person": ("ground", SYN_SKIES, ("grass", "sand", "snow")),
     "tree": ("ground", SYN_SKIES, ("grass",)),
-    "mountain": ("horizon", SYN_SKIES, ("grass", "snow")),
-    "sailboat": ("ground", ("day",), ("water",)),
-    "airplane": ("sky", SYN_SKIES, SYN_GROUNDS),
-    "pine tree": ("ground", SYN_SKIES, ("grass", "snow")),
-    "house": ("ground", SYN_SKIES, ("grass", "snow")),
+    "person": ("ground", SYN_SKIES, ("grass", "sand", "snow")),
     "boat": ("ground", SYN_SKIES, ("water",)),
-    "bird": ("sky", ("day",), SYN_GROUNDS),
     "car": ("ground", SYN_SKIES, ("grass", "snow")),
-    "moon": ("sky", ("night",), SYN_GROUNDS),
-    "flower": ("ground", ("day",), ("grass",)),
-    "fish": ("ground", SYN_SKIES, ("water",)),
-    "star": ("sky", ("night",), SYN_GROUNDS),
+    "cloud": ("sky", ("day",), SYN_GROUNDS),
+    "house": ("ground", SYN_SKIES, ("grass", "snow")),
+    "sun": ("sky", ("day",), SYN_GROUNDS),
+    "bird": ("sky", ("day",), SYN_GROUNDS),
+    "mountain": ("horizon", SYN_SKIES, ("grass", "snow")),
     "dog": ("ground", SYN_SKIES, ("grass", "sand", "snow")),
+    "airplane": ("sky", SYN_SKIES, SYN_GROUNDS),
+    "fish": ("ground", SYN_SKIES, ("water",)),
+    "flower": ("ground", ("day",), ("grass",)),
+    "moon": ("sky", ("night",), SYN_GROUNDS),
+    "star": ("sky", ("night",), SYN_GROUNDS),
     "umbrella": ("ground", ("day",), ("sand",)),
-    "kite": ("sky", ("day",), ("grass", "sand")),
-    "duck": ("ground", ("day",), ("water",)),
-    "palm tree": ("ground", SYN_SKIES, ("sand",)),
+    "pine tree": ("ground", SYN_SKIES, ("grass", "snow")),
     "snowman": ("ground", SYN_SKIES, ("snow",)),
-    "balloon": ("sky", ("day",), ("grass", "sand", "snow")),
+    "sailboat": ("ground", ("day",), ("water",)),
+    "race car": ("ground", ("day",), ("grass", "snow")),
     "crab": ("ground", ("day",), ("sand",)),
+    "palm tree": ("ground", SYN_SKIES, ("sand",)),
+    "rowboat": ("ground", ("day",), ("water",)),
+    "police car": ("ground", SYN_SKIES, ("grass", "snow")),
 }
-SYN_CLASSES = list(SYN_OBJECTS)  # the order is also the long-tail rank (head first)
-# Captions call these objects by another word and never use the class name, as web text says
-# "yacht" or "fir" where a benchmark says "sailboat" or "pine tree". The text encoder meets the
-# class name only in prompts, so zero-shot must guess it from word pieces ("sail"+"boat" ->
-# near "boat") or not at all ("person"), while the image tower did learn to see the object:
-# exactly the gap class-specific prompts trained on labelled images can close.
-SYN_CAPTION_WORDS = {"person": "man", "mountain": "peak", "sailboat": "yacht", "airplane": "jet",
-                     "pine tree": "fir", "house": "cottage", "car": "automobile"}
+SYN_CLASSES = list(SYN_OBJECTS)
+# Property 2: families of classes whose names share a head word (close in text space), head
+# member first; a family changes look together between the web and the target style.
+SYN_FAMILIES = {"tree": ("tree", "pine tree", "palm tree"), "boat": ("boat", "sailboat", "rowboat"),
+                "car": ("car", "race car", "police car")}
+SYN_FAMILY_OF = {SYN_CLASSES.index(m): f for f, members in SYN_FAMILIES.items() for m in members}
+# Web captions call an object by another word as alt-text does: a synonym ("yacht" for a
+# sailboat, "fir" for a pine tree) or, for a family member, the family's word ("a tree" for a
+# palm tree, "a boat" for a rowboat). The class name then is only one of the words the text
+# encoder learned for the object, so zero-shot with "a photo of a {name}." is weaker for these
+# classes than what labelled images can teach the prompts.
+SYN_SYNONYMS = {"person": "man", "mountain": "peak", "airplane": "jet", "house": "cottage", "dog": "puppy",
+                "boat": "ship", "car": "automobile", "pine tree": "fir", "sailboat": "yacht",
+                "rowboat": "dinghy", "race car": "racer", "police car": "cruiser"}
 SYN_CONTEXT_PHRASES = {"night": "at night", "grass": "on the grass", "water": "on the water",
                        "sand": "on the beach", "snow": "in the snow"}
 
 SYN_SKY_RGB = {"day": (135, 195, 240), "night": (22, 26, 62)}
 SYN_GROUND_RGB = {"grass": (72, 158, 60), "water": (38, 98, 188), "sand": (226, 202, 142),
                   "snow": (236, 240, 248)}
+# Base colours the family painters use, per style. The target column is each family's shared
+# change of look (property 2): autumn foliage for the trees, red paint for the boats' hulls,
+# mud-brown for the cars' bodies (mixed 60% into whatever paint the car has).
+SYN_PALETTES = {
+    "web": {"foliage": (40, 130, 40), "pine": (20, 90, 50), "frond": (60, 170, 60),
+            "hull": (120, 70, 35), "mud": None},
+    "target": {"foliage": (222, 110, 28), "pine": (178, 64, 30), "frond": (214, 160, 40),
+               "hull": (200, 36, 40), "mud": (112, 84, 52)},
+}
+SYN_STYLES = tuple(SYN_PALETTES)
+# icons drawn larger than the rest so that they stay legible at 48 px (a person is thin)
+SYN_ICON_SIZE = {"person": 1.4, "dog": 1.2, "car": 1.25, "race car": 1.25, "police car": 1.25}
+SYN_TARGET_SCALE = 1.0  # target style: objects drawn this much smaller (measured 0.8: the probe fell too)
+SYN_TARGET_CLUTTER = (3, 7)  # target style: this many (low, high + 1) pebbles and leaves on the ground
 
 
 def _jitter(rng, rgb, amount=18):
@@ -517,18 +551,26 @@ def _ellipse(d, x, y, rx, ry, fill, outline=None):
     d.ellipse([x - rx, y - ry, x + rx, y + ry], fill=fill, outline=outline)
 
 
-# Icon painters: draw(d, rng, x, y, r, sky) with (x, y) the icon centre and r its half size,
-# on a canvas twice the final resolution (downsampled afterwards, which anti-aliases).
-def _draw_sun(d, rng, x, y, r, sky):
+def _paint(rng, pal, rgb):
+    """A car's paint: the colour jittered, then mixed 60% into the palette's mud (target style)."""
+    c = _jitter(rng, rgb)
+    return c if pal["mud"] is None else tuple(int(0.4 * a + 0.6 * b) for a, b in zip(c, pal["mud"]))
+
+
+# Icon painters: draw(d, rng, x, y, r, sky, pal) with (x, y) the icon centre, r its half size,
+# pal the style's SYN_PALETTES entry, on a canvas twice the final resolution (downsampled
+# afterwards, which anti-aliases). A painter draws the same random numbers in both styles, so
+# one scene seed gives the same scene in either style.
+def _draw_sun(d, rng, x, y, r, sky, pal):
     _ellipse(d, x, y, r * 0.7, r * 0.7, _jitter(rng, (255, 214, 40)))
 
 
-def _draw_moon(d, rng, x, y, r, sky):
+def _draw_moon(d, rng, x, y, r, sky, pal):
     _ellipse(d, x, y, r * 0.65, r * 0.65, _jitter(rng, (244, 242, 205), 8))
     _ellipse(d, x + r * 0.35, y - r * 0.15, r * 0.55, r * 0.55, sky)  # bite -> crescent
 
 
-def _draw_star(d, rng, x, y, r, sky):
+def _draw_star(d, rng, x, y, r, sky, pal):
     for _ in range(int(rng.integers(2, 5))):  # a few stars scattered around the anchor point
         sx, sy, s = x + rng.uniform(-1.5, 1.5) * r, y + rng.uniform(-0.8, 0.8) * r, r * 0.25
         colour = _jitter(rng, (255, 250, 210), 5)
@@ -536,20 +578,20 @@ def _draw_star(d, rng, x, y, r, sky):
         d.polygon([(sx - 2 * s, sy), (sx, sy + s * 0.6), (sx + 2 * s, sy), (sx, sy - s * 0.6)], fill=colour)
 
 
-def _draw_cloud(d, rng, x, y, r, sky):
+def _draw_cloud(d, rng, x, y, r, sky, pal):
     c = _jitter(rng, (250, 250, 252), 5)
     for dx, dy, k in ((-0.55, 0.1, 0.45), (0.0, -0.15, 0.6), (0.55, 0.1, 0.45)):
         _ellipse(d, x + dx * r, y + dy * r, k * r * 1.2, k * r, c)
 
 
-def _draw_bird(d, rng, x, y, r, sky):
+def _draw_bird(d, rng, x, y, r, sky, pal):
     colour = (35, 35, 40)
     for _ in range(int(rng.integers(1, 4))):
         bx, by, s = x + rng.uniform(-1, 1) * r, y + rng.uniform(-0.5, 0.5) * r, r * rng.uniform(0.3, 0.45)
         d.line([(bx - s, by - s * 0.6), (bx, by), (bx + s, by - s * 0.6)], fill=colour, width=max(2, int(r / 6)))
 
 
-def _draw_airplane(d, rng, x, y, r, sky):
+def _draw_airplane(d, rng, x, y, r, sky, pal):
     c = _jitter(rng, (196, 196, 206), 8)
     _ellipse(d, x, y, r, r * 0.2, c)
     d.polygon([(x - r * 0.1, y), (x + r * 0.3, y), (x - r * 0.3, y + r * 0.75)], fill=c)
@@ -557,72 +599,62 @@ def _draw_airplane(d, rng, x, y, r, sky):
     d.polygon([(x - r, y), (x - r * 0.75, y), (x - r * 1.05, y - r * 0.45)], fill=c)
 
 
-def _draw_kite(d, rng, x, y, r, sky):
-    c = [(220, 40, 60), (150, 60, 200), (250, 140, 20)][int(rng.integers(3))]
-    d.polygon([(x, y - r), (x + r * 0.6, y), (x, y + r), (x - r * 0.6, y)], fill=_jitter(rng, c))
-    d.line([(x - r * 0.6, y), (x + r * 0.6, y)], fill=(250, 250, 250), width=2)
-    d.line([(x, y + r), (x + r * 0.3, y + r * 1.6), (x - r * 0.1, y + r * 2.2)], fill=(60, 60, 60), width=2)
+def _hull(d, rng, x, y, r, pal, depth=0.45, taper=0.7):
+    d.polygon([(x - r, y), (x + r, y), (x + r * taper, y + r * depth), (x - r * taper, y + r * depth)],
+              fill=_jitter(rng, pal["hull"]))
 
 
-def _draw_balloon(d, rng, x, y, r, sky):
-    c = [(230, 30, 40), (240, 80, 170), (40, 170, 80)][int(rng.integers(3))]
-    _ellipse(d, x, y - r * 0.2, r * 0.5, r * 0.65, _jitter(rng, c))
-    d.line([(x, y + r * 0.45), (x + r * 0.15, y + r * 1.3)], fill=(70, 70, 70), width=2)
-
-
-def _draw_boat(d, rng, x, y, r, sky):
-    hull = _jitter(rng, (120, 70, 35))
-    d.polygon([(x - r, y), (x + r, y), (x + r * 0.7, y + r * 0.45), (x - r * 0.7, y + r * 0.45)], fill=hull)
+def _draw_boat(d, rng, x, y, r, sky, pal):
+    _hull(d, rng, x, y, r, pal)
     d.rectangle([x - r * 0.35, y - r * 0.35, x + r * 0.3, y], fill=_jitter(rng, (235, 235, 225), 10))
 
 
-def _draw_sailboat(d, rng, x, y, r, sky):
-    hull = _jitter(rng, (120, 70, 35))
-    d.polygon([(x - r, y), (x + r, y), (x + r * 0.7, y + r * 0.45), (x - r * 0.7, y + r * 0.45)], fill=hull)
+def _draw_sailboat(d, rng, x, y, r, sky, pal):
+    _hull(d, rng, x, y, r, pal)
     d.line([(x, y), (x, y - r * 1.4)], fill=(80, 50, 30), width=2)
     d.polygon([(x + r * 0.08, y - r * 1.4), (x + r * 0.08, y - r * 0.1), (x + r * 0.85, y - r * 0.1)],
               fill=_jitter(rng, (250, 250, 245), 5))
 
 
-def _draw_fish(d, rng, x, y, r, sky):
+def _draw_rowboat(d, rng, x, y, r, sky, pal):
+    _hull(d, rng, x, y, r * 0.75, pal, depth=0.35, taper=0.55)  # small open hull, two oars
+    for s in (-1, 1):
+        d.line([(x + s * r * 0.15, y - r * 0.3), (x + s * r * 0.9, y + r * 0.55)], fill=(90, 60, 30),
+               width=max(2, int(r / 7)))
+    _ellipse(d, x, y - r * 0.3, r * 0.14, r * 0.14, _jitter(rng, (240, 200, 160), 8))  # the rower's head
+
+
+def _draw_fish(d, rng, x, y, r, sky, pal):
     c = _jitter(rng, (250, 130, 30))
     _ellipse(d, x, y, r * 0.6, r * 0.35, c)
     d.polygon([(x + r * 0.5, y), (x + r, y - r * 0.35), (x + r, y + r * 0.35)], fill=c)
     _ellipse(d, x - r * 0.3, y - r * 0.08, r * 0.08, r * 0.08, (20, 20, 20))
 
 
-def _draw_duck(d, rng, x, y, r, sky):
-    c = _jitter(rng, (250, 225, 50), 10)
-    _ellipse(d, x, y, r * 0.6, r * 0.35, c)
-    _ellipse(d, x - r * 0.45, y - r * 0.45, r * 0.25, r * 0.25, c)
-    d.polygon([(x - r * 0.65, y - r * 0.5), (x - r * 0.95, y - r * 0.42), (x - r * 0.65, y - r * 0.35)],
-              fill=(240, 120, 20))
-
-
-def _draw_tree(d, rng, x, y, r, sky):
+def _draw_tree(d, rng, x, y, r, sky, pal):
     d.rectangle([x - r * 0.12, y - r * 0.1, x + r * 0.12, y + r], fill=_jitter(rng, (110, 70, 35)))
-    _ellipse(d, x, y - r * 0.35, r * 0.6, r * 0.65, _jitter(rng, (40, 130, 40)))
+    _ellipse(d, x, y - r * 0.35, r * 0.6, r * 0.65, _jitter(rng, pal["foliage"]))
 
 
-def _draw_pine_tree(d, rng, x, y, r, sky):
+def _draw_pine_tree(d, rng, x, y, r, sky, pal):
     d.rectangle([x - r * 0.1, y + r * 0.5, x + r * 0.1, y + r], fill=_jitter(rng, (100, 65, 35)))
-    c = _jitter(rng, (20, 90, 50))
+    c = _jitter(rng, pal["pine"])
     for k in range(3):  # three stacked tiers
         top, base = y - r + k * r * 0.45, y - r * 0.25 + k * r * 0.45
         half = r * (0.3 + 0.17 * k)
         d.polygon([(x, top), (x + half, base + r * 0.2), (x - half, base + r * 0.2)], fill=c)
 
 
-def _draw_palm_tree(d, rng, x, y, r, sky):
+def _draw_palm_tree(d, rng, x, y, r, sky, pal):
     lean = rng.uniform(-0.35, 0.35) * r
     d.line([(x, y + r), (x + lean, y - r * 0.55)], fill=_jitter(rng, (140, 95, 50)), width=max(2, int(r / 5)))
-    tx, ty, c = x + lean, y - r * 0.55, _jitter(rng, (60, 170, 60))
+    tx, ty, c = x + lean, y - r * 0.55, _jitter(rng, pal["frond"])
     for ang in (-2.6, -2.0, -1.2, -0.5, 0.1):  # fronds drooping from the top
         d.line([(tx, ty), (tx + np.cos(ang) * r * 0.7, ty + np.sin(ang) * r * 0.35 + r * 0.3)], fill=c,
                width=max(2, int(r / 6)))
 
 
-def _draw_flower(d, rng, x, y, r, sky):
+def _draw_flower(d, rng, x, y, r, sky, pal):
     d.line([(x, y), (x, y + r)], fill=(40, 140, 40), width=2)
     c = [(240, 80, 150), (200, 50, 200), (250, 60, 60), (255, 255, 255)][int(rng.integers(4))]
     for k in range(5):
@@ -631,23 +663,46 @@ def _draw_flower(d, rng, x, y, r, sky):
     _ellipse(d, x, y, r * 0.15, r * 0.15, (255, 210, 0))
 
 
-def _draw_house(d, rng, x, y, r, sky):
+def _draw_house(d, rng, x, y, r, sky, pal):
     d.rectangle([x - r * 0.6, y - r * 0.2, x + r * 0.6, y + r * 0.7], fill=_jitter(rng, (230, 215, 180)))
     d.polygon([(x - r * 0.8, y - r * 0.2), (x + r * 0.8, y - r * 0.2), (x, y - r * 0.9)], fill=_jitter(rng, (190, 50, 40)))
     d.rectangle([x - r * 0.12, y + r * 0.25, x + r * 0.12, y + r * 0.7], fill=(90, 60, 40))
 
 
-def _draw_car(d, rng, x, y, r, sky):
-    c = [(220, 30, 30), (30, 60, 200), (240, 200, 20), (230, 230, 230)][int(rng.integers(4))]
-    c = _jitter(rng, c)
+def _wheels(d, x, y, r, k=0.22):
+    for wx in (x - r * 0.55, x + r * 0.55):
+        _ellipse(d, wx, y + r * 0.38, r * k, r * k, (25, 25, 25))
+
+
+def _draw_car(d, rng, x, y, r, sky, pal):
+    c = _paint(rng, pal, [(220, 30, 30), (30, 60, 200), (240, 200, 20), (230, 230, 230)][int(rng.integers(4))])
     d.rectangle([x - r, y - r * 0.1, x + r, y + r * 0.35], fill=c)
     d.polygon([(x - r * 0.5, y - r * 0.1), (x - r * 0.3, y - r * 0.5), (x + r * 0.35, y - r * 0.5),
                (x + r * 0.55, y - r * 0.1)], fill=c)
-    for wx in (x - r * 0.55, x + r * 0.55):
-        _ellipse(d, wx, y + r * 0.38, r * 0.22, r * 0.22, (25, 25, 25))
+    _wheels(d, x, y, r)
 
 
-def _draw_dog(d, rng, x, y, r, sky):
+def _draw_race_car(d, rng, x, y, r, sky, pal):
+    c = _paint(rng, pal, [(230, 20, 20), (20, 150, 60), (250, 200, 0)][int(rng.integers(3))])
+    d.polygon([(x - r, y - r * 0.25), (x + r * 0.2, y - r * 0.15), (x + r * 1.1, y + r * 0.15),
+               (x + r, y + r * 0.35), (x - r, y + r * 0.35)], fill=c)  # low wedge body
+    d.rectangle([x - r * 1.05, y - r * 0.5, x - r * 0.8, y - r * 0.2], fill=c)  # rear wing
+    d.line([(x - r * 0.9, y + r * 0.1), (x + r * 0.8, y + r * 0.2)], fill=(250, 250, 250), width=2)  # stripe
+    _wheels(d, x, y, r, k=0.25)
+
+
+def _draw_police_car(d, rng, x, y, r, sky, pal):
+    white = _paint(rng, pal, (240, 240, 240))
+    d.rectangle([x - r, y - r * 0.1, x + r, y + r * 0.35], fill=(20, 20, 30))  # dark lower body
+    d.rectangle([x - r * 0.45, y - r * 0.1, x + r * 0.45, y + r * 0.35], fill=white)  # white doors
+    d.polygon([(x - r * 0.5, y - r * 0.1), (x - r * 0.3, y - r * 0.5), (x + r * 0.35, y - r * 0.5),
+               (x + r * 0.55, y - r * 0.1)], fill=white)
+    d.rectangle([x - r * 0.22, y - r * 0.68, x, y - r * 0.5], fill=(30, 80, 255))  # light bar
+    d.rectangle([x, y - r * 0.68, x + r * 0.22, y - r * 0.5], fill=(255, 30, 30))
+    _wheels(d, x, y, r)
+
+
+def _draw_dog(d, rng, x, y, r, sky, pal):
     c = _jitter(rng, [(150, 100, 50), (60, 45, 35), (215, 180, 120)][int(rng.integers(3))])
     _ellipse(d, x, y, r * 0.55, r * 0.28, c)
     _ellipse(d, x - r * 0.6, y - r * 0.3, r * 0.25, r * 0.22, c)
@@ -656,7 +711,7 @@ def _draw_dog(d, rng, x, y, r, sky):
     d.line([(x + r * 0.5, y - r * 0.05), (x + r * 0.85, y - r * 0.4)], fill=c, width=2)
 
 
-def _draw_person(d, rng, x, y, r, sky):
+def _draw_person(d, rng, x, y, r, sky, pal):
     skin = _jitter(rng, [(240, 200, 160), (170, 120, 80), (110, 75, 50)][int(rng.integers(3))], 8)
     shirt = _jitter(rng, [(200, 40, 40), (40, 80, 200), (240, 200, 30), (30, 30, 30)][int(rng.integers(4))])
     _ellipse(d, x, y - r * 0.75, r * 0.2, r * 0.2, skin)
@@ -668,20 +723,20 @@ def _draw_person(d, rng, x, y, r, sky):
     d.line([(x + r * 0.1, y + r * 0.15), (x + r * 0.2, y + r * 0.9)], fill=legs, width=max(2, int(r / 6)))
 
 
-def _draw_mountain(d, rng, x, y, r, sky):
+def _draw_mountain(d, rng, x, y, r, sky, pal):
     w, h = r * 2.2, r * 1.8  # y is the horizon: the mountain stands on it
     d.polygon([(x - w, y), (x + w, y), (x, y - h)], fill=_jitter(rng, (120, 115, 125), 10))
     d.polygon([(x - w * 0.28, y - h * 0.72), (x + w * 0.28, y - h * 0.72), (x, y - h)], fill=(248, 248, 252))
 
 
-def _draw_umbrella(d, rng, x, y, r, sky):
+def _draw_umbrella(d, rng, x, y, r, sky, pal):
     c = _jitter(rng, [(230, 40, 40), (40, 120, 230), (250, 160, 20)][int(rng.integers(3))])
     d.line([(x, y - r * 0.5), (x, y + r)], fill=(90, 90, 90), width=2)
     d.pieslice([x - r, y - r * 1.1, x + r, y + r * 0.1], 180, 360, fill=c)
     d.pieslice([x - r * 0.35, y - r * 1.1, x + r * 0.35, y + r * 0.1], 180, 360, fill=(250, 250, 250))
 
 
-def _draw_crab(d, rng, x, y, r, sky):
+def _draw_crab(d, rng, x, y, r, sky, pal):
     c = _jitter(rng, (215, 45, 35))
     for s in (-1, 1):
         for k in range(3):
@@ -691,7 +746,7 @@ def _draw_crab(d, rng, x, y, r, sky):
     _ellipse(d, x, y, r * 0.45, r * 0.3, c)
 
 
-def _draw_snowman(d, rng, x, y, r, sky):
+def _draw_snowman(d, rng, x, y, r, sky, pal):
     white, line = (255, 255, 255), (150, 160, 175)
     _ellipse(d, x, y + r * 0.45, r * 0.5, r * 0.5, white, line)
     _ellipse(d, x, y - r * 0.3, r * 0.35, r * 0.35, white, line)
@@ -701,6 +756,7 @@ def _draw_snowman(d, rng, x, y, r, sky):
 
 
 SYN_PAINTERS = {name: globals()["_draw_" + name.replace(" ", "_")] for name in SYN_CLASSES}
+SYN_FLOATING = ("boat", "sailboat", "rowboat")  # drawn near the water's surface
 
 
 def _syn_compatible(sky, ground):
@@ -708,55 +764,103 @@ def _syn_compatible(sky, ground):
     return np.array([sky in skies and ground in grounds for _, skies, grounds in SYN_OBJECTS.values()])
 
 
-def _syn_sample_labels(rng, anchor_p, extra_p, max_objects):
-    """One scene: an anchor class drawn from anchor_p, a sky and ground it allows, then every
-    other compatible class independently with probability extra_p[c] (at most max_objects)."""
+def _syn_sample_scene(rng, anchor_p, extra_p, max_objects=5, family_mix=0.05):
+    """One scene -> (sorted labels, sky, ground, anchor). The anchor (the salient object) is drawn
+    from anchor_p, then a sky and ground it allows, then every other compatible class joins
+    independently with probability extra_p[c] (at most max_objects in all). Property 2: a class
+    of a family already in the scene joins only with probability family_mix (a palm tree on
+    sand, a tree on grass, seldom both), so family members rarely co-occur."""
     anchor = int(rng.choice(len(SYN_CLASSES), p=anchor_p))
     _, skies, grounds = SYN_OBJECTS[SYN_CLASSES[anchor]]
     sky, ground = skies[int(rng.integers(len(skies)))], grounds[int(rng.integers(len(grounds)))]
     extra = _syn_compatible(sky, ground) & (rng.random(len(SYN_CLASSES)) < extra_p)
     extra[anchor] = False
-    extra = rng.permutation(np.flatnonzero(extra))[: max_objects - 1]
-    return sorted([anchor, *extra.tolist()]), sky, ground
+    labels, families = [anchor], {SYN_FAMILY_OF.get(anchor)}
+    for c in rng.permutation(np.flatnonzero(extra)).tolist():
+        if len(labels) == max_objects:
+            break
+        family = SYN_FAMILY_OF.get(c)
+        if family is not None and family in families and rng.random() >= family_mix:
+            continue
+        labels.append(c)
+        families.add(family)
+    return sorted(labels), sky, ground, anchor
 
 
-def _syn_render(rng, labels, sky, ground, size):
-    """Draw one scene at 2x and downsample (box filter) -> PIL RGB image of size x size."""
+def _syn_colour_turn(degrees):
+    """(3, 3) rotation of RGB about the grey axis (Rodrigues): turns every hue by `degrees` and
+    keeps greys grey, as a camera with another colour balance under other light would."""
+    t, k = math.radians(degrees), np.ones(3) / math.sqrt(3)
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return (np.eye(3) + math.sin(t) * K + (1 - math.cos(t)) * K @ K).astype(np.float32)
+
+
+SYN_TARGET_TURN = _syn_colour_turn(35.0)
+
+
+def _syn_target_look(img, rng):
+    """Property 1, the global part of the style shift (uint8 (S, S, 3) -> uint8): the labelled
+    camera sees every colour turned by 35 degrees of hue (green grass goes teal, blue sky
+    violet, sand olive), at a random exposure (x0.9-1), with film grain (Gaussian, sd 5 levels).
+    Calibrated on zero-shot and a linear probe of the frozen CLIP features alone (test scenes
+    drawn in both styles; before any CAPNet run): a hue turn moves the features away from the
+    text while keeping the classes apart (30 degrees: zero-shot 48 -> 38 mAP, probe 45; 60
+    degrees: zero-shot 23, below twice chance); the first look tried, a washed-out, darkened
+    evening light, took zero-shot to 21 and the probe down with it."""
+    x = img.astype(np.float32) @ SYN_TARGET_TURN.T
+    x = x * rng.uniform(0.9, 1.0) + rng.normal(0, 5, x.shape).astype(np.float32)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _syn_render(seed, labels, anchor, sky, ground, size, style="web"):
+    """Draw one scene at 2x, downsample (box filter) -> uint8 (size, size, 3). The scene (sky
+    and ground tones, horizon, object sizes, places and colours) comes from `seed` alone, the
+    same in either style; the style sets the palette of the families, and "target" adds the
+    global shift: objects SYN_TARGET_SCALE smaller, pebble clutter, _syn_target_look. The anchor (salient
+    object) is drawn 1.3x larger."""
     from PIL import Image, ImageDraw
+    rng, style_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+    pal, target = SYN_PALETTES[style], style == "target"
     S = 2 * size
     sky_rgb = _jitter(rng, SYN_SKY_RGB[sky], 12)
     img = Image.new("RGB", (S, S), sky_rgb)
     d = ImageDraw.Draw(img)
     h = S * rng.uniform(0.42, 0.56)  # horizon
-    names = [SYN_CLASSES[c] for c in labels]
-    r_of = {n: S * rng.uniform(0.085, 0.14) for n in names}
-    if "mountain" in r_of:
-        _draw_mountain(d, rng, S * rng.uniform(0.25, 0.75), h, r_of["mountain"], sky_rgb)
-    ground_rgb = _jitter(rng, SYN_GROUND_RGB[ground], 10)
-    d.rectangle([0, h, S, S], fill=ground_rgb)
+    scale = SYN_TARGET_SCALE if target else 1.0
+    names = {c: SYN_CLASSES[c] for c in labels}
+    r_of = {c: S * rng.uniform(0.085, 0.14) * (1.3 if c == anchor else 1.0) * SYN_ICON_SIZE.get(names[c], 1.0)
+            * scale for c in labels}
+    mountain = SYN_CLASSES.index("mountain")
+    if mountain in r_of:
+        _draw_mountain(d, rng, S * rng.uniform(0.25, 0.75), h, r_of[mountain], sky_rgb, pal)
+    d.rectangle([0, h, S, S], fill=_jitter(rng, SYN_GROUND_RGB[ground], 10))
     if ground == "water":  # a few lighter ripples
         for _ in range(4):
             wx, wy = rng.uniform(0, S), rng.uniform(h + 4, S - 2)
             d.line([(wx, wy), (wx + S * 0.12, wy)], fill=_jitter(rng, (90, 150, 225), 8), width=1)
-    placed = []
-    # sky first, then ground objects far to near (small y first) so nearer ones overlap farther ones
-    todo = [n for n in names if SYN_OBJECTS[n][0] == "sky"] + [n for n in names if SYN_OBJECTS[n][0] == "ground"]
-    spots = []
-    for n in todo:
-        r = r_of[n]
+    if target:  # clutter: pebbles and leaves on the ground, no class of their own
+        for _ in range(int(style_rng.integers(*SYN_TARGET_CLUTTER))):
+            px, py, pr = style_rng.uniform(0, S), style_rng.uniform(h + 2, S), S * style_rng.uniform(0.012, 0.03)
+            c = [(90, 80, 70), (150, 140, 120), (120, 90, 40), (60, 70, 50)][int(style_rng.integers(4))]
+            _ellipse(d, px, py, pr * 1.4, pr, c)
+    # sky objects first, then ground objects far to near (small y first) so nearer ones overlap
+    todo = ([c for c in labels if SYN_OBJECTS[names[c]][0] == "sky"]
+            + [c for c in labels if SYN_OBJECTS[names[c]][0] == "ground"])
+    placed, spots = [], []
+    for c in todo:
+        n, r = names[c], r_of[c]
         if SYN_OBJECTS[n][0] == "sky":
             lo, hi = r, max(r + 1, h - r)
         elif n == "fish":  # under the surface
             lo, hi = h + r * 0.6, max(h + r * 0.6 + 1, S - r * 0.5)
-        elif n in ("boat", "sailboat", "duck"):  # floating: near the surface
+        elif n in SYN_FLOATING:
             lo, hi = h + r * 0.3, max(h + r * 0.3 + 1, h + (S - h) * 0.7)
         else:
             lo, hi = h + r * 0.2, max(h + r * 0.2 + 1, S - r)
         # best of a few candidate spots: the one farthest from what is already placed
         cand = np.stack([rng.uniform(r, S - r, 4), rng.uniform(lo, hi, 4)], 1)  # (4, 2)
         if placed:
-            dist = np.linalg.norm(cand[:, None] - np.array(placed)[None], axis=-1).min(1)
-            cand = cand[int(dist.argmax())]
+            cand = cand[int(np.linalg.norm(cand[:, None] - np.array(placed)[None], axis=-1).min(1).argmax())]
         else:
             cand = cand[0]
         placed.append(cand)
@@ -764,20 +868,25 @@ def _syn_render(rng, labels, sky, ground, size):
     sky_spots = [s for s in spots if SYN_OBJECTS[s[1]][0] == "sky"]
     ground_spots = sorted(s for s in spots if SYN_OBJECTS[s[1]][0] == "ground")
     for y, n, x, r in sky_spots + ground_spots:
-        SYN_PAINTERS[n](d, rng, x, y, r, sky_rgb)
-    return img.reduce(2)
+        SYN_PAINTERS[n](d, rng, x, y, r, sky_rgb, pal)
+    out = np.asarray(img.reduce(2))
+    return _syn_target_look(out, style_rng) if target else out
 
 
-def _syn_draw_split(rng, n, anchor_p, extra_p, size, max_objects=5):
-    """n scenes -> (uint8 images (n, size, size, 3), labels list, contexts list)."""
-    images = np.empty((n, size, size, 3), np.uint8)
-    labels, contexts = [], []
+def _syn_draw_split(rng, n, anchor_p, extra_p, size, styles=("target",), family_mix=0.05, max_objects=5):
+    """n scenes -> ({style: uint8 images (n, size, size, 3)}, labels, anchors, contexts
+    [(sky, ground)]). Every style draws the same scenes (one seed per scene)."""
+    images = {s: np.empty((n, size, size, 3), np.uint8) for s in styles}
+    labels, anchors, contexts = [], [], []
     for i in range(n):
-        lab, sky, ground = _syn_sample_labels(rng, anchor_p, extra_p, max_objects)
-        images[i] = np.asarray(_syn_render(rng, lab, sky, ground, size))
+        lab, sky, ground, anchor = _syn_sample_scene(rng, anchor_p, extra_p, max_objects, family_mix)
+        seed = int(rng.integers(2**63))
+        for s in styles:
+            images[s][i] = _syn_render(seed, lab, anchor, sky, ground, size, s)
         labels.append(lab)
+        anchors.append(anchor)
         contexts.append((sky, ground))
-    return images, labels, contexts
+    return images, labels, anchors, contexts
 
 
 # Captions are assembled from the BPE tokens of their words. CLIP's tokenizer splits text into
@@ -787,27 +896,39 @@ SYN_CAPTION_PREFIXES = ("a photo of", "a picture of", "an image of", "")
 
 
 class _SynCaptioner:
-    """Random captions from labels: 'a photo of a sun, a cloud and a yacht on the water.'.
-    Each present object is mentioned with probability p_mention (at least one is), in random
-    order; half the captions add the scene phrase. Always "a {name}" (never "an"), to match
-    the zero-shot template "a photo of a {name}."."""
+    """Web-like captions (property 1): 'a photo of a yacht on the water.'. The salient object
+    (the scene's anchor, drawn larger) is always named, first; every other object only with
+    probability p_mention (the single-label bias of alt-text). A family member other than the
+    head is called by the family's word with probability p_family_word; otherwise a word is
+    the class's SYN_SYNONYMS word with probability p_synonym, else its class name. A third of
+    the captions add the scene phrase. Always "a {word}" (never "an"), to match the zero-shot
+    template "a photo of a {name}."."""
 
-    def __init__(self, encode, p_mention):
-        self.p_mention = p_mention
-        self.obj = [encode("a " + SYN_CAPTION_WORDS.get(n, n)) for n in SYN_CLASSES]
+    def __init__(self, encode, p_mention=0.5, p_synonym=0.5, p_family_word=0.15):
+        self.p_mention, self.p_synonym, self.p_family_word = p_mention, p_synonym, p_family_word
+        self.name = [encode("a " + n) for n in SYN_CLASSES]
+        self.synonym = [encode("a " + SYN_SYNONYMS[n]) if n in SYN_SYNONYMS else None for n in SYN_CLASSES]
+        self.family_word = [encode("a " + SYN_FAMILY_OF[c]) if SYN_FAMILY_OF.get(c, n) != n else None
+                            for c, n in enumerate(SYN_CLASSES)]
         self.prefix = [encode(p) for p in SYN_CAPTION_PREFIXES]
         self.context = {k: encode(v) for k, v in SYN_CONTEXT_PHRASES.items()}
         self.comma, self.and_, self.dot = encode(","), encode("and"), encode(".")
 
-    def tokens(self, rng, labels, sky, ground):
-        said = [c for c in labels if rng.random() < self.p_mention] or [labels[int(rng.integers(len(labels)))]]
-        said = [said[i] for i in rng.permutation(len(said))]
+    def tokens(self, rng, labels, anchor, sky, ground):
+        others = [c for c in labels if c != anchor and rng.random() < self.p_mention]
+        said = [anchor] + [others[i] for i in rng.permutation(len(others))]
         ids = list(self.prefix[int(rng.integers(len(self.prefix)))])
         for k, c in enumerate(said):
             if k > 0:
                 ids += self.and_ if k == len(said) - 1 else self.comma
-            ids += self.obj[c]
-        if rng.random() < 0.5:
+            u = rng.random()
+            if self.family_word[c] is not None and u < self.p_family_word:
+                ids += self.family_word[c]
+            elif self.synonym[c] is not None and u > 1 - self.p_synonym:
+                ids += self.synonym[c]
+            else:
+                ids += self.name[c]
+        if rng.random() < 1 / 3:
             phrases = [self.context[k] for k in (sky, ground) if k in self.context]
             if phrases:
                 ids += phrases[int(rng.integers(len(phrases)))]
@@ -834,7 +955,7 @@ def _syn_augment(rng, x):
     return torch.where(flip.view(B, 1, 1, 1), x.flip(-1), x)
 
 
-def _syn_pretrain(model, images, labels, contexts, captioner, rng, steps, batch_size, lr, log=print):
+def _syn_pretrain(model, images, labels, anchors, contexts, captioner, rng, steps, batch_size, lr, log=print):
     """Symmetric InfoNCE (image->text and text->image cross-entropy over the batch, Radford et
     al. 2021) with AdamW, linear warm-up and cosine decay; logit scale clamped at ln(100)."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -852,7 +973,7 @@ def _syn_pretrain(model, images, labels, contexts, captioner, rng, steps, batch_
         idx = np.sort(order[pos:pos + batch_size])
         pos += batch_size
         x = _syn_augment(rng, _syn_to_tensor(images[idx]))  # (B, 3, S, S)
-        caps = [captioner.tokens(rng, labels[i], *contexts[i]) for i in idx]
+        caps = [captioner.tokens(rng, labels[i], anchors[i], *contexts[i]) for i in idx]
         tokens = torch.zeros(len(caps), max(map(len, caps)), dtype=torch.long)  # (B, L), zero padded
         for i, c in enumerate(caps):
             tokens[i, :len(c)] = torch.tensor(c)
@@ -884,6 +1005,26 @@ def _syn_zero_shot(model, images, labels, train_counts, batch_size=256):
     ap = capnet.average_precision(imf @ tf.t(), capnet.multihot([(None, lab) for lab in labels], len(SYN_CLASSES)))
     return ap * 100, capnet.lt_map(ap, train_counts)
 
+
+@torch.no_grad()
+def _syn_text_neighbours(model):
+    """{class: (nearest other class in CLIP's text space, cosine)} for the prompt "a photo of a {name}."."""
+    g = capnet.zero_shot_text_features(model, SYN_CLASSES)  # (C, D), normalised
+    sim = (g @ g.t()).fill_diagonal_(-2.0)  # (C, C)
+    best = sim.max(dim=1)
+    return {n: (SYN_CLASSES[int(j)], round(float(v), 3)) for n, v, j in zip(SYN_CLASSES, best.values, best.indices)}
+
+
+def syn_family_cooccurrence(labels):
+    """{family: [images holding two or more members, images holding any member]} of a label list."""
+    out = {}
+    for family, members in SYN_FAMILIES.items():
+        idx = {SYN_CLASSES.index(m) for m in members}
+        n = [len(idx & set(lab)) for lab in labels]
+        out[family] = [sum(k >= 2 for k in n), sum(k >= 1 for k in n)]
+    return out
+
+
 def _syn_save_png(img_array, path):
     from PIL import Image
     Image.fromarray(img_array).save(path, optimize=False, compress_level=1)
@@ -892,34 +1033,44 @@ def _syn_save_png(img_array, path):
 def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000, n_pretrain=12000,
                       pretrain_steps=1000, batch_size=64, lr=1e-3, patch=8, width=96, layers=3,
                       text_width=96, text_layers=2, embed_dim=96, tail_exponent=1.4, extra_rate=0.3,
-                      test_extra_rate=0.25, p_mention=0.75, log=print):
+                      test_extra_rate=0.25, pretrain_extra_rate=0.25, family_mix=0.05, p_mention=0.5,
+                      p_synonym=0.5, p_family_word=0.15, log=print):
     """Draw the synthetic-lt world and pretrain its CLIP -> Path of <root>/synthetic-lt/dataset.json.
 
     Writes <root>/synthetic-lt/{dataset.json, images/{train,test}/*.png, clip.pt}. The keyword
     knobs exist for tests; the defaults are the embedded benchmark. Long tail: class k (in
     SYN_CLASSES order) has weight w_k = (k + 1)^-tail_exponent; a train scene's anchor is class k
     with probability w_k / sum(w), and every other class the scene allows joins with probability
-    extra_rate * w_k / w_0. Test and pretraining scenes: uniform anchors, constant join rate."""
+    extra_rate * w_k / w_0. Test and pretraining scenes: uniform anchors; pretraining scenes a
+    constant join rate, test scenes one that evens out the label counts.
+    Train and test are drawn in the target style, pretraining scenes in the web style."""
     log = log or (lambda message: None)
     out = Path(root) / "synthetic-lt"
     C = len(SYN_CLASSES)
     w = (np.arange(C) + 1.0) ** -tail_exponent
     uniform, t0 = np.full(C, 1 / C), time.time()
+    draw = lambda stream, n, anchor_p, extra_p, styles=("target",): _syn_draw_split(
+        np.random.default_rng([seed, stream]), n, anchor_p, extra_p, size, styles, family_mix)
     # one random stream per split, so a size knob of one split never reshuffles another
-    train = _syn_draw_split(np.random.default_rng([seed, 0]), n_train, w / w.sum(), extra_rate * w / w[0], size)
-    test = _syn_draw_split(np.random.default_rng([seed, 1]), n_test, uniform, np.full(C, test_extra_rate), size)
+    train = draw(0, n_train, w / w.sum(), extra_rate * w / w[0])
     counts = capnet.class_counts([(None, lab) for lab in train[1]], C)
     groups = [capnet.class_group(int(n)) for n in counts]
     if not {"head", "medium", "tail"} <= set(groups) or counts.min() == 0:
         raise ValueError(f"synthetic-lt: n_train={n_train} gives per-class train counts {counts.tolist()}; head, "
                          f"medium and tail must all be non-empty and every class present (raise n_train)")
-    for split, (images, _, _) in (("train", train), ("test", test)):
+    # test: every class equally often anchor, and a class the scenes seldom allow (crab: beach by
+    # day) joins more readily than one they always allow (airplane), so label counts come out
+    # near equal (test_extra_rate for a class allowed in an average share of scenes). The test
+    # scenes are also drawn in the web style (kept in memory) to measure the style shift.
+    allowed = np.mean([_syn_compatible(s, g) for s in SYN_SKIES for g in SYN_GROUNDS], axis=0)  # (C,)
+    test = draw(1, n_test, uniform, np.minimum(test_extra_rate * allowed.mean() / allowed, 0.9), ("target", "web"))
+    for split, images in (("train", train[0]["target"]), ("test", test[0]["target"])):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(images):
             _syn_save_png(img, out / "images" / split / f"{i:05d}.png")
     log(f"synthetic-lt: drew {n_train} train + {n_test} test scenes ({size}px) in {time.time() - t0:.1f}s")
 
-    pre = _syn_draw_split(np.random.default_rng([seed, 2]), n_pretrain, uniform, np.full(C, test_extra_rate), size)
+    pre = draw(2, n_pretrain, uniform, np.full(C, pretrain_extra_rate), ("web",))
     log(f"synthetic-lt: drew {n_pretrain} captioned pretraining scenes, {time.time() - t0:.1f}s")
     # One thread: the same seed gives the same weights on any machine (a multi-threaded GEMM may
     # split its sums differently by core count), and these small matrices gain little from more.
@@ -929,41 +1080,57 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
     try:
         torch.manual_seed(seed)
         # OpenAI's constructor (heads = width // 64, as build_clip infers). Context 77 as every
-        # CLIP: CAPNet's prompts need 1 + 16 + name + 2 positions; the longest captions reach
-        # ~25, so positions past that keep their initial values (no input ever reads them).
+        # CLIP: CAPNet's prompts need 1 + 16 + name + 2 positions; captions are shorter, so
+        # positions past them keep their initial values (no input ever reads them).
         model = capnet.CLIP(embed_dim, size, layers, width, patch, 77, 49408, text_width, text_width // 64,
                             text_layers)
-        captioner = _SynCaptioner(capnet._tokenizer().encode, p_mention)
-        final_loss = _syn_pretrain(model, pre[0], pre[1], pre[2], captioner, np.random.default_rng([seed, 3]),
-                                   pretrain_steps, batch_size, lr, log)
+        captioner = _SynCaptioner(capnet._tokenizer().encode, p_mention, p_synonym, p_family_word)
+        final_loss = _syn_pretrain(model, pre[0]["web"], pre[1], pre[2], pre[3], captioner,
+                                   np.random.default_rng([seed, 3]), pretrain_steps, batch_size, lr, log)
         clip_path = out / "clip.pt"
         tmp = out / "clip.pt.tmp"
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, clip_path)  # atomic: never a half-written checkpoint
         clip = capnet.load_clip(clip_path)  # measure what users will load
-        ap, zs = _syn_zero_shot(clip, test[0], test[1], counts)
+        ap, zs = _syn_zero_shot(clip, test[0]["target"], test[1], counts)
+        _, zs_web = _syn_zero_shot(clip, test[0]["web"], test[1], counts)
+        neighbours = _syn_text_neighbours(clip)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
-    log(f"synthetic-lt: pretrained CLIP in {pretrain_steps} steps (final loss {final_loss:.3f}); zero-shot mAP "
-        f"{zs['total']:.1f} (head {zs['head']:.1f}, medium {zs['medium']:.1f}, tail {zs['tail']:.1f}); "
-        f"{time.time() - t0:.0f}s in all")
+    fmt = lambda m: f"{m['total']:.1f} (head {m['head']:.1f}, medium {m['medium']:.1f}, tail {m['tail']:.1f})"
+    log(f"synthetic-lt: pretrained CLIP in {pretrain_steps} steps (final loss {final_loss:.3f}); zero-shot mAP, "
+        f"one view: test scenes {fmt(zs)}; the same scenes in the web style {fmt(zs_web)}")
+    family_pairs = syn_family_cooccurrence(train[1])
+    log("synthetic-lt: families (train images with 2+ members / with any; text-space nearest neighbour): "
+        + "; ".join(f"{f} {family_pairs[f][0]}/{family_pairs[f][1]} ("
+                    + ", ".join(f"{m}->{neighbours[m][0]}" for m in members) + ")"
+                    for f, members in SYN_FAMILIES.items()))
+    log(f"synthetic-lt: {time.time() - t0:.0f}s in all")
 
     source = {
         "generator": "data_prep.py synthetic-lt (make_synthetic_lt)", "seed": seed, "image_size": size,
         "n_train": n_train, "n_test": n_test, "tail_exponent": tail_exponent, "extra_rate": extra_rate,
-        "test_extra_rate": test_extra_rate, "max_objects": 5,
+        "test_extra_rate": test_extra_rate, "max_objects": 5, "family_mix": family_mix,
         "scenes": {"skies": list(SYN_SKIES), "grounds": list(SYN_GROUNDS),
                    "objects": {n: {"region": r, "skies": list(s), "grounds": list(g)}
                                for n, (r, s, g) in SYN_OBJECTS.items()}},
+        "families": {f: list(m) for f, m in SYN_FAMILIES.items()},
+        "family_cooccurrence_train": family_pairs,
+        "styles": {"pretrain": "web", "train and test": "target", "palettes": SYN_PALETTES,
+                   "target": f"hue turned 35 degrees, exposure x0.9-1, grain sd 5, {SYN_TARGET_CLUTTER[0]}-"
+                             f"{SYN_TARGET_CLUTTER[1] - 1} pebbles, objects x{SYN_TARGET_SCALE}"},
         "clip": {"file": "clip.pt", "sha256": clip.source["sha256"],
                  "vision": f"ViT width {width}, {layers} blocks, patch {patch}, {size}px", "embed_dim": embed_dim,
                  "text": f"width {text_width}, {text_layers} blocks, context 77", "pretrain_images": n_pretrain,
                  "pretrain_steps": pretrain_steps, "batch_size": batch_size, "lr": lr, "p_mention": p_mention,
-                 "caption_words": SYN_CAPTION_WORDS, "loss": "symmetric InfoNCE",
+                 "p_synonym": p_synonym, "synonyms": SYN_SYNONYMS,
+                 "p_family_word": p_family_word, "pretrain_extra_rate": pretrain_extra_rate, "loss": "symmetric InfoNCE",
                  "final_loss": round(final_loss, 4)},
         "zero_shot_map": {k: round(v, 2) for k, v in zs.items() if k != "n_nan"},
+        "zero_shot_map_web_style": {k: round(v, 2) for k, v in zs_web.items() if k != "n_nan"},
         "zero_shot_ap": {n: round(float(a), 2) for n, a in zip(SYN_CLASSES, ap)},
+        "text_neighbours": neighbours,
         "seconds": round(time.time() - t0, 1),
     }
     items = lambda split, labels: [(f"{split}/{i:05d}.png", lab) for i, lab in enumerate(labels)]

@@ -2122,21 +2122,31 @@ def test_synthetic_lt_tiny_world_is_deterministic_and_loads(tmp_path):
 
 def test_synthetic_captions_are_exact_tokenizations():
     import re
-    captioner = data_prep._SynCaptioner(capnet._tokenizer().encode, p_mention=0.75)
+    captioner = data_prep._SynCaptioner(capnet._tokenizer().encode)
     rng = np.random.default_rng(0)
-    lengths = []
-    for _ in range(50):
-        labels, sky, ground = data_prep._syn_sample_labels(rng, np.full(24, 1 / 24), np.full(24, 0.3), 5)
-        ids = captioner.tokens(rng, labels, sky, ground)
+    C = len(data_prep.SYN_CLASSES)
+    called = {}  # word -> the classes a caption may call by it (a family's word also names its members)
+    for c, n in enumerate(data_prep.SYN_CLASSES):
+        for w in (n, data_prep.SYN_SYNONYMS.get(n), data_prep.SYN_FAMILY_OF.get(c)):
+            if w:
+                called.setdefault(w, set()).add(c)
+    synonyms = set(data_prep.SYN_SYNONYMS.values())
+    lengths, n_said, n_labels, n_synonym = [], [], [], 0
+    for _ in range(200):
+        labels, sky, ground, anchor = data_prep._syn_sample_scene(rng, np.full(C, 1 / C), np.full(C, 0.3))
+        ids = captioner.tokens(rng, labels, anchor, sky, ground)
         text = capnet._tokenizer().decode(ids[1:-1])
         assert capnet.tokenize([text])[0, :len(ids)].tolist() == ids, text
-        words = [data_prep.SYN_CAPTION_WORDS.get(n, n) for n in data_prep.SYN_CLASSES]
-        said = {c for c, w in enumerate(words) if re.search(rf"\ba {w}\b", text)}
-        assert said and said <= set(labels), text  # only objects in the scene, by their caption word
-        assert not any(re.search(rf"\b{n}\b", text) for n in data_prep.SYN_CAPTION_WORDS), text
+        # every "a <word>" names an object of the scene, by its class name or one of its other words
+        said = sorted((m.start(), w) for w in called for m in re.finditer(rf"\ba {w}\b", text))
+        assert said and all(called[w] & set(labels) for _, w in said), text
+        assert anchor in called[said[0][1]], text  # the salient object (the anchor) is named first
+        n_said.append(len(said))
+        n_labels.append(len(labels))
+        n_synonym += any(w in synonyms for _, w in said)
         lengths.append(len(ids))
-    # CAPNet's prompts put EOT at 1 + 16 + name + 1: captions must train positions that far
-    assert max(lengths) >= 20
+    # web-like: short, fewer objects named than the scenes hold; synonyms sometimes
+    assert np.mean(n_said) < 0.75 * np.mean(n_labels) and 20 < n_synonym < 150 and np.mean(lengths) < 16
 
 
 def test_synthetic_scenes_follow_their_names():
@@ -2145,25 +2155,94 @@ def test_synthetic_scenes_follow_their_names():
     C = len(names)
     pair = np.zeros((C, C), int)
     for _ in range(3000):
-        labels, sky, ground = data_prep._syn_sample_labels(rng, np.full(C, 1 / C), np.full(C, 0.3), 5)
-        assert 1 <= len(labels) <= 5 and data_prep._syn_compatible(sky, ground)[labels].all()
+        labels, sky, ground, anchor = data_prep._syn_sample_scene(rng, np.full(C, 1 / C), np.full(C, 0.3))
+        assert 1 <= len(labels) <= 5 and anchor in labels and data_prep._syn_compatible(sky, ground)[labels].all()
         pair[np.ix_(labels, labels)] += 1
     idx = names.index
     assert pair[idx("boat"), idx("fish")] > 20 and pair[idx("moon"), idx("star")] > 20
-    for a, b in (("sun", "moon"), ("fish", "car"), ("snowman", "palm tree"), ("crab", "duck")):
+    for a, b in (("sun", "moon"), ("fish", "car"), ("snowman", "palm tree"), ("crab", "fish")):
         assert pair[idx(a), idx(b)] == 0, (a, b)
 
 
-def test_synthetic_default_long_tail_and_too_small_train_set(tmp_path):
-    # the default knobs' label draw (no rendering): all three groups non-empty, every class present
+def _syn_default_draw(n_train=1500, n_test=1000, seed=0):
+    """The default knobs' label draws of train and test (no rendering): (train labels, test labels)."""
     C = len(data_prep.SYN_CLASSES)
     w = (np.arange(C) + 1.0) ** -1.4
-    rng = np.random.default_rng([0, 0])
-    labels = [data_prep._syn_sample_labels(rng, w / w.sum(), 0.3 * w / w[0], 5)[0] for _ in range(1500)]
-    counts = capnet.class_counts([(None, lab) for lab in labels], C)
+    train = [data_prep._syn_sample_scene(np.random.default_rng([seed, 0, i]), w / w.sum(), 0.3 * w / w[0])[0]
+             for i in range(n_train)]
+    allowed = np.mean([data_prep._syn_compatible(s, g) for s in data_prep.SYN_SKIES for g in data_prep.SYN_GROUNDS], 0)
+    test = [data_prep._syn_sample_scene(np.random.default_rng([seed, 1, i]), np.full(C, 1 / C),
+                                        np.minimum(0.25 * allowed.mean() / allowed, 0.9))[0] for i in range(n_test)]
+    return train, test
+
+
+def test_synthetic_train_is_long_tailed_and_test_balanced(tmp_path):
+    # the default knobs' label draw: all three groups non-empty, every class present, a long
+    # tail (head / rarest >= 20); test balanced: uniform anchors and extra objects joining more
+    # readily where scenes seldom allow them, so every class has 60+ of the 1,000 test images and
+    # at most 3x the rarest
+    C = len(data_prep.SYN_CLASSES)
+    train, test = _syn_default_draw()
+    counts = capnet.class_counts([(None, lab) for lab in train], C)
     assert counts.min() > 0 and {capnet.class_group(int(n)) for n in counts} == {"head", "medium", "tail"}
+    assert counts.max() >= 20 * counts.min()
+    test_counts = capnet.class_counts([(None, lab) for lab in test], C)
+    assert test_counts.min() >= 60 and test_counts.max() <= 3 * test_counts.min()
     with pytest.raises(ValueError, match="n_train=50"):
         data_prep.make_synthetic_lt(root=tmp_path, **dict(_SYN_TINY, n_train=50))
+
+
+def test_synthetic_families_share_a_word_and_rarely_cooccur():
+    names, C = data_prep.SYN_CLASSES, len(data_prep.SYN_CLASSES)
+    assert len(data_prep.SYN_FAMILIES) >= 3
+    train, test = _syn_default_draw()
+    counts = capnet.class_counts([(None, lab) for lab in train], C)
+    for family, members in data_prep.SYN_FAMILIES.items():
+        assert members[0] == family and all(m.endswith(family) and m in names for m in members)
+        head, *rest = (int(counts[names.index(m)]) for m in members)
+        assert capnet.class_group(head) == "head" and all(n < head / 5 for n in rest), (family, head, rest)
+    # family members share a scene in under 5% of the images showing the family, in train and test,
+    # so the co-occurrence graph (ML-GCN, P(j|i) >= 0.4) links no two members
+    for labels in (train, test):
+        for family, (both, any_) in data_prep.syn_family_cooccurrence(labels).items():
+            assert both <= 0.05 * any_, (family, both, any_)
+    P = capnet.cooccur_graph(capnet.multihot([(None, lab) for lab in train], C), p=0.2)
+    for members in data_prep.SYN_FAMILIES.values():
+        idx = [names.index(m) for m in members]
+        off = P[np.ix_(idx, idx)] - torch.diag(P[np.ix_(idx, idx)].diagonal())
+        assert off.abs().max() == 0, members
+
+
+def test_synthetic_style_shift_between_pretraining_and_downstream():
+    from PIL import Image, ImageDraw
+    C = len(data_prep.SYN_CLASSES)
+    rng = np.random.default_rng(0)
+    diffs, unexplained, grain = [], [], {"web": [], "target": []}
+    for seed in range(20):
+        labels, sky, ground, anchor = data_prep._syn_sample_scene(rng, np.full(C, 1 / C), np.full(C, 0.3))
+        img = {s: data_prep._syn_render(seed, labels, anchor, sky, ground, 48, s).astype(float) for s in ("web", "target")}
+        assert np.array_equal(img["web"], data_prep._syn_render(seed, labels, anchor, sky, ground, 48, "web"))
+        turned = np.clip(img["web"] @ data_prep.SYN_TARGET_TURN.T, 0, 255)  # the same scene, hue turned
+        diffs.append(np.abs(img["web"] - img["target"]).mean())
+        unexplained.append(np.abs(turned - img["target"]).mean() / diffs[-1])
+        for s, x in img.items():
+            grain[s].append(np.abs(np.diff(x, axis=1)).mean())  # neighbour differences: texture
+    # a global shift: every scene changes a lot, mostly by the colour turn (the rest: exposure,
+    # grain, clutter, the families' palettes), and the texture is grainier
+    assert min(diffs) > 8 and np.median(unexplained) < 0.6
+    assert np.mean(grain["target"]) > 1.5 * np.mean(grain["web"])
+    # the family-level change: a family member's painter draws differently in the target palette,
+    # every other class exactly the same
+    family = {m for members in data_prep.SYN_FAMILIES.values() for m in members}
+    for name, paint in data_prep.SYN_PAINTERS.items():
+        drawn = []
+        for style in ("web", "target"):
+            canvas = Image.new("RGB", (64, 64), (128, 128, 128))
+            paint(ImageDraw.Draw(canvas), np.random.default_rng(1), 32, 36, 20, (128, 128, 128),
+                  data_prep.SYN_PALETTES[style])
+            drawn.append(np.asarray(canvas).astype(int))
+        change = np.abs(drawn[0] - drawn[1]).sum(-1)
+        assert ((change > 60).sum() > 20) == (name in family), name
 
 # -----------------------------------------------------------------------------
 # train, eval, predict, CLI, faults

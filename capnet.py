@@ -2324,8 +2324,9 @@ def train_seeds(cfg: Config) -> dict:
         run_dir = Path(cfg.out_dir) / one.name
         if (run_dir / "results.json").exists():
             done = json.loads((run_dir / "results.json").read_text())
+            default = to_jsonable(dataclasses.asdict(Config()))  # a field added since: its default held then
             changed = [k for k, v in to_jsonable(dataclasses.asdict(one)).items()
-                       if k not in RESUME_FREE and done["config"].get(k) != v]
+                       if k not in RESUME_FREE and done["config"].get(k, default[k]) != v]
             if changed:
                 raise RunError(f"{run_dir} holds a finished run with another config ({', '.join(changed)}); "
                                f"pick another --name")

@@ -977,7 +977,86 @@ def collate_skip_bad(batch):
     return torch.utils.data.default_collate(batch) if batch else None
 
 # -----------------------------------------------------------------------------
-# label graph, GCN, prompt learner, CAPNet
+# prompt learner, label graph, GCN, PEFT, CAPNet
+
+# Prompt learner (SPEC 1 step 2, as in LMPT/CoOp with class-specific context).
+
+def prompt_name(name):
+    """A class name as it is written into a prompt: underscores become spaces."""
+    return name.replace("_", " ")
+
+
+class PromptLearner(nn.Module):
+    """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT].
+
+    The M context vectors of every class are learned; all other token embeddings are the
+    frozen CLIP's. With `ctx_init` (e.g. "a photo of a") every class's context starts as that
+    template's token embeddings and M is the template's token count (CoOp's convention;
+    `n_ctx` is then ignored), so the untrained prompts read exactly "a photo of a {name}."
+    With `shared` (CoOp) one (M, W) context serves every class instead of a (C, M, W) tensor.
+    """
+
+    def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False):
+        super().__init__()
+        # a reference, not a submodule: the frozen CLIP is registered once, under CAPNet.clip
+        object.__setattr__(self, "clip", clip)
+        device = clip.token_embedding.weight.device
+        bpe = _tokenizer()
+        init_ids = bpe.encode(ctx_init) if ctx_init else []
+        if ctx_init and not init_ids:
+            raise ValueError(f"ctx_init {ctx_init!r} has no tokens")
+        M = len(init_ids) if ctx_init else n_ctx
+        if M < 1:
+            raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+        rows, eot_index = [], []
+        for name in classnames:
+            name_ids = bpe.encode(prompt_name(name) + ".")
+            ids = [SOT] + [0] * M + name_ids + [EOT]  # the zeros are replaced by the context
+            if len(ids) > clip.context_length:
+                raise ValueError(f"the prompt of class {name!r} needs {len(ids)} tokens ({M} context "
+                                 f"+ {len(name_ids)} for the name + SOT/EOT), more than CLIP's "
+                                 f"context length {clip.context_length}; shorten the name or --n-ctx")
+            rows.append(ids)
+            eot_index.append(len(ids) - 1)
+        # the text encoder is causal: positions after the last EOT never matter, so keep only
+        # max(EOT) + 1 positions (SPEC 7: same features, a fraction of the work)
+        L = max(eot_index) + 1
+        token_ids = torch.zeros(len(classnames), L, dtype=torch.long)  # (C, L)
+        for c, ids in enumerate(rows):
+            token_ids[c, :len(ids)] = torch.tensor(ids)
+        token_ids = token_ids.to(device)
+        with torch.no_grad():
+            emb = clip.token_embedding(token_ids).float()  # (C, L, W)
+            shape = (M, emb.shape[-1]) if shared else (len(classnames), M, emb.shape[-1])
+            if ctx_init:
+                init = clip.token_embedding(torch.tensor(init_ids, device=device)).float()  # (M, W)
+                ctx = init.expand(shape).clone()  # (C, M, W), or (M, W) shared
+            else:
+                ctx = torch.randn(shape, device=device) * 0.02  # (C, M, W), or (M, W) shared
+        self.n_ctx = M
+        self.ctx = nn.Parameter(ctx)  # (C, M, W), or (M, W) shared
+        # frozen pieces, rebuilt from CLIP on load, so not saved in checkpoints
+        self.register_buffer("token_ids", token_ids, persistent=False)  # (C, L)
+        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, W) SOT
+        self.register_buffer("suffix", emb[:, 1 + M:].clone(), persistent=False)  # (C, L-1-M, W)
+        self.register_buffer("eot_index", torch.tensor(eot_index, device=device), persistent=False)  # (C,)
+
+    def embeddings(self):
+        """Token embeddings of the prompts (without positional embeddings): (C, L, W)."""
+        dtype = self.clip.token_embedding.weight.dtype
+        ctx = self.ctx.expand(self.prefix.shape[0], -1, -1)  # (C, M, W): a shared context serves every class
+        return torch.cat([self.prefix, ctx, self.suffix], dim=1).to(dtype)  # (C, L, W)
+
+    truncate = True  # False: run all 77 positions as openai/CLIP does (same output; bench baseline)
+
+    def forward(self):
+        x = self.embeddings()  # (C, L, W), L = max(EOT) + 1: already the shortest causal context
+        if not self.truncate:
+            x = F.pad(x, (0, 0, 0, self.clip.context_length - x.shape[1]))  # (C, 77, W)
+        # truncate=False: no data-dependent cut (int(eot.max())), so torch.compile sees one graph
+        x = self.clip.encode_text_embeddings(x, self.eot_index, truncate=False)  # (C, D)
+        return F.normalize(x.float(), dim=-1)  # (C, D) F_t
+
 
 # Label graph (SPEC 1 step 3). The graph comes from the frozen text encoder, not from the
 # imbalanced training labels: tail classes get neighbours because their names are similar to
@@ -985,11 +1064,6 @@ def collate_skip_bad(batch):
 # ablations.
 GRAPH_MODES = ("text", "cooccur", "identity", "none")  # none: no GCN at all (CAPNet freezes it)
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
-
-
-def prompt_name(name):
-    """A class name as it is written into a prompt: underscores become spaces."""
-    return name.replace("_", " ")
 
 
 @torch.no_grad()
@@ -1093,80 +1167,6 @@ class GCN(nn.Module):
         H2 = graph_propagate(self.P, H1, self.W1, activation=True, **kw)  # (C, D)
         dF = graph_propagate(self.P, H2, self.W2, activation=False, **kw)  # (C, D)
         return F_t + dF  # (C, D)
-
-
-# Prompt learner (SPEC 1 step 2, as in LMPT/CoOp with class-specific context).
-
-class PromptLearner(nn.Module):
-    """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT].
-
-    The M context vectors of every class are learned; all other token embeddings are the
-    frozen CLIP's. With `ctx_init` (e.g. "a photo of a") every class's context starts as that
-    template's token embeddings and M is the template's token count (CoOp's convention;
-    `n_ctx` is then ignored), so the untrained prompts read exactly "a photo of a {name}."
-    With `shared` (CoOp) one (M, W) context serves every class instead of a (C, M, W) tensor.
-    """
-
-    def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False):
-        super().__init__()
-        # a reference, not a submodule: the frozen CLIP is registered once, under CAPNet.clip
-        object.__setattr__(self, "clip", clip)
-        device = clip.token_embedding.weight.device
-        bpe = _tokenizer()
-        init_ids = bpe.encode(ctx_init) if ctx_init else []
-        if ctx_init and not init_ids:
-            raise ValueError(f"ctx_init {ctx_init!r} has no tokens")
-        M = len(init_ids) if ctx_init else n_ctx
-        if M < 1:
-            raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
-        rows, eot_index = [], []
-        for name in classnames:
-            name_ids = bpe.encode(prompt_name(name) + ".")
-            ids = [SOT] + [0] * M + name_ids + [EOT]  # the zeros are replaced by the context
-            if len(ids) > clip.context_length:
-                raise ValueError(f"the prompt of class {name!r} needs {len(ids)} tokens ({M} context "
-                                 f"+ {len(name_ids)} for the name + SOT/EOT), more than CLIP's "
-                                 f"context length {clip.context_length}; shorten the name or --n-ctx")
-            rows.append(ids)
-            eot_index.append(len(ids) - 1)
-        # the text encoder is causal: positions after the last EOT never matter, so keep only
-        # max(EOT) + 1 positions (SPEC 7: same features, a fraction of the work)
-        L = max(eot_index) + 1
-        token_ids = torch.zeros(len(classnames), L, dtype=torch.long)  # (C, L)
-        for c, ids in enumerate(rows):
-            token_ids[c, :len(ids)] = torch.tensor(ids)
-        token_ids = token_ids.to(device)
-        with torch.no_grad():
-            emb = clip.token_embedding(token_ids).float()  # (C, L, W)
-            shape = (M, emb.shape[-1]) if shared else (len(classnames), M, emb.shape[-1])
-            if ctx_init:
-                init = clip.token_embedding(torch.tensor(init_ids, device=device)).float()  # (M, W)
-                ctx = init.expand(shape).clone()  # (C, M, W), or (M, W) shared
-            else:
-                ctx = torch.randn(shape, device=device) * 0.02  # (C, M, W), or (M, W) shared
-        self.n_ctx = M
-        self.ctx = nn.Parameter(ctx)  # (C, M, W), or (M, W) shared
-        # frozen pieces, rebuilt from CLIP on load, so not saved in checkpoints
-        self.register_buffer("token_ids", token_ids, persistent=False)  # (C, L)
-        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, W) SOT
-        self.register_buffer("suffix", emb[:, 1 + M:].clone(), persistent=False)  # (C, L-1-M, W)
-        self.register_buffer("eot_index", torch.tensor(eot_index, device=device), persistent=False)  # (C,)
-
-    def embeddings(self):
-        """Token embeddings of the prompts (without positional embeddings): (C, L, W)."""
-        dtype = self.clip.token_embedding.weight.dtype
-        ctx = self.ctx.expand(self.prefix.shape[0], -1, -1)  # (C, M, W): a shared context serves every class
-        return torch.cat([self.prefix, ctx, self.suffix], dim=1).to(dtype)  # (C, L, W)
-
-    truncate = True  # False: run all 77 positions as openai/CLIP does (same output; bench baseline)
-
-    def forward(self):
-        x = self.embeddings()  # (C, L, W), L = max(EOT) + 1: already the shortest causal context
-        if not self.truncate:
-            x = F.pad(x, (0, 0, 0, self.clip.context_length - x.shape[1]))  # (C, 77, W)
-        # truncate=False: no data-dependent cut (int(eot.max())), so torch.compile sees one graph
-        x = self.clip.encode_text_embeddings(x, self.eot_index, truncate=False)  # (C, D)
-        return F.normalize(x.float(), dim=-1)  # (C, D) F_t
 
 
 # PEFT on the image tower (SPEC 1 step 5).

@@ -7,7 +7,7 @@ distribution-balanced focal loss with class-aware re-weighting, AdaptFormer (ViT
 tuning (ResNet), and five-crop test-time ensembling.
 
 The file reads top to bottom in the order data flows:
-config -> tokenizer -> CLIP -> transforms -> data -> graph, GCN, prompts, model -> loss ->
+config -> tokenizer -> CLIP -> transforms -> data -> prompts, label graph, GCN, PEFT, model -> loss ->
 metrics -> fused-op dispatch -> train -> eval and predict -> CLI.
 The speed harness is bench.py; data preparation is data_prep.py (both import this file).
 

@@ -2375,7 +2375,8 @@ def test_method_presets_fill_flags_and_flags_override():
     parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
     coop = parse("--method", "coop")
     assert (coop.ctx, coop.graph, coop.peft, coop.loss) == ("shared", "none", "none", "bce")
-    assert coop.lr == 0.005 and coop.ctx_init == "a photo of a"  # the data preset stays underneath
+    preset = capnet.PRESETS["synthetic-lt"]
+    assert coop.lr == preset["lr"] and coop.ctx_init == preset["ctx_init"]  # the data preset stays underneath
     lmpt = parse("--method", "lmpt")
     assert (lmpt.ctx, lmpt.graph, lmpt.peft, lmpt.loss) == ("class", "none", "none", "db-focal")
     assert lmpt.tau_prime == float("inf") and lmpt.scale_min == 1.0

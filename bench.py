@@ -354,6 +354,17 @@ def _bench_eval_bf16_row(model, tag, batch, n_views, device, warmup, repeats, ge
                 f"ratio = fraction of the bf16 GEMM limit")
 
 
+def _bench_attention_bf16_row(batch, heads, n, d, device, warmup, repeats):
+    # one attention layer, fwd+bwd in bf16: SDPA (flash on CPU) vs capnet.attention (matmuls on CPU)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(batch, heads, n, d, generator=g).to(device, torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    sdpa = _fwd_bwd(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v), q, k, v)
+    ours = _fwd_bwd(lambda q, k, v: capnet.attention(q, k, v), q, k, v)
+    return _compare("attention_bf16_ours_vs_sdpa", sdpa, ours, device, warmup, repeats,
+                    f"fwd+bwd, B={batch}, {heads} heads, L={n}, d={d}; diff: bf16 rounding")
+
+
 def _bench_image_rows(clip, tag, batch, n_gemm, device, warmup, repeats):
     # ViT image tower forward: SDPA vs math attention, and its FLOP rate against the fp32
     # GEMM rate measured in the same rounds (so both see the same load)
@@ -446,6 +457,8 @@ def bench(quick=False, json_path=None):
     rows.append(_bench_eval_row(model, "_vit", eval_batch, 5, **big))
     if machine["bf16"]:
         rows.append(_bench_eval_bf16_row(model, "_vit", eval_batch, 5, **big, gemm_gflops=gemm))
+        n_tokens = (vit["image_resolution"] // vit["vision_patch_size"]) ** 2 + 1
+        rows.append(_bench_attention_bf16_row(batch, vit["vision_width"] // 64, n_tokens, 64, device, warm, reps))
     rows += _bench_image_rows(model.clip, "_vit", img_batch, n_gemm, **big)
     del model
     say("RN50 train step, eval, channels-last")

@@ -103,11 +103,10 @@ class Config:
 
 # per-benchmark presets: only what differs from the Config defaults
 PRESETS = {
-    # the embedded default: 48 px scenes and a small ViT CLIP (data_prep.make_synthetic_lt), sized so
-    # preparation + training + both evaluations fit in 10 minutes on 2 CPU cores. The context starts
-    # from "a photo of a", so step 0 is exactly zero-shot. Measured on synthetic-lt v2 (seed 0, two
-    # draws of the world): 60 epochs at lr 0.01 gained 1.2-1.4 mAP over 30 at 0.005; 30 at 0.02
-    # fell below zero-shot. (v1: 0.01 for 30 epochs lost 10 points; random context init was worse)
+    # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, sized to fit
+    # 10 minutes on 2 CPU cores. The context starts as "a photo of a": step 0 is exactly zero-shot.
+    # Measured (world 0, seed 0): 60 epochs at lr 0.01 gained 1.2-1.4 mAP over 30 at 0.005; 30 at 0.02
+    # fell below zero-shot
     "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, workers=0,
                          ctx_init="a photo of a"),
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),
@@ -130,11 +129,8 @@ METHODS = {
 # -----------------------------------------------------------------------------
 # tokenizer
 
-# Byte-level BPE exactly as OpenAI CLIP's SimpleTokenizer (same clean-up, same regex, same
-# merges table), re-implemented here. The merges file bpe_simple_vocab_16e6.txt.gz (MIT,
-# OpenAI) is vendored at the repository root.
-
-
+# Byte-level BPE exactly as OpenAI CLIP's SimpleTokenizer (same clean-up, regex and merges), re-implemented
+# here. The merges file bpe_simple_vocab_16e6.txt.gz (MIT, OpenAI) is vendored at the repository root.
 BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>
 
@@ -160,10 +156,7 @@ def _clean(text):
 class SimpleTokenizer:
     def __init__(self, bpe_path=BPE_PATH):
         import regex
-        if not Path(bpe_path).is_file():
-            raise FileNotFoundError(f"CLIP BPE merges file not found: {bpe_path} "
-                                    "(it ships with this repository as bpe_simple_vocab_16e6.txt.gz)")
-        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")  # the file ships with this repository
         merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # 48894 merges
         byte_chars = list(_byte_to_unicode().values())
         # vocab order fixes the ids: 256 bytes, 256 word-final bytes, merges, SOT, EOT
@@ -221,9 +214,8 @@ def _tokenizer():
 
 
 def tokenize(texts, context_length=77, truncate=False):
-    """texts -> LongTensor (n, context_length): [SOT] bpe(text) [EOT] 0 0 ...
-    A text longer than the context is an error, or with truncate=True cut so that its
-    last kept token is EOT (OpenAI's behaviour)."""
+    """texts -> LongTensor (n, context_length): [SOT] bpe(text) [EOT] 0 0 ... A text longer than the context
+    is an error, or with truncate=True cut so that its last kept token is EOT (OpenAI's behaviour)."""
     if isinstance(texts, str):
         texts = [texts]
     out = torch.zeros(len(texts), context_length, dtype=torch.long)
@@ -278,9 +270,8 @@ class Bottleneck(nn.Module):
 
 
 def resize_pos_embed(pos, grid_hw):
-    """pos (1 + g*g, W): a class/pooled-token row then a g x g grid -> (1 + h*w, W) for grid
-    (h, w). The grid part is interpolated bicubically (align_corners=False); the first row is
-    kept. At the native grid the checkpoint's embedding is returned unchanged."""
+    """pos (1 + g*g, W): a class/pooled-token row, then a g x g grid -> (1 + h*w, W) for grid (h, w): the
+    grid interpolated bicubically, the first row kept; at the native grid, the checkpoint's own."""
     g = round((pos.shape[0] - 1) ** 0.5)
     if tuple(grid_hw) == (g, g):
         return pos
@@ -506,11 +497,9 @@ class CLIP(nn.Module):
         return self.encode_text_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1), truncate)
 
     def encode_text_embeddings(self, x, eot_index, truncate=True):
-        """x (n, L, W): token embeddings WITHOUT positional embeddings (the prompt learner splices
-        its learned context vectors in here); eot_index (n,): where each sequence's EOT is.
-        Returns (n, D). The mask is causal, so positions after the last EOT cannot change any
-        output read at or before it: with truncate=True the tower runs on x[:, :max(eot)+1] only,
-        the same features for a fraction of the work (SPEC section 7)."""
+        """x (n, L, W): token embeddings without positions (the prompt learner splices its context in here);
+        eot_index (n,): where each EOT is -> (n, D). The mask is causal, so positions after the last EOT
+        change no output read at or before it: truncate=True runs x[:, :max(eot)+1] only (SPEC 7)."""
         n, L, W = x.shape
         if truncate:
             L = int(eot_index.max()) + 1
@@ -530,8 +519,7 @@ _NOT_PARAMETERS = ("input_resolution", "context_length", "vocab_size")  # ints i
 
 
 def build_clip(state_dict):
-    """OpenAI-layout state dict -> CLIP in fp32, eval mode. Every size is read from tensor shapes
-    (as OpenAI's build_model); head counts follow OpenAI's 64 dims per head."""
+    """OpenAI-layout state dict -> CLIP in fp32, eval mode; sizes read from tensor shapes, 64 dims per head."""
     sd = {k: v for k, v in state_dict.items() if k not in _NOT_PARAMETERS}
     for key in ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight",
                 "visual.conv1.weight"):
@@ -582,7 +570,7 @@ def available_models():
 
 
 def clip_cache_dir(download_root=None):
-    return Path(download_root).expanduser() if download_root else Path("~/.cache/clip").expanduser()
+    return Path(download_root or "~/.cache/clip").expanduser()
 
 
 def _sha256(path):
@@ -603,9 +591,8 @@ def _fetch(url, dst):
 
 
 def _download(name, root):
-    """Known model name -> verified local file root/<file>. The download goes to a temporary
-    file in the same folder and is renamed into place only after its SHA-256 matches, so the
-    cache never holds a partial or wrong file."""
+    """Known model name -> verified file root/<file>: downloaded to a temporary file, renamed into place only
+    after its SHA-256 matches, so the cache never holds a partial or wrong file."""
     url = KNOWN_MODELS[name]
     sha, filename = url.split("/")[-2], url.split("/")[-1]
     target = root / filename
@@ -653,9 +640,9 @@ def _read_state_dict(path):
 
 
 def load_clip(name_or_path, device="cpu", download_root=None):
-    """A known model name (available_models(); cached in ~/.cache/clip, downloaded with SHA-256
-    check when absent) or a checkpoint path -> CLIP (fp32, eval) with
-    model.source = {"name", "sha256"} identifying the exact weights."""
+    """A known model name (cached in ~/.cache/clip, downloaded and SHA-256 checked when absent) or a checkpoint
+    path -> CLIP (fp32, eval) with model.source = {"name", "sha256"} identifying the exact weights."""
+
     name_or_path = str(name_or_path)
     if name_or_path in KNOWN_MODELS:
         path, sha = _download(name_or_path, clip_cache_dir(download_root))
@@ -744,10 +731,9 @@ def preprocess(img, size):
 
 
 def train_augment(img, size, rng, scale=(0.5, 1.0)):
-    """Random resized crop (torchvision's RandomResizedCrop sampling: area fraction in `scale`,
-    log-uniform aspect ratio in [3/4, 4/3], ten tries, then a centre fallback), bicubic resize to
-    size x size, horizontal flip with p = 0.5. All randomness from the numpy Generator `rng`,
-    so a (seed, epoch, index) triple fixes the view exactly."""
+    """Random resized crop (torchvision's sampling: area fraction in `scale`, log-uniform aspect in [3/4, 4/3],
+    ten tries, then a centre fallback), bicubic to size x size, flip with p = 0.5. All randomness from the
+    numpy Generator `rng`, so a (seed, epoch, index) triple fixes the view exactly."""
     from PIL import Image
     img = to_rgb(img)
     W, H = img.size
@@ -771,11 +757,9 @@ def train_augment(img, size, rng, scale=(0.5, 1.0)):
 
 
 def tte_views(img, size, n_views=5):
-    """Test-time views -> (V, 3, size, size). The short side goes to round(size * 248 / 224)
-    (224 -> 248, SPEC section 1 step 8); 5 = the four corner crops and the centre crop (in
-    torchvision FiveCrop's order), 10 = those and their mirror images, 1 = the centre crop of
-    the same resize (assumption: --tte 1 is one of the five views, so TTE ablations differ in
-    the number of views only)."""
+    """Test-time views -> (V, 3, size, size), the short side resized to round(size * 248 / 224) (SPEC 1 step 8):
+    5 = four corners and centre (FiveCrop's order), 10 = those and their mirror images, 1 = the centre crop
+    (ours: one of the five views, so TTE ablations differ in the number of views only)."""
     from PIL import Image
     if n_views not in (1, 5, 10):
         raise ValueError(f"n_views must be 1, 5 or 10, got {n_views}")
@@ -851,9 +835,9 @@ def load_prepared(path):
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    for key in ("name", "classes", "image_root", "train", "test"):
-        if key not in d:
-            raise ValueError(f"{path}: missing key {key!r}")
+    missing = [key for key in ("name", "classes", "image_root", "train", "test") if key not in d]
+    if missing:
+        raise ValueError(f"{path}: missing key {missing[0]!r}")
     classes = d["classes"]
     if not isinstance(classes, list) or len(classes) == 0:
         raise ValueError(f"{path}: empty class list")
@@ -863,12 +847,9 @@ def load_prepared(path):
     dup = sorted({c for c in classes if classes.count(c) > 1})
     if dup:
         raise ValueError(f"{path}: duplicate class name(s) {dup}")
-    train, train_set = _check_items(d["train"], "train", classes, path)
-    test, test_set = _check_items(d["test"], "test", classes, path)
-    if not train:
-        raise ValueError(f"{path}: the train split is empty")
-    if not test:
-        raise ValueError(f"{path}: the test split is empty")
+    (train, train_set), (test, test_set) = (_check_items(d[s], s, classes, path) for s in ("train", "test"))
+    if not train or not test:
+        raise ValueError(f"{path}: the {'train' if not train else 'test'} split is empty")
     both = sorted(train_set & test_set)
     if both:
         raise ValueError(f"{path}: {len(both)} image(s) in both train and test, e.g. {both[0]!r}")
@@ -903,31 +884,23 @@ def class_counts(items, num_classes):
 
 def format_class_stats(classes, counts, num_images=None):
     """Readable class statistics: images, classes, head/medium/tail sizes, per-class counts."""
-    counts = np.asarray(counts)
-    groups = [class_group(int(n)) for n in counts]
-    lines = []
-    if num_images is not None:
-        lines.append(f"images: {num_images}")
-    lines.append(f"classes: {len(classes)}  (head n>={HEAD_MIN}: {groups.count('head')}, "
-                 f"medium {TAIL_MIN}<=n<{HEAD_MIN}: {groups.count('medium')}, "
-                 f"tail n<{TAIL_MIN}: {groups.count('tail')})")
-    lines.append(f"labels per class: max {counts.max()}, median {int(np.median(counts))}, min {counts.min()}, "
-                 f"imbalance {counts.max() / max(counts.min(), 1):.1f}")
+    counts, groups = np.asarray(counts), [class_group(int(n)) for n in counts]
     width = max(len(c) for c in classes)
-    for i in np.argsort(-counts, kind="stable"):
-        lines.append(f"  {i:4d} {classes[i]:<{width}} {counts[i]:7d}  {groups[i]}")
+    lines = [f"images: {num_images}"] if num_images is not None else []
+    lines += [f"classes: {len(classes)}  (head n>={HEAD_MIN}: {groups.count('head')}, medium {TAIL_MIN}<=n<{HEAD_MIN}: "
+              f"{groups.count('medium')}, tail n<{TAIL_MIN}: {groups.count('tail')})",
+              f"labels per class: max {counts.max()}, median {int(np.median(counts))}, min {counts.min()}, "
+              f"imbalance {counts.max() / max(counts.min(), 1):.1f}"]
+    lines += [f"  {i:4d} {classes[i]:<{width}} {counts[i]:7d}  {groups[i]}" for i in np.argsort(-counts, kind="stable")]
     return "\n".join(lines)
 
 
 class MultiLabelDataset(torch.utils.data.Dataset):
-    """Images and multi-hot targets.
+    """Images and multi-hot targets. mode="train": train_augment, a (3, S, S) tensor per item drawn from
+    np.random.default_rng([seed, epoch, index]), so a resumed run sees the same crops; mode="eval": tte_views,
+    (V, 3, S, S). skip_bad: an unreadable image gives None (dropped by collate_skip_bad) and counts in
+    bad_count (shared with DataLoader workers) instead of an error naming the file."""
 
-    mode="train": random resized crop + flip (train_augment), one (3, S, S) tensor per item, drawn
-    from np.random.default_rng([seed, epoch, index]) so a resumed run sees the same crops.
-    mode="eval": the test-time views (tte_views), a (V, 3, S, S) tensor per item.
-    skip_bad: an unreadable image gives None (dropped by collate_skip_bad) and is counted in
-    bad_count (shared with DataLoader workers), instead of an error naming the file.
-    """
 
     def __init__(self, items, image_root, num_classes, size, mode="train", n_views=5,
                  scale_min=0.5, seed=0, skip_bad=False):
@@ -1008,23 +981,19 @@ class PromptLearner(nn.Module):
         M = len(init_ids) if ctx_init else n_ctx
         if M < 1:
             raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
-        rows, eot_index = [], []
+        rows = []
         for name in classnames:
             name_ids = bpe.encode(prompt_name(name) + ".")
-            ids = [SOT] + [0] * M + name_ids + [EOT]  # the zeros are replaced by the context
-            if len(ids) > clip.context_length:
-                raise ValueError(f"the prompt of class {name!r} needs {len(ids)} tokens ({M} context "
-                                 f"+ {len(name_ids)} for the name + SOT/EOT), more than CLIP's "
-                                 f"context length {clip.context_length}; shorten the name or --n-ctx")
-            rows.append(ids)
-            eot_index.append(len(ids) - 1)
+            rows.append([SOT] + [0] * M + name_ids + [EOT])  # the zeros are replaced by the context
+            if len(rows[-1]) > clip.context_length:
+                raise ValueError(f"the prompt of class {name!r} needs {len(rows[-1])} tokens ({M} context + "
+                                 f"{len(name_ids)} for the name + SOT/EOT), more than CLIP's context length "
+                                 f"{clip.context_length}; shorten the name or --n-ctx")
+        eot_index = [len(ids) - 1 for ids in rows]
         # the text encoder is causal: positions after the last EOT never matter, so keep only
         # max(EOT) + 1 positions (SPEC 7: same features, a fraction of the work)
         L = max(eot_index) + 1
-        token_ids = torch.zeros(len(classnames), L, dtype=torch.long)  # (C, L)
-        for c, ids in enumerate(rows):
-            token_ids[c, :len(ids)] = torch.tensor(ids)
-        token_ids = token_ids.to(device)
+        token_ids = torch.tensor([ids + [0] * (L - len(ids)) for ids in rows], device=device)  # (C, L)
         with torch.no_grad():
             emb = clip.token_embedding(token_ids).float()  # (C, L, W)
             shape = (M, emb.shape[-1]) if shared else (len(classnames), M, emb.shape[-1])
@@ -1137,8 +1106,7 @@ def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
     C = P.shape[0]
     off = P - torch.diag(P.diagonal())  # (C, C) neighbour weights only
     lines = [f"label graph: {C} classes, mean neighbour weight per class {off.sum(1).mean():.3f}, "
-             f"mean self weight {P.diagonal().mean():.3f}, "
-             f"edges > 1/C: {int((off > 1.0 / C).sum())}"]
+             f"mean self weight {P.diagonal().mean():.3f}, edges > 1/C: {int((off > 1.0 / C).sum())}"]
     for i in np.argsort(np.asarray(counts), kind="stable")[:min(n_rare, C)]:
         w, j = off[i].topk(min(n_top, C - 1))
         nbrs = ", ".join(f"{classnames[k]} {v:.3f}" for v, k in zip(w.tolist(), j.tolist()) if v > 0)
@@ -1147,9 +1115,9 @@ def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
 
 
 class GCN(nn.Module):
-    """Three-layer residual GCN (SPEC 1 step 4):
-    H1 = LeakyReLU(P F_t W0), H2 = LeakyReLU(P H1 W1), F_hat = F_t + P H2 W2.
-    W2 starts at zero, so the untrained GCN is the identity on F_t."""
+    """Three-layer residual GCN (SPEC 1 step 4): H1 = LeakyReLU(P F_t W0), H2 = LeakyReLU(P H1 W1),
+    F_hat = F_t + P H2 W2. W2 starts at zero, so the untrained GCN is the identity on F_t."""
+
 
     def __init__(self, dim, P, negative_slope=0.2, backend="auto"):
         super().__init__()
@@ -1193,10 +1161,8 @@ class AdaptFormer(nn.Module):
 
 
 class AdaptFormerBlock(ResidualAttentionBlock):
-    """A ViT block with an AdaptFormer beside its MLP:
-    h = x + Attn(LN1(x)); out = h + MLP(LN2(h)) + s_a * Up(ReLU(Down(LN_a(h)))).
-    Made by `add_adaptformer` from an existing block, keeping its (frozen, OpenAI-named)
-    submodules in place; the adapter's parameters live under `.adapter`."""
+    """A ViT block with an AdaptFormer beside its MLP: h = x + Attn(LN1(x)),
+    out = h + MLP(LN2(h)) + s_a * Up(ReLU(Down(LN_a(h)))); the adapter's parameters live under `.adapter`."""
 
     def forward(self, x):
         h = x + self.attn(self.ln_1(x), causal=self.causal)  # (B, L, W)
@@ -1204,34 +1170,22 @@ class AdaptFormerBlock(ResidualAttentionBlock):
 
 
 def add_adaptformer(visual, num_classes, adapter_dim=0):
-    """Put an AdaptFormer beside the MLP of every block of a ViT image tower, in place.
-    Returns the bottleneck r."""
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"AdaptFormer needs a ViT image tower, got {type(visual).__name__}")
-    blocks = visual.transformer.resblocks
-    width = visual.conv1.out_channels
+    """Put an AdaptFormer beside the MLP of every block of a ViT image tower, in place -> bottleneck r."""
+    blocks, ref = visual.transformer.resblocks, visual.conv1.weight
     r = adapter_dim if adapter_dim > 0 else adapter_bottleneck(num_classes, len(blocks))
-    ref = visual.conv1.weight
     for block in blocks:
         # swap the block's class so its forward gains the adapter; the object, its frozen
         # submodules and their parameter names (what OpenAI checkpoints load into) stay as they are
         block.__class__ = AdaptFormerBlock
-        block.adapter = AdaptFormer(width, r).to(device=ref.device, dtype=ref.dtype)
+        block.adapter = AdaptFormer(ref.shape[0], r).to(device=ref.device, dtype=ref.dtype)
     return r
 
 
 def bias_tuning_parameters(visual):
     """ResNet bias tuning: every BatchNorm bias and the attention pool's projection biases."""
-    params = [m.bias for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
     pool = visual.attnpool
-    return params + [pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias, pool.c_proj.bias]
-
-
-def enable_bias_tuning(visual):
-    if not isinstance(visual, ModifiedResNet):
-        raise ValueError(f"bias tuning needs a ResNet image tower, got {type(visual).__name__}")
-    for param in bias_tuning_parameters(visual):
-        param.requires_grad_(True)
+    norms = [m.bias for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
+    return norms + [pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias, pool.c_proj.bias]
 
 
 # The model (SPEC 1 steps 5, 6, 9).
@@ -1245,8 +1199,6 @@ class CAPNet(nn.Module):
         super().__init__()
         if len(classnames) == 0:
             raise ValueError("CAPNet needs at least one class")
-        if cfg.peft not in ("adaptformer", "none", "full"):
-            raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
         self.clip = clip.eval()
         for param in clip.parameters():
@@ -1259,13 +1211,13 @@ class CAPNet(nn.Module):
         if cfg.graph == "none":  # no GCN (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
             self.gcn.requires_grad_(False)
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
-        self.peft, self.adapter_dim = ("full" if cfg.peft == "full" else "none"), 0
+        self.peft, self.adapter_dim = cfg.peft, 0  # adaptformer | bias | none | full
         if cfg.peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
             self.adapter_dim = add_adaptformer(clip.visual, len(classnames), cfg.adapter_dim)
-            self.peft = "adaptformer"
         elif cfg.peft == "adaptformer":  # the --peft adaptformer default means bias tuning on ResNets
-            enable_bias_tuning(clip.visual)
             self.peft = "bias"
+            for param in bias_tuning_parameters(clip.visual):
+                param.requires_grad_(True)
         self._text_cache = None  # (key, F_hat) in eval mode
 
     def train(self, mode=True):
@@ -1283,8 +1235,7 @@ class CAPNet(nn.Module):
             peft = list(self.clip.parameters())
         return {"prompts": [self.prompt_learner.ctx],
                 "gcn": [w for w in (self.gcn.W0, self.gcn.W1, self.gcn.W2) if w.requires_grad],
-                "temperature": [self.logit_scale],
-                "peft": peft}
+                "temperature": [self.logit_scale], "peft": peft}
 
     def no_decay_parameters(self):
         """Parameters trained without weight decay: the temperature and the adapter scales."""
@@ -1292,18 +1243,12 @@ class CAPNet(nn.Module):
         return {self.logit_scale, *scales}
 
     def trainable_summary(self):
-        """A table of trainable parameter counts by part, and the frozen rest."""
-        parts = self.trainable_parts()
-        counts = {k: sum(p.numel() for p in v) for k, v in parts.items()}
-        trainable = sum(counts.values())
-        total = sum(p.numel() for p in self.parameters())
-        peft = {"adaptformer": "peft (AdaptFormer)", "bias": "peft (bias tuning)",
-                "full": "peft (all of CLIP)"}.get(self.peft, "peft (none)")
-        names = {"prompts": "prompts", "gcn": "gcn", "temperature": "temperature", "peft": peft}
-        lines = [f"{names[k]:<20} {v:>12,}" for k, v in counts.items()]
-        lines += [f"{'trainable':<20} {trainable:>12,}",
-                  f"{'frozen (CLIP)':<20} {total - trainable:>12,}"]
-        return "\n".join(lines)
+        """Trainable parameter counts by part, then the frozen rest: one line each."""
+        counts = {k: sum(p.numel() for p in v) for k, v in self.trainable_parts().items()}
+        counts["trainable"] = trainable = sum(counts.values())
+        counts["frozen (CLIP)"] = sum(p.numel() for p in self.parameters()) - trainable
+        label = lambda k: f"peft ({self.peft})" if k == "peft" else k
+        return "\n".join(f"{label(k):<20} {v:>12,}" for k, v in counts.items())
 
     def clamp_temperature_(self):
         """Keep t <= ln(100) in the parameter itself (call after each optimizer step): the
@@ -1312,9 +1257,9 @@ class CAPNet(nn.Module):
             self.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
 
     def class_features(self):
-        """F_hat (C, D). In eval mode the prompts are fixed, so it is computed once (SPEC 7);
-        the cache key holds the parameters' storage and version counters, so loading a state
-        dict, an optimizer step or a device move recomputes it."""
+        """F_hat (C, D). In eval mode the prompts are fixed, so it is computed once (SPEC 7), keyed by the
+        parameters' storage and version counters: a state dict load, optimizer step or device move recomputes."""
+
         if self.training:
             return self.gcn(self.prompt_learner())
         params = [self.prompt_learner.ctx, self.gcn.W0, self.gcn.W1, self.gcn.W2, self.gcn.P]
@@ -1705,17 +1650,15 @@ def resolve_config(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{flag(key)} {getattr(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
-    for keys, least, rule in ((("batch_size", "eval_batch_size", "input_size", "n_ctx"), 1, "be at least 1"),
-                              (("epochs", "workers", "adapter_dim", "ckpt_every", "seed", "log_every"), 0, "not be negative")):
-        for key in keys:
-            if getattr(cfg, key) < least:
-                raise ValueError(f"{flag(key)} must {rule}, got {getattr(cfg, key)}")
-    if not (0.0 <= cfg.p <= 1.0):
-        raise ValueError(f"--p must lie in [0, 1], got {cfg.p}")
-    if not (0.0 < cfg.scale_min <= 1.0):
-        raise ValueError(f"--scale-min must lie in (0, 1], got {cfg.scale_min}")
-    if not cfg.tau_prime > 0:
-        raise ValueError(f"--tau-prime must be positive (inf turns re-weighting off), got {cfg.tau_prime}")
+    bounds = {"batch_size": 1, "eval_batch_size": 1, "input_size": 1, "n_ctx": 1, "epochs": 0, "workers": 0,
+              "adapter_dim": 0, "ckpt_every": 0, "seed": 0, "log_every": 0}
+    for key, least in bounds.items():
+        if getattr(cfg, key) < least:
+            raise ValueError(f"{flag(key)} must be at least {least}, got {getattr(cfg, key)}")
+    for key, ok, rule in (("p", 0 <= cfg.p <= 1, "lie in [0, 1]"), ("scale_min", 0 < cfg.scale_min <= 1, "lie in (0, 1]"),
+                          ("tau_prime", cfg.tau_prime > 0, "be positive (inf turns re-weighting off)")):
+        if not ok:
+            raise ValueError(f"{flag(key)} must {rule}, got {getattr(cfg, key)}")
     if cfg.backend == "ext" and not EXT_AVAILABLE:
         raise ValueError("--backend ext: the capnet_ext extension is not built "
                          "(python setup.py build_ext --inplace)")
@@ -1746,7 +1689,16 @@ def to_jsonable(x):
     return x
 
 
+def config_changes(saved: dict, cfg: Config) -> list:
+    """'field (then -> now)' for every field but RESUME_FREE where a saved run's config differs from cfg
+    (a field added to Config since then held its default)."""
+    saved, default = to_jsonable(saved), to_jsonable(dataclasses.asdict(Config()))
+    return [f"{k} ({saved.get(k, default[k])!r} -> {v!r})" for k, v in to_jsonable(dataclasses.asdict(cfg)).items()
+            if k not in RESUME_FREE and saved.get(k, default[k]) != v]
+
+
 def write_atomic(path: Path, text_or_payload):
+
     """Temporary file, fsync, rename: a crash at any moment leaves the previous file intact.
     A str is written as text, anything else with torch.save (checkpoints)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -1774,14 +1726,13 @@ def versions() -> dict:
 
 
 def format_config(cfg: Config) -> str:
-    lines, line = [], ""
+    lines = [""]
     for item in (f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()):
-        item = item.ljust(24 * math.ceil((len(item) + 2) / 24))  # 24-character columns
-        if line and len(line) + len(item) > 100:
-            lines.append(line.rstrip())
-            line = ""
-        line += item
-    return "\n".join("  " + l for l in lines + [line.rstrip()])
+        if lines[-1] and len(lines[-1]) + len(item) > 100:
+            lines.append("")
+        lines[-1] += item + "  "
+    return "\n".join("  " + line.rstrip() for line in lines)
+
 
 
 def format_duration(seconds: float) -> str:
@@ -1933,12 +1884,6 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -1947,7 +1892,8 @@ def load_checkpoint(path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong file type, unpickling refused ...
         lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
-        reason = next((l for l in lines if "error:" in l.lower()), lines[0])
+        reason = next((l for l in lines if "error:" in l.lower()), lines[0])  # torch's unpickler: the real cause
+
         raise RunError(f"checkpoint {path} is truncated or corrupted and cannot be read "
                        f"({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -2086,8 +2032,7 @@ def plot_ap_vs_freq(per_class: list, path: Path, title: str):
     from PIL import Image, ImageDraw, ImageFont
     W, H, left, right, top, bottom = 960, 600, 90, 30, 60, 80
     img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    font, small = ImageFont.load_default(size=18), ImageFont.load_default(size=14)
+    d, font, small = ImageDraw.Draw(img), ImageFont.load_default(size=18), ImageFont.load_default(size=14)
     counts = [max(1, c["train_count"]) for c in per_class]
     lo, hi = math.floor(math.log10(min(counts))), math.ceil(math.log10(max(counts) + 1))  # decades
     x_of = lambda n: left + (math.log10(max(1, n)) - lo) / (hi - lo) * (W - left - right)
@@ -2104,13 +2049,10 @@ def plot_ap_vs_freq(per_class: list, path: Path, title: str):
     for e in range(lo, hi + 1):
         d.text((x_of(10 ** e), H - bottom + 10), f"{10 ** e:g}", fill="black", font=small, anchor="mt")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for xy, text in (((left + 200, H - 30), "training images per class (log scale)"), ((W / 2, 25), title),
-                     ((45, top - 20), "AP (%)")):
-        d.text(xy, text, fill="black", font=font, anchor="mm")
-    for x, text, style in ((W - 330, "zero-shot CLIP", dict(outline=(120, 120, 120), width=2)),
-                           (W - 170, "CAPNet (trained)", dict(fill=(220, 90, 20)))):  # the legend
-        d.ellipse([x, H - 35, x + 10, H - 25], **style)
-        d.text((x + 16, H - 30), text, fill="black", font=small, anchor="lm")
+    for xy, text in (((W / 2, 25), title), ((45, top - 20), "AP (%)"), ((W / 2, H - 30),
+                     "training images per class (log scale); grey ring: zero-shot CLIP, orange dot: CAPNet (trained)")):
+        d.text(xy, text, fill="black", font=font if xy[1] != H - 30 else small, anchor="mm")
+
     for c in per_class:
         if c["ap"] is not None and c["ap_zero_shot"] is not None:
             x, y0, y1 = x_of(c["train_count"]), y_of(c["ap_zero_shot"]), y_of(c["ap"])
@@ -2174,11 +2116,10 @@ def train(cfg: Config) -> dict:
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
         check_checkpoint(ckpt, cfg.data, classes, clip.source, f"--resume {run_dir}")
-        changed = [k for k, v in ckpt["config"].items() if k not in RESUME_FREE and getattr(cfg, k) != v]
+        changed = config_changes(ckpt["config"], cfg)
         if changed:
-            raise RunError(f"--resume {run_dir}: config differs from the checkpoint's in "
-                           + ", ".join(f"{k} ({ckpt['config'][k]!r} -> {getattr(cfg, k)!r})" for k in changed)
-                           + "; start a new run with --name instead")
+            raise RunError(f"--resume {run_dir}: config differs from the checkpoint's in {', '.join(changed)}; "
+                           f"start a new run with --name instead")
 
     log(f"CAPNet train: {run_dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -2221,7 +2162,9 @@ def train(cfg: Config) -> dict:
         load_trainable(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         step, wall_before = ckpt["step"], ckpt["wall_seconds"]
     forward = model
     if world > 1:
@@ -2324,9 +2267,7 @@ def train_seeds(cfg: Config) -> dict:
         run_dir = Path(cfg.out_dir) / one.name
         if (run_dir / "results.json").exists():
             done = json.loads((run_dir / "results.json").read_text())
-            default = to_jsonable(dataclasses.asdict(Config()))  # a field added since: its default held then
-            changed = [k for k, v in to_jsonable(dataclasses.asdict(one)).items()
-                       if k not in RESUME_FREE and done["config"].get(k, default[k]) != v]
+            changed = config_changes(done["config"], one)
             if changed:
                 raise RunError(f"{run_dir} holds a finished run with another config ({', '.join(changed)}); "
                                f"pick another --name")
@@ -2346,12 +2287,9 @@ def train_seeds(cfg: Config) -> dict:
 
 def mean_std(runs: list, kinds=("zero_shot", "trained")) -> dict:
     """{kind: {group: {"mean", "std" (n - 1), "values"}}} over the runs' results."""
-    out = {}
-    for kind in kinds:
-        values = {g: np.array([r[kind][g] for r in runs], dtype=np.float64) for g in GROUPS}
-        out[kind] = {g: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                         "values": v.tolist()} for g, v in values.items()}
-    return out
+    stats = lambda v: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
+    return {kind: {g: stats([float(r[kind][g]) for r in runs]) for g in GROUPS} for kind in kinds}
+
 
 
 # ---- tables: every row of a table trained over --seeds (default 0,1,2), mean +- std per group

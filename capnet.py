@@ -642,7 +642,6 @@ def _read_state_dict(path):
 def load_clip(name_or_path, device="cpu", download_root=None):
     """A known model name (cached in ~/.cache/clip, downloaded and SHA-256 checked when absent) or a checkpoint
     path -> CLIP (fp32, eval) with model.source = {"name", "sha256"} identifying the exact weights."""
-
     name_or_path = str(name_or_path)
     if name_or_path in KNOWN_MODELS:
         path, sha = _download(name_or_path, clip_cache_dir(download_root))
@@ -1118,7 +1117,6 @@ class GCN(nn.Module):
     """Three-layer residual GCN (SPEC 1 step 4): H1 = LeakyReLU(P F_t W0), H2 = LeakyReLU(P H1 W1),
     F_hat = F_t + P H2 W2. W2 starts at zero, so the untrained GCN is the identity on F_t."""
 
-
     def __init__(self, dim, P, negative_slope=0.2, backend="auto"):
         super().__init__()
         self.register_buffer("P", torch.as_tensor(P, dtype=torch.float32).clone())  # (C, C)
@@ -1171,6 +1169,8 @@ class AdaptFormerBlock(ResidualAttentionBlock):
 
 def add_adaptformer(visual, num_classes, adapter_dim=0):
     """Put an AdaptFormer beside the MLP of every block of a ViT image tower, in place -> bottleneck r."""
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"AdaptFormer needs a ViT image tower, got {type(visual).__name__}")
     blocks, ref = visual.transformer.resblocks, visual.conv1.weight
     r = adapter_dim if adapter_dim > 0 else adapter_bottleneck(num_classes, len(blocks))
     for block in blocks:
@@ -1199,6 +1199,8 @@ class CAPNet(nn.Module):
         super().__init__()
         if len(classnames) == 0:
             raise ValueError("CAPNet needs at least one class")
+        if cfg.peft not in ("adaptformer", "none", "full"):
+            raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
         self.clip = clip.eval()
         for param in clip.parameters():
@@ -1259,7 +1261,6 @@ class CAPNet(nn.Module):
     def class_features(self):
         """F_hat (C, D). In eval mode the prompts are fixed, so it is computed once (SPEC 7), keyed by the
         parameters' storage and version counters: a state dict load, optimizer step or device move recomputes."""
-
         if self.training:
             return self.gcn(self.prompt_learner())
         params = [self.prompt_learner.ctx, self.gcn.W0, self.gcn.W1, self.gcn.W2, self.gcn.P]
@@ -1407,12 +1408,10 @@ def lt_map(ap, train_class_freq):
 # -----------------------------------------------------------------------------
 # fused-op dispatch (pure-torch references beside their dispatchers)
 
-# The two hot custom ops of CAPNet: the DB-focal loss (section 1 step 7) and one GCN layer's
-# propagation (step 4). Each has a readable pure-torch reference, which is the specification
-# (SPEC section 3), and a dispatcher that runs the fused C++/CUDA kernels of csrc/ (the
-# `capnet_ext` extension, torch.ops.capnet.*) when they are built, else the reference.
-# backend: "auto" (extension when built and it has a kernel for the tensor's device),
-# "ext" (error if unavailable) or "torch" (always the reference).
+# The DB-focal loss (section 1 step 7) and one GCN propagation (step 4): a readable pure-torch reference
+# each, which is the specification (SPEC 3), and a dispatcher that runs the fused C++/CUDA kernels of
+# csrc/ (torch.ops.capnet.*) when built. backend: "auto" (the extension when it has a kernel for the
+# tensor's device), "ext" (error if unavailable) or "torch" (always the reference).
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -1443,10 +1442,9 @@ def _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, 
 def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10.0,
                             mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, balance=2.0,
                             class_weight=None, reduction="mean"):
-    """Distribution-balanced focal loss with negative-tolerant regularisation (SPEC section 3;
-    Wu et al. 2020, "Distribution-Balanced Loss for Multi-Label Classification in Long-Tailed
-    Datasets", eqs. 3-6, with the focal factor of its released code). logits, targets: (B, C);
-    class_freq: (C,) training counts n_c; num_images: N. Half types are computed in float32."""
+    """Distribution-balanced focal loss with negative-tolerant regularisation (SPEC 3; Wu et al. 2020, eqs. 3-6,
+    with the focal factor of their released code). logits, targets: (B, C); class_freq: (C,) training counts
+    n_c; num_images: N. Half types are computed in float32."""
     class_freq = torch.as_tensor(class_freq, device=logits.device)
     _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, reduction)
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -1464,9 +1462,8 @@ def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.
     pos = y > 0
     z2 = torch.where(pos, zb, lam * zb)                    # (B, C)
     w2 = torch.where(pos, w, w / lam)                      # (B, C)
-    # focal term on the elementwise BCE
-    # BCEWithLogits(z'', y) written out in its stable form: F.binary_cross_entropy_with_logits takes
-    # log(1 + tiny) without log1p, which loses all relative precision of a near-zero bce
+    # focal term on the elementwise BCEWithLogits(z'', y), written out in its stable form:
+    # F.binary_cross_entropy_with_logits takes log(1 + tiny) without log1p, losing a near-zero bce
     bce = z2.clamp(min=0) - z2 * y + torch.log1p(torch.exp(-z2.abs()))  # (B, C)
     one_minus_pt = -torch.expm1(-bce)                      # 1 - p_t, p_t = exp(-bce); no cancellation as p_t -> 1
     loss = balance * one_minus_pt ** gamma * w2 * bce      # (B, C)
@@ -1698,7 +1695,6 @@ def config_changes(saved: dict, cfg: Config) -> list:
 
 
 def write_atomic(path: Path, text_or_payload):
-
     """Temporary file, fsync, rename: a crash at any moment leaves the previous file intact.
     A str is written as text, anything else with torch.save (checkpoints)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -1732,7 +1728,6 @@ def format_config(cfg: Config) -> str:
             lines.append("")
         lines[-1] += item + "  "
     return "\n".join("  " + line.rstrip() for line in lines)
-
 
 
 def format_duration(seconds: float) -> str:
@@ -1893,7 +1888,6 @@ def load_checkpoint(path) -> dict:
     except Exception as e:  # truncated zip, wrong file type, unpickling refused ...
         lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
         reason = next((l for l in lines if "error:" in l.lower()), lines[0])  # torch's unpickler: the real cause
-
         raise RunError(f"checkpoint {path} is truncated or corrupted and cannot be read "
                        f"({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -2020,10 +2014,6 @@ def zero_shot_forward(clip, classes):
     return forward
 
 
-def summarize(ap: torch.Tensor, counts) -> dict:
-    return {k: float(v) for k, v in lt_map(ap, counts).items()}
-
-
 # ---- the plot: per-class AP against training frequency (Pillow only)
 
 def plot_ap_vs_freq(per_class: list, path: Path, title: str):
@@ -2052,7 +2042,6 @@ def plot_ap_vs_freq(per_class: list, path: Path, title: str):
     for xy, text in (((W / 2, 25), title), ((45, top - 20), "AP (%)"), ((W / 2, H - 30),
                      "training images per class (log scale); grey ring: zero-shot CLIP, orange dot: CAPNet (trained)")):
         d.text(xy, text, fill="black", font=font if xy[1] != H - 30 else small, anchor="mm")
-
     for c in per_class:
         if c["ap"] is not None and c["ap_zero_shot"] is not None:
             x, y0, y1 = x_of(c["train_count"]), y_of(c["ap_zero_shot"]), y_of(c["ap"])
@@ -2128,11 +2117,10 @@ def train(cfg: Config) -> dict:
     log("config:\n" + format_config(cfg) + f"\ndataset {prepared.name}: {len(prepared.train)} train / "
         f"{len(prepared.test)} test images\n" + format_class_stats(classes, counts))
     backend = cfg.backend if cfg.backend != "auto" else ("ext" if EXT_AVAILABLE else "torch")
-    log(f"fused ops: {'capnet_ext extension' if backend == 'ext' else 'pure torch reference'}"
-        + ("" if EXT_AVAILABLE else " (extension not built: python setup.py build_ext --inplace)"))
-    log(f"device {device}, {'bf16 autocast' if amp else 'fp32'}, {world} process(es)"
-        + (f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else ""))
-    log(f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
+    ddp = f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else ""
+    log(f"fused ops: {'capnet_ext extension' if backend == 'ext' else 'pure torch reference'}\n"
+        f"device {device}, {'bf16 autocast' if amp else 'fp32'}, {world} process(es){ddp}\n"
+        f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
         f"input {cfg.input_size}")
 
     test_set = make_test_set(prepared, cfg)
@@ -2142,7 +2130,7 @@ def train(cfg: Config) -> dict:
         t0 = time.time()
         scores, targets = score_dataset(zero_shot_forward(clip, classes), test_set, cfg, device, amp, rank, world)
         ap_zero_shot = average_precision(scores, targets)
-        log(f"zero-shot mAP (step 0, tte {cfg.tte}): " + format_map(summarize(ap_zero_shot, counts))
+        log(f"zero-shot mAP (step 0, tte {cfg.tte}): " + format_map(lt_map(ap_zero_shot, counts))
             + f"  [{time.time() - t0:.1f}s]")
 
     model = build_model(clip, classes, cfg, train_targets, device)
@@ -2237,7 +2225,7 @@ def train(cfg: Config) -> dict:
         ap = ap_zero_shot
     else:
         ap = average_precision(*score_dataset(model, test_set, cfg, device, amp, rank, world))
-    results = {"zero_shot": summarize(ap_zero_shot, counts), "trained": summarize(ap, counts),
+    results = {"zero_shot": lt_map(ap_zero_shot, counts), "trained": lt_map(ap, counts),
                "per_class": per_class_rows(classes, counts, ap_zero_shot, ap), "config": dataclasses.asdict(cfg),
                "seed": cfg.seed, "versions": versions(), "steps": total_steps, "world_size": world,
                "backend": backend, "dataset": {"name": prepared.name, "train_images": len(prepared.train),
@@ -2287,9 +2275,9 @@ def train_seeds(cfg: Config) -> dict:
 
 def mean_std(runs: list, kinds=("zero_shot", "trained")) -> dict:
     """{kind: {group: {"mean", "std" (n - 1), "values"}}} over the runs' results."""
-    stats = lambda v: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
-    return {kind: {g: stats([float(r[kind][g]) for r in runs]) for g in GROUPS} for kind in kinds}
-
+    stats = lambda v: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+    # a group with no class is NaN, read back from JSON as None: np.float64 makes it NaN again
+    return {kind: {g: stats(np.array([r[kind][g] for r in runs], dtype=np.float64)) for g in GROUPS} for kind in kinds}
 
 
 # ---- tables: every row of a table trained over --seeds (default 0,1,2), mean +- std per group
@@ -2375,7 +2363,7 @@ def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_d
                        f"training (class counts differ), so head/medium/tail would not match")
     test_set = make_test_set(prepared, cfg)
     t0 = time.time()
-    result = summarize(average_precision(*score_dataset(model, test_set, cfg, dev, use_bf16(cfg, dev))), counts)
+    result = lt_map(average_precision(*score_dataset(model, test_set, cfg, dev, use_bf16(cfg, dev))), counts)
     print(f"{ckpt_path} (step {ckpt['step']}), {cfg.data} test ({len(test_set)} images, {test_set.bad_count} unreadable "
           f"skipped), tte {cfg.tte}: {time.time() - t0:.1f}s")
     print("mAP " + format_map(result))

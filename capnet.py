@@ -1657,15 +1657,11 @@ def resolve_config(cfg: Config) -> Config:
         if not ok:
             raise ValueError(f"{flag(key)} must {rule}, got {getattr(cfg, key)}")
     if cfg.backend == "ext" and not EXT_AVAILABLE:
-        raise ValueError("--backend ext: the capnet_ext extension is not built "
-                         "(python setup.py build_ext --inplace)")
+        raise ValueError("--backend ext: the capnet_ext extension is not built (python setup.py build_ext --inplace)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device")
-    if cfg.seeds:
-        try:
-            [int(s) for s in cfg.seeds.split(",")]
-        except ValueError:
-            raise ValueError(f"--seeds {cfg.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if cfg.seeds and not all(s.strip().isdigit() for s in cfg.seeds.split(",")):
+        raise ValueError(f"--seeds {cfg.seeds!r}: expected comma-separated seeds, e.g. 0,1,2")
     if not cfg.clip:
         cfg.clip = str(Path(cfg.data_root) / cfg.data / "clip.pt") if cfg.data == "synthetic-lt" else "ViT-B/16"
     if not cfg.name:
@@ -1771,10 +1767,9 @@ def sampler_weights(targets, class_freq, power: float = 1.0):
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
                   weights=None):
-    # The global batches of one epoch (drop_last), each cut to this process's shard. The order
-    # depends only on (seed, epoch), so a resumed run and every DDP process see the same batches;
-    # batch_size is the global batch (2 processes x 32 = 1 process x 64). The extra words keep
-    # this stream apart from the dataset's augmentation RNG [seed, epoch, index]. With `weights`
+    # The global batches of one epoch (drop_last; batch_size is global), each cut to this process's shard.
+    # The order depends only on (seed, epoch), so a resumed run and every DDP process see the same batches;
+    # the extra words keep this stream apart from the augmentation RNG [seed, epoch, index]. With `weights`
     # (class-aware sampler) an epoch is num_items draws with replacement: as many steps as uniform.
     rng = np.random.default_rng([seed, epoch, 2**32 - 1, 1])
     order = rng.permutation(num_items) if weights is None else rng.choice(num_items, num_items, p=weights)
@@ -1787,9 +1782,8 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: 
 def load_dataset(cfg: Config, rank: int = 0, world: int = 1, prepare: bool = True) -> "Prepared":
     path = Path(cfg.data_root) / cfg.data / "dataset.json"
     if not path.exists() and cfg.data == "synthetic-lt" and prepare:
-        # the embedded default is made on first use (deterministic, a few minutes on 2 CPU cores).
-        # data_prep.py runs as its own process, not an import: it imports this file, and an
-        # import back would make a circle (and a second copy of this module under __main__)
+        # the embedded default is made on first use. data_prep.py runs as its own process, not an import:
+        # it imports this file, and an import back would make a circle (and a second copy under __main__)
         if rank == 0:
             command = [sys.executable, str(Path(__file__).resolve().parent / "data_prep.py"),
                        "synthetic-lt", "--root", cfg.data_root]
@@ -1838,11 +1832,10 @@ def build_model(clip, classes, cfg: Config, train_targets, device):
 
 
 def hold_frozen_in_bf16(clip):
-    """Under bf16 autocast, hold the frozen GEMM weights in bf16 once instead of having autocast
-    cast them on every call (it caches casts only of weights that require grad). These are
-    exactly the tensors autocast would round to bf16 (Linear, the attention in-projection, the
-    ResNet convs after the stem, the two output projections), so outputs are unchanged; norms,
-    embeddings, the stem conv (clip.dtype) and every trainable parameter stay fp32."""
+    """Under bf16 autocast, hold the frozen GEMM weights in bf16 once instead of autocast casting them on every
+    call (it caches only casts of weights that require grad). Exactly the tensors autocast rounds (Linear, the
+    attention in-projection, ResNet convs after the stem, the two output projections): outputs unchanged;
+    norms, embeddings, the stem conv (clip.dtype) and every trainable parameter stay fp32."""
     convs = [m for m in clip.visual.modules() if isinstance(m, nn.Conv2d) and m is not clip.visual.conv1]
     modules = [m for m in clip.modules() if isinstance(m, (nn.Linear, MultiheadAttention))] + convs
     params = [p for m in modules for p in m.parameters(recurse=False)] + [clip.text_projection]
@@ -2432,11 +2425,8 @@ def info():
     """`capnet.py info`: versions, device, extension status, known CLIP models and which are present."""
     v = versions()
     print(f"python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, pillow {v['pillow']}, {v['platform']}")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            print(f"device cuda:{i}: {torch.cuda.get_device_name(i)} (bf16 {torch.cuda.is_bf16_supported()})")
-    else:
-        print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads; no CUDA device)")
+    print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+          *[f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())], sep=", ")
     print("fused ops: " + ("capnet_ext extension built (backend auto -> ext)" if EXT_AVAILABLE else
                            "extension not built, pure torch reference used (python setup.py build_ext --inplace)"))
     cache = clip_cache_dir()

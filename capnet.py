@@ -137,20 +137,10 @@ SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>
 
 @functools.lru_cache()
 def _byte_to_unicode():
-    """A reversible map of the 256 bytes to printable unicode characters (GPT-2's table):
-    printable latin-1 bytes map to themselves, the others to 256, 257, ... in byte order."""
+    """GPT-2's reversible byte -> printable character map: printable latin-1 as itself, the rest 256, 257, ..."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in keep]
-    table = {b: chr(b) for b in keep}
-    table.update({b: chr(256 + i) for i, b in enumerate(extra)})
-    return table
-
-
-def _clean(text):
-    import ftfy
-    import regex
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return regex.sub(r"\s+", " ", text).strip().lower()
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
 
 class SimpleTokenizer:
@@ -167,14 +157,13 @@ class SimpleTokenizer:
         self.byte_encoder = _byte_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.ranks = {m: i for i, m in enumerate(merges)}
-        self.cache = {}
+        self.cache = {"<|startoftext|>": ["<|startoftext|>"], "<|endoftext|>": ["<|endoftext|>"]}
+        self.spaces = regex.compile(r"\s+")
         self.pattern = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                                      r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
     def bpe(self, word):
         """Merge the symbols of one pre-token, lowest-rank pair first, until no pair is a merge."""
-        if word in ("<|startoftext|>", "<|endoftext|>"):
-            return [word]
         if word in self.cache:
             return self.cache[word]
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
@@ -183,29 +172,28 @@ class SimpleTokenizer:
             best = min(pairs, key=lambda pair: self.ranks.get(pair, math.inf))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of `best`, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
+            merged = []
+            for s in symbols:  # merge every occurrence of `best`, left to right (a merged pair is never best[0])
+                if merged and (merged[-1], s) == best:
+                    merged[-1] += s
                 else:
-                    merged.append(symbols[i])
-                    i += 1
+                    merged.append(s)
             symbols = merged
         self.cache[word] = symbols
         return symbols
 
     def encode(self, text):
+        import ftfy
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()  # OpenAI's basic_clean
         ids = []
-        for piece in self.pattern.findall(_clean(text)):
+        for piece in self.pattern.findall(self.spaces.sub(" ", text).strip().lower()):
             word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[s] for s in self.bpe(word))
         return ids
 
     def decode(self, ids):
         text = "".join(self.decoder[int(i)] for i in ids)
-        data = bytearray(self.byte_decoder[c] for c in text)
-        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
 
 @functools.lru_cache()

@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,8 +229,8 @@ def tokenize(texts, context_length=77, truncate=False):
 # context that holds every EOT; fp32 throughout (no fp16 conversion).
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck, anti-aliased: a stride-s block average-pools (s x s) after conv2 and
-    before its 1x1 downsample conv, instead of using strided convolutions."""
+    """Anti-aliased ResNet bottleneck: stride s is an s x s average pool (after conv2, and before the downsample
+    conv) instead of strided convolutions."""
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1):
@@ -244,10 +245,9 @@ class Bottleneck(nn.Module):
         self.downsample = None
         if stride > 1 or inplanes != planes * 4:
             # OpenAI names the pool "-1" so the conv and norm keep the keys "0" and "1"
-            self.downsample = nn.Sequential()
-            self.downsample.add_module("-1", nn.AvgPool2d(stride))
-            self.downsample.add_module("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False))
-            self.downsample.add_module("1", nn.BatchNorm2d(planes * 4))
+            self.downsample = nn.Sequential(OrderedDict([("-1", nn.AvgPool2d(stride)),
+                                                         ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
+                                                         ("1", nn.BatchNorm2d(planes * 4))]))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -275,8 +275,7 @@ def _heads(x, n_head):
 
 
 class AttentionPool2d(nn.Module):
-    """ResNet head: one query (the mean of the feature map) attends over the mean and the
-    H*W positions, each with a learned positional embedding."""
+    """ResNet head: one query, the feature map's mean, attends over itself and the H*W positions (all + pos. emb.)."""
 
     def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
         super().__init__()
@@ -300,8 +299,7 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    """OpenAI's ResNet: a 3-conv stem with an average pool, anti-aliased bottlenecks, and an
-    attention pool instead of global average pooling."""
+    """OpenAI's ResNet: a 3-conv stem and average pool, anti-aliased bottlenecks, an attention pool (no GAP)."""
 
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
         super().__init__()
@@ -361,8 +359,7 @@ MATMUL_ATTENTION_BF16_CPU = True  # the switch bench.py turns off for its baseli
 
 
 class MultiheadAttention(nn.Module):
-    """Self-attention holding nn.MultiheadAttention's parameters (in_proj_weight/in_proj_bias
-    packed q, k, v; out_proj) but computing with scaled_dot_product_attention, batch-first."""
+    """nn.MultiheadAttention's parameters (q, k, v packed in in_proj_*; out_proj), computed batch-first by SDPA."""
 
     def __init__(self, d_model, n_head):
         super().__init__()
@@ -385,10 +382,8 @@ class ResidualAttentionBlock(nn.Module):
         self.causal = causal  # text tower: each position sees itself and the positions before it
         self.attn = MultiheadAttention(d_model, n_head)
         self.ln_1 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(d_model, d_model * 4))
-        self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", nn.Linear(d_model * 4, d_model))
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d_model, d_model * 4), gelu=QuickGELU(),
+                                             c_proj=nn.Linear(d_model * 4, d_model)))
         self.ln_2 = nn.LayerNorm(d_model)
 
     def forward(self, x):
@@ -516,8 +511,7 @@ def build_clip(state_dict):
     if "visual.proj" in sd:  # ViT
         vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
         vision_layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        image_resolution = patch * grid
+        image_resolution = patch * round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)  # patch * grid
     else:  # ResNet
         vision_layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{i}.")})
                               for i in (1, 2, 3, 4))
@@ -582,7 +576,7 @@ def _download(name, root):
     """Known model name -> verified file root/<file>: downloaded to a temporary file, renamed into place only
     after its SHA-256 matches, so the cache never holds a partial or wrong file."""
     url = KNOWN_MODELS[name]
-    sha, filename = url.split("/")[-2], url.split("/")[-1]
+    sha, filename = url.split("/")[-2:]
     target = root / filename
     if target.is_file():
         if _sha256(target) == sha:
@@ -630,12 +624,11 @@ def _read_state_dict(path):
 def load_clip(name_or_path, device="cpu", download_root=None):
     """A known model name (cached in ~/.cache/clip, downloaded and SHA-256 checked when absent) or a checkpoint
     path -> CLIP (fp32, eval) with model.source = {"name", "sha256"} identifying the exact weights."""
-
     name_or_path = str(name_or_path)
+    path = Path(name_or_path).expanduser()
     if name_or_path in KNOWN_MODELS:
         path, sha = _download(name_or_path, clip_cache_dir(download_root))
-    elif Path(name_or_path).expanduser().is_file():
-        path = Path(name_or_path).expanduser()
+    elif path.is_file():
         sha = _sha256(path)
     else:
         raise FileNotFoundError(f"CLIP model '{name_or_path}' is neither a file nor a known model "

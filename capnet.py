@@ -687,13 +687,10 @@ def to_tensor(img):
 def resize_short_side(img, size):
     """Bicubic resize so the short side is `size`; the long side is floored as torchvision does. Only its
     centre MAX_ASPECT x short side is kept: a 20000 x 10 panorama costs no 496,000 x 248 image."""
+    from PIL import Image
     w, h = img.size
     cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)  # (w, h) for any sane image
-    if cw <= ch:
-        new_w, new_h = size, int(size * ch / cw)
-    else:
-        new_w, new_h = int(size * cw / ch), size
-    from PIL import Image
+    new_w, new_h = (size, int(size * ch / cw)) if cw <= ch else (int(size * cw / ch), size)
     return img.resize((new_w, new_h), Image.BICUBIC, box=((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2))
 
 
@@ -718,20 +715,17 @@ def train_augment(img, size, rng, scale=(0.5, 1.0)):
     from PIL import Image
     img = to_rgb(img)
     W, H = img.size
-    box = None
     for _ in range(10):
         area = W * H * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
         if 0 < w <= W and 0 < h <= H:
             top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-            box = (left, top, left + w, top + h)
             break
-    if box is None:  # fallback: the whole image, cut to an aspect ratio inside [3/4, 4/3], centred
+    else:  # fallback: the whole image, cut to an aspect ratio inside [3/4, 4/3], centred
         w, h = min(W, int(round(H * 4 / 3))), min(H, int(round(W * 4 / 3)))
         top, left = (H - h) // 2, (W - w) // 2
-        box = (left, top, left + w, top + h)
-    img = img.crop(box).resize((size, size), Image.BICUBIC)
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(img)
@@ -746,11 +740,10 @@ def tte_views(img, size, n_views=5):
         raise ValueError(f"n_views must be 1, 5 or 10, got {n_views}")
     img = resize_short_side(to_rgb(img), round(size * 248 / 224))
     W, H = img.size
-    if n_views == 1:
-        views = [center_crop(img, size)]
-    else:
+    views = [center_crop(img, size)]
+    if n_views > 1:  # the four corners, then the centre
         views = [crop(img, 0, 0, size), crop(img, 0, W - size, size), crop(img, H - size, 0, size),
-                 crop(img, H - size, W - size, size), center_crop(img, size)]
+                 crop(img, H - size, W - size, size)] + views
     if n_views == 10:
         views += [v.transpose(Image.FLIP_LEFT_RIGHT) for v in views]
     return torch.stack([to_tensor(v) for v in views])  # (V, 3, size, size)
@@ -767,9 +760,7 @@ GROUPS = ("total", "head", "medium", "tail")  # the mAP columns of every report
 
 def class_group(n):
     """'head' | 'medium' | 'tail' for a class with n training images."""
-    if n >= HEAD_MIN:
-        return "head"
-    return "medium" if n >= TAIL_MIN else "tail"
+    return "head" if n >= HEAD_MIN else "medium" if n >= TAIL_MIN else "tail"
 
 
 @dataclass
@@ -785,8 +776,7 @@ class Prepared:
 
 def _check_items(items, split, classes, json_path):
     # every item is [relpath, [distinct int labels in range]]; no image twice
-    seen = set()
-    out = []
+    seen, out = set(), []
     for i, item in enumerate(items):
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
                 and isinstance(item[1], (list, tuple))):
@@ -796,7 +786,7 @@ def _check_items(items, split, classes, json_path):
             raise ValueError(f"{json_path}: duplicate image {relpath!r} in {split}")
         seen.add(relpath)
         for label in labels:
-            if not isinstance(label, int) or isinstance(label, bool):
+            if type(label) is not int:  # JSON's true and false are ints to isinstance
                 raise ValueError(f"{json_path}: {split} image {relpath!r} has a non-integer label {label!r}")
             if not 0 <= label < len(classes):
                 raise ValueError(f"{json_path}: {split} image {relpath!r} has label {label}, "
@@ -820,7 +810,7 @@ def load_prepared(path):
     if missing:
         raise ValueError(f"{path}: missing key {missing[0]!r}")
     classes = d["classes"]
-    if not isinstance(classes, list) or len(classes) == 0:
+    if not isinstance(classes, list) or not classes:
         raise ValueError(f"{path}: empty class list")
     for i, c in enumerate(classes):
         if not isinstance(c, str) or not c.strip():
@@ -840,9 +830,7 @@ def load_prepared(path):
     if empty:
         raise ValueError(f"{path}: class {empty[0]!r} has no training image"
                          + (f" (also {empty[1:]})" if len(empty) > 1 else ""))
-    root = Path(d["image_root"])
-    if not root.is_absolute():
-        root = path.parent / root  # relative roots hang from the json's folder
+    root = path.parent / d["image_root"]  # relative roots hang from the json's folder, absolute ones replace it
     return Prepared(name=d["name"], classes=list(classes), image_root=root.resolve(),
                     train=train, test=test, source=d.get("source", {}))
 
@@ -881,7 +869,6 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     np.random.default_rng([seed, epoch, index]), so a resumed run sees the same crops; mode="eval": tte_views,
     (V, 3, S, S). skip_bad: an unreadable image gives None (dropped by collate_skip_bad) and counts in
     bad_count (shared with DataLoader workers) instead of an error naming the file."""
-
 
     def __init__(self, items, image_root, num_classes, size, mode="train", n_views=5,
                  scale_min=0.5, seed=0, skip_bad=False):

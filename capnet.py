@@ -231,7 +231,6 @@ def tokenize(texts, context_length=77, truncate=False):
 class Bottleneck(nn.Module):
     """Anti-aliased ResNet bottleneck: stride s is an s x s average pool (after conv2, and before the downsample
     conv) instead of strided convolutions."""
-    expansion = 4
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
@@ -303,7 +302,6 @@ class ModifiedResNet(nn.Module):
 
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
         super().__init__()
-        self.output_dim = output_dim
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
@@ -406,7 +404,6 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.input_resolution = input_resolution
         self.patch_size = patch_size
-        self.output_dim = output_dim
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -483,13 +480,11 @@ class CLIP(nn.Module):
         """x (n, L, W): token embeddings without positions (the prompt learner splices its context in here);
         eot_index (n,): where each EOT is -> (n, D). The mask is causal, so positions after the last EOT
         change no output read at or before it: truncate=True runs x[:, :max(eot)+1] only (SPEC 7)."""
-        n, L, W = x.shape
         if truncate:
-            L = int(eot_index.max()) + 1
-            x = x[:, :L]
-        x = x.to(self.dtype) + self.positional_embedding[:L].to(self.dtype)  # (n, L, W)
+            x = x[:, :int(eot_index.max()) + 1]
+        x = x.to(self.dtype) + self.positional_embedding[:x.shape[1]].to(self.dtype)  # (n, L, W)
         x = self.ln_final(self.transformer(x))  # (n, L, W)
-        return x[torch.arange(n, device=x.device), eot_index] @ self.text_projection  # (n, D)
+        return x[torch.arange(len(x), device=x.device), eot_index] @ self.text_projection  # (n, D)
 
     def forward(self, images, tokens):
         image = F.normalize(self.encode_image(images), dim=-1)
@@ -920,22 +915,14 @@ def collate_skip_bad(batch):
 # -----------------------------------------------------------------------------
 # prompt learner, label graph, GCN, PEFT, CAPNet
 
-# Prompt learner (SPEC 1 step 2, as in LMPT/CoOp with class-specific context).
-
-def prompt_name(name):
-    """A class name as it is written into a prompt: underscores become spaces."""
-    return name.replace("_", " ")
-
+# Prompt learner (SPEC 1 step 2, as in LMPT/CoOp with class-specific context). In every prompt a class
+# name's underscores become spaces.
 
 class PromptLearner(nn.Module):
-    """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT].
-
-    The M context vectors of every class are learned; all other token embeddings are the
-    frozen CLIP's. With `ctx_init` (e.g. "a photo of a") every class's context starts as that
-    template's token embeddings and M is the template's token count (CoOp's convention;
-    `n_ctx` is then ignored), so the untrained prompts read exactly "a photo of a {name}."
-    With `shared` (CoOp) one (M, W) context serves every class instead of a (C, M, W) tensor.
-    """
+    """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT]; only the v's learn.
+    With `ctx_init` (e.g. "a photo of a") every class's context starts as that template's token embeddings
+    and M is its token count (CoOp's convention; `n_ctx` is ignored), so the untrained prompts read exactly
+    "a photo of a {name}." With `shared` (CoOp) one (M, W) context serves every class, not a (C, M, W) one."""
 
     def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False):
         super().__init__()
@@ -944,22 +931,20 @@ class PromptLearner(nn.Module):
         device = clip.token_embedding.weight.device
         bpe = _tokenizer()
         init_ids = bpe.encode(ctx_init) if ctx_init else []
-        if ctx_init and not init_ids:
-            raise ValueError(f"ctx_init {ctx_init!r} has no tokens")
         M = len(init_ids) if ctx_init else n_ctx
         if M < 1:
-            raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+            raise ValueError(f"ctx_init {ctx_init!r} has no tokens" if ctx_init else
+                             f"n_ctx must be at least 1, got {n_ctx}")
         rows = []
         for name in classnames:
-            name_ids = bpe.encode(prompt_name(name) + ".")
+            name_ids = bpe.encode(name.replace("_", " ") + ".")
             rows.append([SOT] + [0] * M + name_ids + [EOT])  # the zeros are replaced by the context
             if len(rows[-1]) > clip.context_length:
                 raise ValueError(f"the prompt of class {name!r} needs {len(rows[-1])} tokens ({M} context + "
                                  f"{len(name_ids)} for the name + SOT/EOT), more than CLIP's context length "
                                  f"{clip.context_length}; shorten the name or --n-ctx")
         eot_index = [len(ids) - 1 for ids in rows]
-        # the text encoder is causal: positions after the last EOT never matter, so keep only
-        # max(EOT) + 1 positions (SPEC 7: same features, a fraction of the work)
+        # the text encoder is causal: keep only max(EOT) + 1 positions (SPEC 7: same features, less work)
         L = max(eot_index) + 1
         token_ids = torch.tensor([ids + [0] * (L - len(ids)) for ids in rows], device=device)  # (C, L)
         with torch.no_grad():
@@ -995,22 +980,19 @@ class PromptLearner(nn.Module):
         return F.normalize(x.float(), dim=-1)  # (C, D) F_t
 
 
-# Label graph (SPEC 1 step 3). The graph comes from the frozen text encoder, not from the
-# imbalanced training labels: tail classes get neighbours because their names are similar to
-# others, not because they co-occur often (they rarely do). `cooccur` and `identity` are the
-# ablations.
+# Label graph (SPEC 1 step 3). The graph comes from the frozen text encoder, not from the imbalanced
+# training labels: tail classes get neighbours because their names are similar to others, not because
+# they co-occur often (they rarely do). `cooccur` and `identity` are the ablations.
 GRAPH_MODES = ("text", "cooccur", "identity", "none")  # none: no GCN at all (CAPNet freezes it)
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
 
 
 @torch.no_grad()
 def zero_shot_text_features(clip, classnames, templates=ZERO_SHOT_TEMPLATES, chunk=256):
-    """g_c = normalize(mean_t normalize(E_T(template_t(name_c)))): plain CLIP's class embeddings.
-
-    This is both the zero-shot baseline's classifier and the node features of the text graph.
-    """
+    """g_c = normalize(mean_t normalize(E_T(template_t(name_c)))): plain CLIP's class embeddings, both the
+    zero-shot baseline's classifier and the node features of the text graph."""
     device = clip.token_embedding.weight.device
-    texts = [t.format(prompt_name(name)) for name in classnames for t in templates]
+    texts = [t.format(name.replace("_", " ")) for name in classnames for t in templates]
     feats = []
     for i in range(0, len(texts), chunk):  # chunks bound the memory for 1000s of classes
         # a prompt too long for the context is tokenize's error, which quotes the text
@@ -1021,9 +1003,8 @@ def zero_shot_text_features(clip, classnames, templates=ZERO_SHOT_TEMPLATES, chu
 
 
 def reweight_graph(A, p):
-    """P = (1 - p) I + p A: keep weight 1 - p on the class itself, spread p over its
-    neighbours (ML-GCN's re-weighting, which stops over-smoothing). A rows sum to 1, or are
-    all zero for a class with no neighbour, which then gets the identity row."""
+    """P = (1 - p) I + p A: weight 1 - p on the class itself, p over its neighbours (ML-GCN's re-weighting,
+    which stops over-smoothing). A's rows sum to 1, or are zero for a class with no neighbour: P's row is I's."""
     C = A.shape[0]
     eye = torch.eye(C, dtype=A.dtype, device=A.device)
     has_neighbour = A.sum(dim=1, keepdim=True) > 0  # (C, 1)
@@ -1045,8 +1026,7 @@ def cooccur_graph(targets, p, threshold=0.4):
     Y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)  # (N, C)
     n_ij = Y.T @ Y  # (C, C) co-occurrence counts
     n_i = n_ij.diagonal().clamp(min=1)  # a class with no image has no edge (0 / 1 = 0)
-    cond = n_ij / n_i[:, None]  # (C, C) P(j | i)
-    B = (cond >= threshold).double()
+    B = (n_ij / n_i[:, None] >= threshold).double()  # (C, C) P(j | i) >= threshold
     B.fill_diagonal_(0)  # the self-loop is added by the (1 - p) I term
     A = B / B.sum(dim=1, keepdim=True).clamp(min=1)  # rows of 1s / degree, or all zero
     return reweight_graph(A, p)
@@ -1068,8 +1048,7 @@ def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, thre
 
 
 def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
-    """A few lines about P: how much weight goes to neighbours, and who the rarest classes
-    borrow from (the point of the text graph)."""
+    """A few lines about P: the weight that goes to neighbours, and whom the rarest classes borrow from."""
     P = torch.as_tensor(P, dtype=torch.float64).cpu()
     C = P.shape[0]
     off = P - torch.diag(P.diagonal())  # (C, C) neighbour weights only
@@ -1085,7 +1064,6 @@ def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
 class GCN(nn.Module):
     """Three-layer residual GCN (SPEC 1 step 4): H1 = LeakyReLU(P F_t W0), H2 = LeakyReLU(P H1 W1),
     F_hat = F_t + P H2 W2. W2 starts at zero, so the untrained GCN is the identity on F_t."""
-
 
     def __init__(self, dim, P, negative_slope=0.2, backend="auto"):
         super().__init__()
@@ -1129,8 +1107,7 @@ class AdaptFormer(nn.Module):
 
 
 class AdaptFormerBlock(ResidualAttentionBlock):
-    """A ViT block with an AdaptFormer beside its MLP: h = x + Attn(LN1(x)),
-    out = h + MLP(LN2(h)) + s_a * Up(ReLU(Down(LN_a(h)))); the adapter's parameters live under `.adapter`."""
+    """A ViT block with an AdaptFormer beside its MLP (SPEC 1 step 5); its parameters live under `.adapter`."""
 
     def forward(self, x):
         h = x + self.attn(self.ln_1(x), causal=self.causal)  # (B, L, W)
@@ -1172,10 +1149,8 @@ class CAPNet(nn.Module):
         for param in clip.parameters():
             param.requires_grad_(cfg.peft == "full")  # frozen backbone (step 1), unless fully fine-tuned
         self.prompt_learner = PromptLearner(clip, classnames, cfg.n_ctx, cfg.ctx_init, cfg.ctx == "shared")
-        P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p,
-                              cfg.cooccur_threshold)
-        device = clip.token_embedding.weight.device
-        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(device)
+        P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p, cfg.cooccur_threshold)
+        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(clip.token_embedding.weight.device)
         if cfg.graph == "none":  # no GCN (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
             self.gcn.requires_grad_(False)
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
@@ -1227,7 +1202,6 @@ class CAPNet(nn.Module):
     def class_features(self):
         """F_hat (C, D). In eval mode the prompts are fixed, so it is computed once (SPEC 7), keyed by the
         parameters' storage and version counters: a state dict load, optimizer step or device move recomputes."""
-
         if self.training:
             return self.gcn(self.prompt_learner())
         params = [self.prompt_learner.ctx, self.gcn.W0, self.gcn.W1, self.gcn.W2, self.gcn.P]
@@ -1307,9 +1281,8 @@ def make_criterion(cfg, class_freq, num_images):
     # the focal factor is per element (SPEC 3, as Wu et al.); LMPT's released code (dbl.py) takes it
     # from the batch-mean BCE, one scalar per batch: --method lmpt keeps the elementwise form
     def criterion(logits, targets):
-        return db_focal_loss(logits, targets, freq.to(logits.device), num_images,
-                             alpha=cfg.alpha, beta=cfg.beta, mu=cfg.mu, kappa=cfg.kappa,
-                             lam=cfg.lam, gamma=cfg.gamma, balance=cfg.balance,
+        return db_focal_loss(logits, targets, freq.to(logits.device), num_images, alpha=cfg.alpha, beta=cfg.beta,
+                             mu=cfg.mu, kappa=cfg.kappa, lam=cfg.lam, gamma=cfg.gamma, balance=cfg.balance,
                              class_weight=weight.to(logits.device), backend=cfg.backend)
     return criterion
 
@@ -1318,12 +1291,10 @@ def make_criterion(cfg, class_freq, num_images):
 # metrics
 
 def average_precision(scores, targets):
-    """Per-class average precision -> (C,) float64 tensor; NaN for a class with no positive.
-
-    Exactly scikit-learn's average_precision_score (one class at a time): AP = sum_k (R_k - R_{k-1}) P_k
-    over the distinct score thresholds, so tied scores enter as one step, with the precision of
-    the whole tie group (no interpolation, no 11-point VOC rule).
-    """
+    """Per-class average precision -> (C,) float64 tensor; NaN for a class with no positive. Exactly
+    scikit-learn's average_precision_score (one class at a time): AP = sum_k (R_k - R_{k-1}) P_k over the
+    distinct score thresholds, so tied scores enter as one step, with the precision of the whole tie group
+    (no interpolation, no 11-point VOC rule)."""
     scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
     targets = torch.as_tensor(targets).detach().to("cpu", torch.float64)
     if scores.ndim != 2 or scores.shape != targets.shape:
@@ -1335,26 +1306,18 @@ def average_precision(scores, targets):
     n = scores.shape[0]
     s, order = torch.sort(scores, dim=0, descending=True, stable=True)  # (N, C)
     y = torch.gather(targets, 0, order)  # (N, C)
-    tp = torch.cumsum(y, 0)  # (N, C) true positives at or above each rank
-    precision = tp / torch.arange(1, n + 1, dtype=torch.float64)[:, None]  # (N, C)
-    # a threshold sits at the last item of each run of tied scores: rank i's precision is that of
-    # the end of its tie group, found by a reversed running minimum over group-end indices
-    is_end = torch.ones_like(s, dtype=torch.bool)
-    is_end[:-1] = s[:-1] != s[1:]
-    end_idx = torch.where(is_end, torch.arange(n)[:, None], torch.full_like(s, n, dtype=torch.long))
-    end_idx = torch.flip(torch.cummin(torch.flip(end_idx, [0]), 0).values, [0])  # (N, C)
-    group_precision = torch.gather(precision, 0, end_idx)  # (N, C)
-    positives = y.sum(0)  # (C,)
-    ap = (y * group_precision).sum(0) / positives  # (C,) each positive adds 1/P of recall
-    return torch.where(positives > 0, ap, torch.full_like(ap, float("nan")))
+    precision = torch.cumsum(y, 0) / torch.arange(1, n + 1, dtype=torch.float64)[:, None]  # (N, C)
+    # a threshold sits at the last item of each run of tied scores, so rank i takes the precision of the
+    # last rank scoring >= s_i: -s ascends down each column, and searchsorted finds that rank
+    neg = -s.T.contiguous()  # (C, N)
+    group_end = torch.searchsorted(neg, neg, right=True).T - 1  # (N, C)
+    group_precision = torch.gather(precision, 0, group_end)  # (N, C)
+    return (y * group_precision).sum(0) / y.sum(0)  # (C,) each positive adds 1/P of recall; no positive: 0/0 = NaN
 
 
 def lt_map(ap, train_class_freq):
-    """mAP in percent over all classes and the head / medium / tail groups of the train counts.
-
-    Classes with NaN AP (no positive test image) are left out of every mean and counted in n_nan;
-    a group with no class left is NaN.
-    """
+    """mAP in percent over all classes and the head / medium / tail groups of the train counts. Classes with
+    NaN AP (no positive test image) are left out of every mean and counted in n_nan; a group with none left is NaN."""
     ap = torch.as_tensor(ap, dtype=torch.float64).cpu()
     freq = np.asarray(train_class_freq)
     if ap.ndim != 1 or freq.shape != (ap.shape[0],):
@@ -1366,11 +1329,8 @@ def lt_map(ap, train_class_freq):
         m = valid & torch.from_numpy(mask)
         return float(ap[m].mean() * 100) if m.any() else float("nan")
 
-    out = {"total": mean(np.ones(len(freq), bool))}
-    for g in ("head", "medium", "tail"):
-        out[g] = mean(groups == g)
-    out["n_nan"] = int((~valid).sum())
-    return out
+    out = {g: mean(groups == g) for g in ("head", "medium", "tail")}
+    return {"total": mean(np.ones(len(freq), bool)), **out, "n_nan": int((~valid).sum())}
 
 # -----------------------------------------------------------------------------
 # fused-op dispatch (pure-torch references beside their dispatchers)

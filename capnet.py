@@ -104,10 +104,9 @@ class Config:
 
 # per-benchmark presets: only what differs from the Config defaults
 PRESETS = {
-    # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, sized to fit
-    # 10 minutes on 2 CPU cores. The context starts as "a photo of a": step 0 is exactly zero-shot.
-    # Measured (world 0, seed 0): 60 epochs at lr 0.01 gained 1.2-1.4 mAP over 30 at 0.005; 30 at 0.02
-    # fell below zero-shot
+    # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, sized to fit 10 minutes
+    # on 2 CPU cores. The context starts as "a photo of a": step 0 is exactly zero-shot. Measured (world 0,
+    # seed 0): 60 epochs at lr 0.01 gained 1.2-1.4 mAP over 30 at 0.005; 30 at 0.02 fell below zero-shot
     "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, workers=0,
                          ctx_init="a photo of a"),
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),
@@ -136,26 +135,21 @@ BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>
 
 
-@functools.lru_cache()
-def _byte_to_unicode():
-    """GPT-2's reversible byte -> printable character map: printable latin-1 as itself, the rest 256, 257, ..."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
-
-
 class SimpleTokenizer:
     def __init__(self, bpe_path=BPE_PATH):
         import regex
         lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")  # the file ships with this repository
         merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # 48894 merges
-        byte_chars = list(_byte_to_unicode().values())
+        # GPT-2's reversible byte -> printable character map: printable latin-1 as itself, the rest 256, 257, ...
+        keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        extra = [b for b in range(256) if b not in keep]
+        self.byte_encoder = {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+        byte_chars = list(self.byte_encoder.values())
         # vocab order fixes the ids: 256 bytes, 256 word-final bytes, merges, SOT, EOT
         vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
         self.encoder = {tok: i for i, tok in enumerate(vocab)}
         self.decoder = {i: tok for tok, i in self.encoder.items()}
-        self.byte_encoder = _byte_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {"<|startoftext|>": ["<|startoftext|>"], "<|endoftext|>": ["<|endoftext|>"]}
@@ -169,8 +163,7 @@ class SimpleTokenizer:
             return self.cache[word]
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
-            pairs = set(zip(symbols[:-1], symbols[1:]))
-            best = min(pairs, key=lambda pair: self.ranks.get(pair, math.inf))
+            best = min(zip(symbols[:-1], symbols[1:]), key=lambda pair: self.ranks.get(pair, math.inf))
             if best not in self.ranks:
                 break
             merged = []
@@ -221,12 +214,11 @@ def tokenize(texts, context_length=77, truncate=False):
 # -----------------------------------------------------------------------------
 # CLIP
 
-# A from-scratch CLIP with OpenAI's module and parameter names (so their checkpoints load with
-# strict=True), batch-first tensors, and attention through scaled_dot_product_attention.
-# Deviations from openai/CLIP's model.py, none of which changes a number beyond float rounding:
-# batch-first (B, L, D) instead of (L, B, D); SDPA instead of nn.MultiheadAttention; positional
-# embeddings resized on the fly for other input sizes; encode_text runs on the shortest causal
-# context that holds every EOT; fp32 throughout (no fp16 conversion).
+# A from-scratch CLIP with OpenAI's module and parameter names (so their checkpoints load with strict=True).
+# Deviations from openai/CLIP's model.py, none of which changes a number beyond float rounding: batch-first
+# (B, L, D) instead of (L, B, D); SDPA instead of nn.MultiheadAttention; positional embeddings resized on
+# the fly for other input sizes; encode_text runs on the shortest causal context that holds every EOT;
+# fp32 throughout (no fp16 conversion).
 
 class Bottleneck(nn.Module):
     """Anti-aliased ResNet bottleneck: stride s is an s x s average pool (after conv2, and before the downsample
@@ -383,10 +375,12 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d_model, d_model * 4), gelu=QuickGELU(),
                                              c_proj=nn.Linear(d_model * 4, d_model)))
         self.ln_2 = nn.LayerNorm(d_model)
+        self.adapter = None  # an AdaptFormer beside the MLP, set by add_adaptformer (PEFT, SPEC 1 step 5)
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x), causal=self.causal)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), causal=self.causal)  # h, the residual stream after attention
+        out = x + self.mlp(self.ln_2(x))
+        return out if self.adapter is None else out + self.adapter(x)
 
 
 class Transformer(nn.Module):
@@ -402,8 +396,7 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
-        self.input_resolution = input_resolution
-        self.patch_size = patch_size
+        self.input_resolution, self.patch_size = input_resolution, patch_size
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -427,9 +420,7 @@ class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
         super().__init__()
-        self.context_length = context_length
-        self.vocab_size = vocab_size
-        self.embed_dim = embed_dim
+        self.context_length, self.vocab_size, self.embed_dim = context_length, vocab_size, embed_dim
         if isinstance(vision_layers, (tuple, list)):
             # OpenAI's convention: 64-dim heads over the 32*width attention-pool features
             self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64,
@@ -840,10 +831,7 @@ def multihot(items, num_classes):
 
 def class_counts(items, num_classes):
     """n_c: number of images carrying class c -> (C,) int64."""
-    n = np.zeros(num_classes, np.int64)
-    for _, labels in items:
-        n[list(labels)] += 1
-    return n
+    return multihot(items, num_classes).sum(axis=0, dtype=np.int64)
 
 
 def format_class_stats(classes, counts, num_images=None):
@@ -984,11 +972,10 @@ class PromptLearner(nn.Module):
 # training labels: tail classes get neighbours because their names are similar to others, not because
 # they co-occur often (they rarely do). `cooccur` and `identity` are the ablations.
 GRAPH_MODES = ("text", "cooccur", "identity", "none")  # none: no GCN at all (CAPNet freezes it)
-ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
 
 
 @torch.no_grad()
-def zero_shot_text_features(clip, classnames, templates=ZERO_SHOT_TEMPLATES, chunk=256):
+def zero_shot_text_features(clip, classnames, templates=("a photo of a {}.",), chunk=256):
     """g_c = normalize(mean_t normalize(E_T(template_t(name_c)))): plain CLIP's class embeddings, both the
     zero-shot baseline's classifier and the node features of the text graph."""
     device = clip.token_embedding.weight.device
@@ -1011,18 +998,8 @@ def reweight_graph(A, p):
     return torch.where(has_neighbour, (1 - p) * eye + p * A, eye)  # (C, C)
 
 
-def text_graph(G, s, p):
-    """A_ij = softmax_{j != i}(s * S_ij) with S = G G^T; P = (1 - p) I + p A."""
-    C = G.shape[0]
-    S = G @ G.T  # (C, C) cosine similarities of the class embeddings
-    logits = (s * S).masked_fill(torch.eye(C, dtype=torch.bool, device=G.device), float("-inf"))
-    A = torch.softmax(logits, dim=1) if C > 1 else torch.zeros_like(S)  # one class: no neighbour
-    return reweight_graph(A, p)
-
-
 def cooccur_graph(targets, p, threshold=0.4):
-    """ML-GCN: P(j|i) = n_ij / n_i from the training labels, binarised at `threshold`
-    (>= counts as an edge), row-normalised, then P = (1 - p) I + p A."""
+    """ML-GCN: P(j|i) = n_ij / n_i from the training labels, >= threshold an edge, rows normalised; (1 - p) I + p A."""
     Y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)  # (N, C)
     n_ij = Y.T @ Y  # (C, C) co-occurrence counts
     n_i = n_ij.diagonal().clamp(min=1)  # a class with no image has no edge (0 / 1 = 0)
@@ -1034,8 +1011,12 @@ def cooccur_graph(targets, p, threshold=0.4):
 
 def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, threshold=0.4):
     """The propagation matrix P (C, C), float32 on the CPU, rows summing to 1."""
-    if mode == "text":
-        P = text_graph(zero_shot_text_features(clip, classnames).double().cpu(), s, p)
+    if mode == "text":  # A_ij = softmax_{j != i}(s * S_ij), S = G G^T: the cosine similarities of the g_c
+        G = zero_shot_text_features(clip, classnames).double().cpu()  # (C, D)
+        C = len(G)
+        logits = (s * (G @ G.T)).masked_fill(torch.eye(C, dtype=torch.bool), float("-inf"))  # (C, C)
+        A = torch.softmax(logits, dim=1) if C > 1 else torch.zeros(1, 1, dtype=G.dtype)  # one class: no neighbour
+        P = reweight_graph(A, p)
     elif mode == "cooccur":
         if train_targets is None:
             raise ValueError("graph mode 'cooccur' needs the training labels (train_targets)")
@@ -1072,8 +1053,7 @@ class GCN(nn.Module):
         self.W0 = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))  # (D, D)
         self.W1 = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))  # (D, D)
         self.W2 = nn.Parameter(torch.zeros(dim, dim))  # (D, D) zero: F_hat = F_t at the start
-        self.negative_slope = negative_slope
-        self.backend = backend
+        self.negative_slope, self.backend = negative_slope, backend
 
     def forward(self, F_t):
         kw = dict(negative_slope=self.negative_slope, backend=self.backend)
@@ -1106,22 +1086,14 @@ class AdaptFormer(nn.Module):
         return self.scale * self.up(F.relu(self.down(self.ln(h))))
 
 
-class AdaptFormerBlock(ResidualAttentionBlock):
-    """A ViT block with an AdaptFormer beside its MLP (SPEC 1 step 5); its parameters live under `.adapter`."""
-
-    def forward(self, x):
-        h = x + self.attn(self.ln_1(x), causal=self.causal)  # (B, L, W)
-        return h + self.mlp(self.ln_2(h)) + self.adapter(h)  # (B, L, W)
-
-
 def add_adaptformer(visual, num_classes, adapter_dim=0):
-    """Put an AdaptFormer beside the MLP of every block of a ViT image tower, in place -> bottleneck r."""
+    """Put an AdaptFormer beside the MLP of every block of a ViT image tower, in place -> bottleneck r.
+    The frozen weights keep their OpenAI names; the adapters' parameters live under `.adapter`."""
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"AdaptFormer needs a ViT image tower, got {type(visual).__name__}")
     blocks, ref = visual.transformer.resblocks, visual.conv1.weight
     r = adapter_dim if adapter_dim > 0 else adapter_bottleneck(num_classes, len(blocks))
     for block in blocks:
-        # swap the block's class so its forward gains the adapter; the object, its frozen
-        # submodules and their parameter names (what OpenAI checkpoints load into) stay as they are
-        block.__class__ = AdaptFormerBlock
         block.adapter = AdaptFormer(ref.shape[0], r).to(device=ref.device, dtype=ref.dtype)
     return r
 
@@ -1144,6 +1116,8 @@ class CAPNet(nn.Module):
         super().__init__()
         if len(classnames) == 0:
             raise ValueError("CAPNet needs at least one class")
+        if cfg.peft not in ("adaptformer", "none", "full"):
+            raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
         self.clip = clip.eval()
         for param in clip.parameters():
@@ -1230,8 +1204,7 @@ LOSSES = ("db-focal", "bce", "focal", "asl")
 
 
 def class_aware_weights(class_freq, tau_prime):
-    """class_weight_c = C * softmax_c(-log(n_c) / tau'): rarer classes weigh more, the mean
-    weight is 1; tau' = inf turns it off (all ones)."""
+    """class_weight_c = C * softmax_c(-log(n_c) / tau'): rarer classes weigh more, the mean is 1; tau' = inf: all 1."""
     n = torch.as_tensor(np.asarray(class_freq), dtype=torch.float64)  # (C,)
     if (n <= 0).any():
         c = int((n <= 0).nonzero()[0])

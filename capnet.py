@@ -107,8 +107,7 @@ PRESETS = {
     # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, sized to fit 10 minutes
     # on 2 CPU cores. The context starts as "a photo of a": step 0 is exactly zero-shot. Measured (world 0,
     # seed 0): 60 epochs at lr 0.01 gained 1.2-1.4 mAP over 30 at 0.005; 30 at 0.02 fell below zero-shot
-    "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, workers=0,
-                         ctx_init="a photo of a"),
+    "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, workers=0, ctx_init="a photo of a"),
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),
     "coco-lt": dict(clip="ViT-B/16"),
     "nus-wide-lt": dict(clip="ViT-B/16"),
@@ -221,8 +220,7 @@ def tokenize(texts, context_length=77, truncate=False):
 # fp32 throughout (no fp16 conversion).
 
 class Bottleneck(nn.Module):
-    """Anti-aliased ResNet bottleneck: stride s is an s x s average pool (after conv2, and before the downsample
-    conv) instead of strided convolutions."""
+    """Anti-aliased ResNet bottleneck: stride s is an s x s average pool (after conv2; before the downsample conv)."""
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
@@ -502,8 +500,7 @@ def build_clip(state_dict):
         vision_layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{i}.")})
                               for i in (1, 2, 3, 4))
         vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
-        grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        patch, image_resolution = None, grid * 32
+        patch, image_resolution = None, 32 * round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
     width = sd["ln_final.weight"].shape[0]
     n_text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
     with torch.device("meta"):  # no memory and no random init: every tensor comes from sd
@@ -587,29 +584,11 @@ def _download(name, root):
     return target, sha
 
 
-def _read_state_dict(path):
-    """A TorchScript archive (OpenAI's release format) or a plain state dict -> {name: tensor}."""
-    import zipfile
-    try:
-        is_script = zipfile.is_zipfile(path) and any(
-            n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
-        if is_script:
-            import warnings
-            with warnings.catch_warnings():  # torch.jit is deprecated, but it is OpenAI's format
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"cannot read CLIP checkpoint {path}: the file is truncated, corrupted or not "
-                           f"a TorchScript archive / state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) or isinstance(v, int) for v in sd.values()):
-        raise RuntimeError(f"CLIP checkpoint {path} does not hold a state dict (a dict of tensors)")
-    return sd
-
-
 def load_clip(name_or_path, device="cpu", download_root=None):
     """A known model name (cached in ~/.cache/clip, downloaded and SHA-256 checked when absent) or a checkpoint
-    path -> CLIP (fp32, eval) with model.source = {"name", "sha256"} identifying the exact weights."""
+    path, a TorchScript archive (OpenAI's release format) or a plain state dict -> CLIP (fp32, eval) with
+    model.source = {"name", "sha256"} identifying the exact weights."""
+    import zipfile
     name_or_path = str(name_or_path)
     path = Path(name_or_path).expanduser()
     if name_or_path in KNOWN_MODELS:
@@ -619,9 +598,21 @@ def load_clip(name_or_path, device="cpu", download_root=None):
     else:
         raise FileNotFoundError(f"CLIP model '{name_or_path}' is neither a file nor a known model "
                                 f"name ({', '.join(available_models())})")
-    state_dict = _read_state_dict(path)
     try:
-        model = build_clip(state_dict)
+        if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            import warnings
+            with warnings.catch_warnings():  # torch.jit is deprecated, but it is OpenAI's format
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot read CLIP checkpoint {path}: the file is truncated, corrupted or not "
+                           f"a TorchScript archive / state dict ({type(e).__name__}: {e})") from e
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) or isinstance(v, int) for v in sd.values()):
+        raise RuntimeError(f"CLIP checkpoint {path} does not hold a state dict (a dict of tensors)")
+    try:
+        model = build_clip(sd)
     except (KeyError, RuntimeError) as e:
         raise RuntimeError(f"cannot build CLIP from {path}: {e}") from e
     model.source = {"name": name_or_path, "sha256": sha}
@@ -727,9 +718,8 @@ def tte_views(img, size, n_views=5):
     img = resize_short_side(to_rgb(img), round(size * 248 / 224))
     W, H = img.size
     views = [center_crop(img, size)]
-    if n_views > 1:  # the four corners, then the centre
-        views = [crop(img, 0, 0, size), crop(img, 0, W - size, size), crop(img, H - size, 0, size),
-                 crop(img, H - size, W - size, size)] + views
+    if n_views > 1:  # the four corners (top left, top right, bottom left, bottom right), then the centre
+        views = [crop(img, top, left, size) for top in (0, H - size) for left in (0, W - size)] + views
     if n_views == 10:
         views += [v.transpose(Image.FLIP_LEFT_RIGHT) for v in views]
     return torch.stack([to_tensor(v) for v in views])  # (V, 3, size, size)
@@ -857,8 +847,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
                  scale_min=0.5, seed=0, skip_bad=False):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
-        self.items = list(items)
-        self.image_root = Path(image_root)
+        self.items, self.image_root = list(items), Path(image_root)
         self.targets = multihot(self.items, num_classes)  # (N, C)
         self.size, self.mode, self.n_views = size, mode, n_views
         self.scale_min, self.seed, self.skip_bad = scale_min, seed, skip_bad
@@ -877,9 +866,8 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        relpath, _ = self.items[index]
         try:
-            img = load_rgb(self.image_root / relpath)
+            img = load_rgb(self.image_root / self.items[index][0])
         except Exception as e:
             if not self.skip_bad:
                 raise
@@ -903,8 +891,7 @@ def collate_skip_bad(batch):
 # -----------------------------------------------------------------------------
 # prompt learner, label graph, GCN, PEFT, CAPNet
 
-# Prompt learner (SPEC 1 step 2, as in LMPT/CoOp with class-specific context). In every prompt a class
-# name's underscores become spaces.
+# Prompt learner (SPEC 1 step 2, as in LMPT/CoOp with class-specific context).
 
 class PromptLearner(nn.Module):
     """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT]; only the v's learn.
@@ -992,8 +979,7 @@ def zero_shot_text_features(clip, classnames, templates=("a photo of a {}.",), c
 def reweight_graph(A, p):
     """P = (1 - p) I + p A: weight 1 - p on the class itself, p over its neighbours (ML-GCN's re-weighting,
     which stops over-smoothing). A's rows sum to 1, or are zero for a class with no neighbour: P's row is I's."""
-    C = A.shape[0]
-    eye = torch.eye(C, dtype=A.dtype, device=A.device)
+    eye = torch.eye(len(A), dtype=A.dtype, device=A.device)
     has_neighbour = A.sum(dim=1, keepdim=True) > 0  # (C, 1)
     return torch.where(has_neighbour, (1 - p) * eye + p * A, eye)  # (C, C)
 
@@ -1059,8 +1045,7 @@ class GCN(nn.Module):
         kw = dict(negative_slope=self.negative_slope, backend=self.backend)
         H1 = graph_propagate(self.P, F_t, self.W0, activation=True, **kw)  # (C, D)
         H2 = graph_propagate(self.P, H1, self.W1, activation=True, **kw)  # (C, D)
-        dF = graph_propagate(self.P, H2, self.W2, activation=False, **kw)  # (C, D)
-        return F_t + dF  # (C, D)
+        return F_t + graph_propagate(self.P, H2, self.W2, activation=False, **kw)  # (C, D) F_t + dF
 
 
 # PEFT on the image tower (SPEC 1 step 5).
@@ -1087,8 +1072,7 @@ class AdaptFormer(nn.Module):
 
 
 def add_adaptformer(visual, num_classes, adapter_dim=0):
-    """Put an AdaptFormer beside the MLP of every block of a ViT image tower, in place -> bottleneck r.
-    The frozen weights keep their OpenAI names; the adapters' parameters live under `.adapter`."""
+    """Put an AdaptFormer (`block.adapter`) beside the MLP of every block of a ViT image tower, in place -> r."""
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"AdaptFormer needs a ViT image tower, got {type(visual).__name__}")
     blocks, ref = visual.transformer.resblocks, visual.conv1.weight
@@ -1119,14 +1103,11 @@ class CAPNet(nn.Module):
         if cfg.peft not in ("adaptformer", "none", "full"):
             raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
-        self.clip = clip.eval()
-        for param in clip.parameters():
-            param.requires_grad_(cfg.peft == "full")  # frozen backbone (step 1), unless fully fine-tuned
+        self.clip = clip.eval().requires_grad_(cfg.peft == "full")  # frozen (step 1) unless fully fine-tuned
         self.prompt_learner = PromptLearner(clip, classnames, cfg.n_ctx, cfg.ctx_init, cfg.ctx == "shared")
         P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p, cfg.cooccur_threshold)
         self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(clip.token_embedding.weight.device)
-        if cfg.graph == "none":  # no GCN (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
-            self.gcn.requires_grad_(False)
+        self.gcn.requires_grad_(cfg.graph != "none")  # none (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
         self.peft, self.adapter_dim = cfg.peft, 0  # adaptformer | bias | none | full
         if cfg.peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
@@ -1156,8 +1137,7 @@ class CAPNet(nn.Module):
 
     def no_decay_parameters(self):
         """Parameters trained without weight decay: the temperature and the adapter scales."""
-        scales = [m.scale for m in self.clip.visual.modules() if isinstance(m, AdaptFormer)]
-        return {self.logit_scale, *scales}
+        return {self.logit_scale, *(m.scale for m in self.clip.visual.modules() if isinstance(m, AdaptFormer))}
 
     def trainable_summary(self):
         """Trainable parameter counts by part, then the frozen rest: one line each."""
@@ -1198,8 +1178,7 @@ class CAPNet(nn.Module):
 # -----------------------------------------------------------------------------
 # losses
 
-# The DB-focal loss itself (SPEC 3) is `db_focal_loss` in the fused-op section; here are the
-# class-aware weights and the loss the trainer uses.
+# The DB-focal loss (SPEC 3) is `db_focal_loss` in the fused-op section; here: class-aware weights, ablation losses.
 LOSSES = ("db-focal", "bce", "focal", "asl")
 
 
@@ -1276,10 +1255,9 @@ def average_precision(scores, targets):
         raise ValueError("scores contain NaN or inf")
     if not ((targets == 0) | (targets == 1)).all():
         raise ValueError("targets must be 0/1")
-    n = scores.shape[0]
     s, order = torch.sort(scores, dim=0, descending=True, stable=True)  # (N, C)
     y = torch.gather(targets, 0, order)  # (N, C)
-    precision = torch.cumsum(y, 0) / torch.arange(1, n + 1, dtype=torch.float64)[:, None]  # (N, C)
+    precision = torch.cumsum(y, 0) / torch.arange(1, len(y) + 1, dtype=torch.float64)[:, None]  # (N, C)
     # a threshold sits at the last item of each run of tied scores, so rank i takes the precision of the
     # last rank scoring >= s_i: -s ascends down each column, and searchsorted finds that rank
     neg = -s.T.contiguous()  # (C, N)

@@ -166,7 +166,7 @@ class SimpleTokenizer:
             if best not in self.ranks:
                 break
             merged = []
-            for s in symbols:  # merge every occurrence of `best`, left to right (a merged pair is never best[0])
+            for s in symbols:  # every occurrence of `best`, left to right (a fresh merge never equals best[0])
                 if merged and (merged[-1], s) == best:
                     merged[-1] += s
                 else:
@@ -264,7 +264,7 @@ def _heads(x, n_head):
 
 
 class AttentionPool2d(nn.Module):
-    """ResNet head: one query, the feature map's mean, attends over itself and the H*W positions (all + pos. emb.)."""
+    """ResNet head: the feature map's mean queries itself and the H*W positions, all with learned position embeddings."""
 
     def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
         super().__init__()

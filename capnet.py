@@ -264,7 +264,7 @@ def _heads(x, n_head):
 
 
 class AttentionPool2d(nn.Module):
-    """ResNet head: the feature map's mean queries itself and the H*W positions, all with learned position embeddings."""
+    """ResNet head: the feature map's mean queries itself and the H*W positions (learned position embeddings)."""
 
     def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
         super().__init__()

@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +104,10 @@ class Config:
 
 # per-benchmark presets: only what differs from the Config defaults
 PRESETS = {
-    # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, sized to fit
-    # 10 minutes on 2 CPU cores. The context starts as "a photo of a": step 0 is exactly zero-shot.
-    # Measured (world 0, seed 0): 60 epochs at lr 0.01 gained 1.2-1.4 mAP over 30 at 0.005; 30 at 0.02
-    # fell below zero-shot
-    "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, workers=0,
-                         ctx_init="a photo of a"),
+    # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, sized to fit 10 minutes
+    # on 2 CPU cores. The context starts as "a photo of a": step 0 is exactly zero-shot. Measured (world 0,
+    # seed 0): 60 epochs at lr 0.01 gained 1.2-1.4 mAP over 30 at 0.005; 30 at 0.02 fell below zero-shot
+    "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, workers=0, ctx_init="a photo of a"),
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),
     "coco-lt": dict(clip="ViT-B/16"),
     "nus-wide-lt": dict(clip="ViT-B/16"),
@@ -135,77 +134,59 @@ BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>
 
 
-@functools.lru_cache()
-def _byte_to_unicode():
-    """A reversible map of the 256 bytes to printable unicode characters (GPT-2's table):
-    printable latin-1 bytes map to themselves, the others to 256, 257, ... in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in keep]
-    table = {b: chr(b) for b in keep}
-    table.update({b: chr(256 + i) for i, b in enumerate(extra)})
-    return table
-
-
-def _clean(text):
-    import ftfy
-    import regex
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return regex.sub(r"\s+", " ", text).strip().lower()
-
-
 class SimpleTokenizer:
     def __init__(self, bpe_path=BPE_PATH):
         import regex
         lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")  # the file ships with this repository
         merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # 48894 merges
-        byte_chars = list(_byte_to_unicode().values())
+        # GPT-2's reversible byte -> printable character map: printable latin-1 as itself, the rest 256, 257, ...
+        keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        extra = [b for b in range(256) if b not in keep]
+        self.byte_encoder = {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+        byte_chars = list(self.byte_encoder.values())
         # vocab order fixes the ids: 256 bytes, 256 word-final bytes, merges, SOT, EOT
         vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
         self.encoder = {tok: i for i, tok in enumerate(vocab)}
         self.decoder = {i: tok for tok, i in self.encoder.items()}
-        self.byte_encoder = _byte_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.ranks = {m: i for i, m in enumerate(merges)}
-        self.cache = {}
+        self.cache = {"<|startoftext|>": ["<|startoftext|>"], "<|endoftext|>": ["<|endoftext|>"]}
+        self.spaces = regex.compile(r"\s+")
         self.pattern = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                                      r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
     def bpe(self, word):
         """Merge the symbols of one pre-token, lowest-rank pair first, until no pair is a merge."""
-        if word in ("<|startoftext|>", "<|endoftext|>"):
-            return [word]
         if word in self.cache:
             return self.cache[word]
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
-            pairs = set(zip(symbols[:-1], symbols[1:]))
-            best = min(pairs, key=lambda pair: self.ranks.get(pair, math.inf))
+            best = min(zip(symbols[:-1], symbols[1:]), key=lambda pair: self.ranks.get(pair, math.inf))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of `best`, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
+            merged = []
+            for s in symbols:  # every occurrence of `best`, left to right (a fresh merge never equals best[0])
+                if merged and (merged[-1], s) == best:
+                    merged[-1] += s
                 else:
-                    merged.append(symbols[i])
-                    i += 1
+                    merged.append(s)
             symbols = merged
         self.cache[word] = symbols
         return symbols
 
     def encode(self, text):
+        import ftfy
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()  # OpenAI's basic_clean
         ids = []
-        for piece in self.pattern.findall(_clean(text)):
+        for piece in self.pattern.findall(self.spaces.sub(" ", text).strip().lower()):
             word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[s] for s in self.bpe(word))
         return ids
 
     def decode(self, ids):
         text = "".join(self.decoder[int(i)] for i in ids)
-        data = bytearray(self.byte_decoder[c] for c in text)
-        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
 
 @functools.lru_cache()
@@ -232,17 +213,14 @@ def tokenize(texts, context_length=77, truncate=False):
 # -----------------------------------------------------------------------------
 # CLIP
 
-# A from-scratch CLIP with OpenAI's module and parameter names (so their checkpoints load with
-# strict=True), batch-first tensors, and attention through scaled_dot_product_attention.
-# Deviations from openai/CLIP's model.py, none of which changes a number beyond float rounding:
-# batch-first (B, L, D) instead of (L, B, D); SDPA instead of nn.MultiheadAttention; positional
-# embeddings resized on the fly for other input sizes; encode_text runs on the shortest causal
-# context that holds every EOT; fp32 throughout (no fp16 conversion).
+# A from-scratch CLIP with OpenAI's module and parameter names (so their checkpoints load with strict=True).
+# Deviations from openai/CLIP's model.py, none of which changes a number beyond float rounding: batch-first
+# (B, L, D) instead of (L, B, D); SDPA instead of nn.MultiheadAttention; positional embeddings resized on
+# the fly for other input sizes; encode_text runs on the shortest causal context that holds every EOT;
+# fp32 throughout (no fp16 conversion).
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck, anti-aliased: a stride-s block average-pools (s x s) after conv2 and
-    before its 1x1 downsample conv, instead of using strided convolutions."""
-    expansion = 4
+    """Anti-aliased ResNet bottleneck: stride s is an s x s average pool (after conv2; before the downsample conv)."""
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
@@ -256,10 +234,9 @@ class Bottleneck(nn.Module):
         self.downsample = None
         if stride > 1 or inplanes != planes * 4:
             # OpenAI names the pool "-1" so the conv and norm keep the keys "0" and "1"
-            self.downsample = nn.Sequential()
-            self.downsample.add_module("-1", nn.AvgPool2d(stride))
-            self.downsample.add_module("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False))
-            self.downsample.add_module("1", nn.BatchNorm2d(planes * 4))
+            self.downsample = nn.Sequential(OrderedDict([("-1", nn.AvgPool2d(stride)),
+                                                         ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
+                                                         ("1", nn.BatchNorm2d(planes * 4))]))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -287,8 +264,7 @@ def _heads(x, n_head):
 
 
 class AttentionPool2d(nn.Module):
-    """ResNet head: one query (the mean of the feature map) attends over the mean and the
-    H*W positions, each with a learned positional embedding."""
+    """ResNet head: the feature map's mean queries itself and the H*W positions (learned position embeddings)."""
 
     def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
         super().__init__()
@@ -312,12 +288,10 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    """OpenAI's ResNet: a 3-conv stem with an average pool, anti-aliased bottlenecks, and an
-    attention pool instead of global average pooling."""
+    """OpenAI's ResNet: a 3-conv stem and average pool, anti-aliased bottlenecks, an attention pool (no GAP)."""
 
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
         super().__init__()
-        self.output_dim = output_dim
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
@@ -373,8 +347,7 @@ MATMUL_ATTENTION_BF16_CPU = True  # the switch bench.py turns off for its baseli
 
 
 class MultiheadAttention(nn.Module):
-    """Self-attention holding nn.MultiheadAttention's parameters (in_proj_weight/in_proj_bias
-    packed q, k, v; out_proj) but computing with scaled_dot_product_attention, batch-first."""
+    """nn.MultiheadAttention's parameters (q, k, v packed in in_proj_*; out_proj), computed batch-first by SDPA."""
 
     def __init__(self, d_model, n_head):
         super().__init__()
@@ -397,15 +370,15 @@ class ResidualAttentionBlock(nn.Module):
         self.causal = causal  # text tower: each position sees itself and the positions before it
         self.attn = MultiheadAttention(d_model, n_head)
         self.ln_1 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(d_model, d_model * 4))
-        self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", nn.Linear(d_model * 4, d_model))
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d_model, d_model * 4), gelu=QuickGELU(),
+                                             c_proj=nn.Linear(d_model * 4, d_model)))
         self.ln_2 = nn.LayerNorm(d_model)
+        self.adapter = None  # an AdaptFormer beside the MLP, set by add_adaptformer (PEFT, SPEC 1 step 5)
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x), causal=self.causal)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), causal=self.causal)  # h, the residual stream after attention
+        out = x + self.mlp(self.ln_2(x))
+        return out if self.adapter is None else out + self.adapter(x)
 
 
 class Transformer(nn.Module):
@@ -421,9 +394,7 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
-        self.input_resolution = input_resolution
-        self.patch_size = patch_size
-        self.output_dim = output_dim
+        self.input_resolution, self.patch_size = input_resolution, patch_size
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -447,9 +418,7 @@ class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
         super().__init__()
-        self.context_length = context_length
-        self.vocab_size = vocab_size
-        self.embed_dim = embed_dim
+        self.context_length, self.vocab_size, self.embed_dim = context_length, vocab_size, embed_dim
         if isinstance(vision_layers, (tuple, list)):
             # OpenAI's convention: 64-dim heads over the 32*width attention-pool features
             self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64,
@@ -500,13 +469,11 @@ class CLIP(nn.Module):
         """x (n, L, W): token embeddings without positions (the prompt learner splices its context in here);
         eot_index (n,): where each EOT is -> (n, D). The mask is causal, so positions after the last EOT
         change no output read at or before it: truncate=True runs x[:, :max(eot)+1] only (SPEC 7)."""
-        n, L, W = x.shape
         if truncate:
-            L = int(eot_index.max()) + 1
-            x = x[:, :L]
-        x = x.to(self.dtype) + self.positional_embedding[:L].to(self.dtype)  # (n, L, W)
+            x = x[:, :int(eot_index.max()) + 1]
+        x = x.to(self.dtype) + self.positional_embedding[:x.shape[1]].to(self.dtype)  # (n, L, W)
         x = self.ln_final(self.transformer(x))  # (n, L, W)
-        return x[torch.arange(n, device=x.device), eot_index] @ self.text_projection  # (n, D)
+        return x[torch.arange(len(x), device=x.device), eot_index] @ self.text_projection  # (n, D)
 
     def forward(self, images, tokens):
         image = F.normalize(self.encode_image(images), dim=-1)
@@ -528,14 +495,12 @@ def build_clip(state_dict):
     if "visual.proj" in sd:  # ViT
         vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
         vision_layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        image_resolution = patch * grid
+        image_resolution = patch * round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)  # patch * grid
     else:  # ResNet
         vision_layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{i}.")})
                               for i in (1, 2, 3, 4))
         vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
-        grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        patch, image_resolution = None, grid * 32
+        patch, image_resolution = None, 32 * round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
     width = sd["ln_final.weight"].shape[0]
     n_text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
     with torch.device("meta"):  # no memory and no random init: every tensor comes from sd
@@ -594,7 +559,7 @@ def _download(name, root):
     """Known model name -> verified file root/<file>: downloaded to a temporary file, renamed into place only
     after its SHA-256 matches, so the cache never holds a partial or wrong file."""
     url = KNOWN_MODELS[name]
-    sha, filename = url.split("/")[-2], url.split("/")[-1]
+    sha, filename = url.split("/")[-2:]
     target = root / filename
     if target.is_file():
         if _sha256(target) == sha:
@@ -619,41 +584,35 @@ def _download(name, root):
     return target, sha
 
 
-def _read_state_dict(path):
-    """A TorchScript archive (OpenAI's release format) or a plain state dict -> {name: tensor}."""
+def load_clip(name_or_path, device="cpu", download_root=None):
+    """A known model name (cached in ~/.cache/clip, downloaded and SHA-256 checked when absent) or a checkpoint
+    path, a TorchScript archive (OpenAI's release format) or a plain state dict -> CLIP (fp32, eval) with
+    model.source = {"name", "sha256"} identifying the exact weights."""
     import zipfile
+    name_or_path = str(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if name_or_path in KNOWN_MODELS:
+        path, sha = _download(name_or_path, clip_cache_dir(download_root))
+    elif path.is_file():
+        sha = _sha256(path)
+    else:
+        raise FileNotFoundError(f"CLIP model '{name_or_path}' is neither a file nor a known model "
+                                f"name ({', '.join(available_models())})")
     try:
-        is_script = zipfile.is_zipfile(path) and any(
-            n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
-        if is_script:
+        if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
             import warnings
             with warnings.catch_warnings():  # torch.jit is deprecated, but it is OpenAI's format
                 warnings.simplefilter("ignore", DeprecationWarning)
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+                sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RuntimeError(f"cannot read CLIP checkpoint {path}: the file is truncated, corrupted or not "
                            f"a TorchScript archive / state dict ({type(e).__name__}: {e})") from e
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) or isinstance(v, int) for v in sd.values()):
         raise RuntimeError(f"CLIP checkpoint {path} does not hold a state dict (a dict of tensors)")
-    return sd
-
-
-def load_clip(name_or_path, device="cpu", download_root=None):
-    """A known model name (cached in ~/.cache/clip, downloaded and SHA-256 checked when absent) or a checkpoint
-    path -> CLIP (fp32, eval) with model.source = {"name", "sha256"} identifying the exact weights."""
-    name_or_path = str(name_or_path)
-    if name_or_path in KNOWN_MODELS:
-        path, sha = _download(name_or_path, clip_cache_dir(download_root))
-    elif Path(name_or_path).expanduser().is_file():
-        path = Path(name_or_path).expanduser()
-        sha = _sha256(path)
-    else:
-        raise FileNotFoundError(f"CLIP model '{name_or_path}' is neither a file nor a known model "
-                                f"name ({', '.join(available_models())})")
-    state_dict = _read_state_dict(path)
     try:
-        model = build_clip(state_dict)
+        model = build_clip(sd)
     except (KeyError, RuntimeError) as e:
         raise RuntimeError(f"cannot build CLIP from {path}: {e}") from e
     model.source = {"name": name_or_path, "sha256": sha}
@@ -705,13 +664,10 @@ def to_tensor(img):
 def resize_short_side(img, size):
     """Bicubic resize so the short side is `size`; the long side is floored as torchvision does. Only its
     centre MAX_ASPECT x short side is kept: a 20000 x 10 panorama costs no 496,000 x 248 image."""
+    from PIL import Image
     w, h = img.size
     cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)  # (w, h) for any sane image
-    if cw <= ch:
-        new_w, new_h = size, int(size * ch / cw)
-    else:
-        new_w, new_h = int(size * cw / ch), size
-    from PIL import Image
+    new_w, new_h = (size, int(size * ch / cw)) if cw <= ch else (int(size * cw / ch), size)
     return img.resize((new_w, new_h), Image.BICUBIC, box=((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2))
 
 
@@ -736,20 +692,17 @@ def train_augment(img, size, rng, scale=(0.5, 1.0)):
     from PIL import Image
     img = to_rgb(img)
     W, H = img.size
-    box = None
     for _ in range(10):
         area = W * H * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
         if 0 < w <= W and 0 < h <= H:
             top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-            box = (left, top, left + w, top + h)
             break
-    if box is None:  # fallback: the whole image, cut to an aspect ratio inside [3/4, 4/3], centred
+    else:  # fallback: the whole image, cut to an aspect ratio inside [3/4, 4/3], centred
         w, h = min(W, int(round(H * 4 / 3))), min(H, int(round(W * 4 / 3)))
         top, left = (H - h) // 2, (W - w) // 2
-        box = (left, top, left + w, top + h)
-    img = img.crop(box).resize((size, size), Image.BICUBIC)
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(img)
@@ -764,11 +717,9 @@ def tte_views(img, size, n_views=5):
         raise ValueError(f"n_views must be 1, 5 or 10, got {n_views}")
     img = resize_short_side(to_rgb(img), round(size * 248 / 224))
     W, H = img.size
-    if n_views == 1:
-        views = [center_crop(img, size)]
-    else:
-        views = [crop(img, 0, 0, size), crop(img, 0, W - size, size), crop(img, H - size, 0, size),
-                 crop(img, H - size, W - size, size), center_crop(img, size)]
+    views = [center_crop(img, size)]
+    if n_views > 1:  # the four corners (top left, top right, bottom left, bottom right), then the centre
+        views = [crop(img, top, left, size) for top in (0, H - size) for left in (0, W - size)] + views
     if n_views == 10:
         views += [v.transpose(Image.FLIP_LEFT_RIGHT) for v in views]
     return torch.stack([to_tensor(v) for v in views])  # (V, 3, size, size)
@@ -785,9 +736,7 @@ GROUPS = ("total", "head", "medium", "tail")  # the mAP columns of every report
 
 def class_group(n):
     """'head' | 'medium' | 'tail' for a class with n training images."""
-    if n >= HEAD_MIN:
-        return "head"
-    return "medium" if n >= TAIL_MIN else "tail"
+    return "head" if n >= HEAD_MIN else "medium" if n >= TAIL_MIN else "tail"
 
 
 @dataclass
@@ -803,8 +752,7 @@ class Prepared:
 
 def _check_items(items, split, classes, json_path):
     # every item is [relpath, [distinct int labels in range]]; no image twice
-    seen = set()
-    out = []
+    seen, out = set(), []
     for i, item in enumerate(items):
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
                 and isinstance(item[1], (list, tuple))):
@@ -814,7 +762,7 @@ def _check_items(items, split, classes, json_path):
             raise ValueError(f"{json_path}: duplicate image {relpath!r} in {split}")
         seen.add(relpath)
         for label in labels:
-            if not isinstance(label, int) or isinstance(label, bool):
+            if type(label) is not int:  # JSON's true and false are ints to isinstance
                 raise ValueError(f"{json_path}: {split} image {relpath!r} has a non-integer label {label!r}")
             if not 0 <= label < len(classes):
                 raise ValueError(f"{json_path}: {split} image {relpath!r} has label {label}, "
@@ -838,7 +786,7 @@ def load_prepared(path):
     if missing:
         raise ValueError(f"{path}: missing key {missing[0]!r}")
     classes = d["classes"]
-    if not isinstance(classes, list) or len(classes) == 0:
+    if not isinstance(classes, list) or not classes:
         raise ValueError(f"{path}: empty class list")
     for i, c in enumerate(classes):
         if not isinstance(c, str) or not c.strip():
@@ -858,9 +806,7 @@ def load_prepared(path):
     if empty:
         raise ValueError(f"{path}: class {empty[0]!r} has no training image"
                          + (f" (also {empty[1:]})" if len(empty) > 1 else ""))
-    root = Path(d["image_root"])
-    if not root.is_absolute():
-        root = path.parent / root  # relative roots hang from the json's folder
+    root = path.parent / d["image_root"]  # relative roots hang from the json's folder, absolute ones replace it
     return Prepared(name=d["name"], classes=list(classes), image_root=root.resolve(),
                     train=train, test=test, source=d.get("source", {}))
 
@@ -875,10 +821,7 @@ def multihot(items, num_classes):
 
 def class_counts(items, num_classes):
     """n_c: number of images carrying class c -> (C,) int64."""
-    n = np.zeros(num_classes, np.int64)
-    for _, labels in items:
-        n[list(labels)] += 1
-    return n
+    return multihot(items, num_classes).sum(axis=0, dtype=np.int64)
 
 
 def format_class_stats(classes, counts, num_images=None):
@@ -900,13 +843,11 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     (V, 3, S, S). skip_bad: an unreadable image gives None (dropped by collate_skip_bad) and counts in
     bad_count (shared with DataLoader workers) instead of an error naming the file."""
 
-
     def __init__(self, items, image_root, num_classes, size, mode="train", n_views=5,
                  scale_min=0.5, seed=0, skip_bad=False):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
-        self.items = list(items)
-        self.image_root = Path(image_root)
+        self.items, self.image_root = list(items), Path(image_root)
         self.targets = multihot(self.items, num_classes)  # (N, C)
         self.size, self.mode, self.n_views = size, mode, n_views
         self.scale_min, self.seed, self.skip_bad = scale_min, seed, skip_bad
@@ -925,9 +866,8 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        relpath, _ = self.items[index]
         try:
-            img = load_rgb(self.image_root / relpath)
+            img = load_rgb(self.image_root / self.items[index][0])
         except Exception as e:
             if not self.skip_bad:
                 raise
@@ -953,20 +893,11 @@ def collate_skip_bad(batch):
 
 # Prompt learner (SPEC 1 step 2, as in LMPT/CoOp with class-specific context).
 
-def prompt_name(name):
-    """A class name as it is written into a prompt: underscores become spaces."""
-    return name.replace("_", " ")
-
-
 class PromptLearner(nn.Module):
-    """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT].
-
-    The M context vectors of every class are learned; all other token embeddings are the
-    frozen CLIP's. With `ctx_init` (e.g. "a photo of a") every class's context starts as that
-    template's token embeddings and M is the template's token count (CoOp's convention;
-    `n_ctx` is then ignored), so the untrained prompts read exactly "a photo of a {name}."
-    With `shared` (CoOp) one (M, W) context serves every class instead of a (C, M, W) tensor.
-    """
+    """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT]; only the v's learn.
+    With `ctx_init` (e.g. "a photo of a") every class's context starts as that template's token embeddings
+    and M is its token count (CoOp's convention; `n_ctx` is ignored), so the untrained prompts read exactly
+    "a photo of a {name}." With `shared` (CoOp) one (M, W) context serves every class, not a (C, M, W) one."""
 
     def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False):
         super().__init__()
@@ -975,22 +906,20 @@ class PromptLearner(nn.Module):
         device = clip.token_embedding.weight.device
         bpe = _tokenizer()
         init_ids = bpe.encode(ctx_init) if ctx_init else []
-        if ctx_init and not init_ids:
-            raise ValueError(f"ctx_init {ctx_init!r} has no tokens")
         M = len(init_ids) if ctx_init else n_ctx
         if M < 1:
-            raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+            raise ValueError(f"ctx_init {ctx_init!r} has no tokens" if ctx_init else
+                             f"n_ctx must be at least 1, got {n_ctx}")
         rows = []
         for name in classnames:
-            name_ids = bpe.encode(prompt_name(name) + ".")
+            name_ids = bpe.encode(name.replace("_", " ") + ".")
             rows.append([SOT] + [0] * M + name_ids + [EOT])  # the zeros are replaced by the context
             if len(rows[-1]) > clip.context_length:
                 raise ValueError(f"the prompt of class {name!r} needs {len(rows[-1])} tokens ({M} context + "
                                  f"{len(name_ids)} for the name + SOT/EOT), more than CLIP's context length "
                                  f"{clip.context_length}; shorten the name or --n-ctx")
         eot_index = [len(ids) - 1 for ids in rows]
-        # the text encoder is causal: positions after the last EOT never matter, so keep only
-        # max(EOT) + 1 positions (SPEC 7: same features, a fraction of the work)
+        # the text encoder is causal: keep only max(EOT) + 1 positions (SPEC 7: same features, less work)
         L = max(eot_index) + 1
         token_ids = torch.tensor([ids + [0] * (L - len(ids)) for ids in rows], device=device)  # (C, L)
         with torch.no_grad():
@@ -1026,22 +955,18 @@ class PromptLearner(nn.Module):
         return F.normalize(x.float(), dim=-1)  # (C, D) F_t
 
 
-# Label graph (SPEC 1 step 3). The graph comes from the frozen text encoder, not from the
-# imbalanced training labels: tail classes get neighbours because their names are similar to
-# others, not because they co-occur often (they rarely do). `cooccur` and `identity` are the
-# ablations.
+# Label graph (SPEC 1 step 3). The graph comes from the frozen text encoder, not from the imbalanced
+# training labels: tail classes get neighbours because their names are similar to others, not because
+# they co-occur often (they rarely do). `cooccur` and `identity` are the ablations.
 GRAPH_MODES = ("text", "cooccur", "identity", "none")  # none: no GCN at all (CAPNet freezes it)
-ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
 
 
 @torch.no_grad()
-def zero_shot_text_features(clip, classnames, templates=ZERO_SHOT_TEMPLATES, chunk=256):
-    """g_c = normalize(mean_t normalize(E_T(template_t(name_c)))): plain CLIP's class embeddings.
-
-    This is both the zero-shot baseline's classifier and the node features of the text graph.
-    """
+def zero_shot_text_features(clip, classnames, templates=("a photo of a {}.",), chunk=256):
+    """g_c = normalize(mean_t normalize(E_T(template_t(name_c)))): plain CLIP's class embeddings, both the
+    zero-shot baseline's classifier and the node features of the text graph."""
     device = clip.token_embedding.weight.device
-    texts = [t.format(prompt_name(name)) for name in classnames for t in templates]
+    texts = [t.format(name.replace("_", " ")) for name in classnames for t in templates]
     feats = []
     for i in range(0, len(texts), chunk):  # chunks bound the memory for 1000s of classes
         # a prompt too long for the context is tokenize's error, which quotes the text
@@ -1052,32 +977,19 @@ def zero_shot_text_features(clip, classnames, templates=ZERO_SHOT_TEMPLATES, chu
 
 
 def reweight_graph(A, p):
-    """P = (1 - p) I + p A: keep weight 1 - p on the class itself, spread p over its
-    neighbours (ML-GCN's re-weighting, which stops over-smoothing). A rows sum to 1, or are
-    all zero for a class with no neighbour, which then gets the identity row."""
-    C = A.shape[0]
-    eye = torch.eye(C, dtype=A.dtype, device=A.device)
+    """P = (1 - p) I + p A: weight 1 - p on the class itself, p over its neighbours (ML-GCN's re-weighting,
+    which stops over-smoothing). A's rows sum to 1, or are zero for a class with no neighbour: P's row is I's."""
+    eye = torch.eye(len(A), dtype=A.dtype, device=A.device)
     has_neighbour = A.sum(dim=1, keepdim=True) > 0  # (C, 1)
     return torch.where(has_neighbour, (1 - p) * eye + p * A, eye)  # (C, C)
 
 
-def text_graph(G, s, p):
-    """A_ij = softmax_{j != i}(s * S_ij) with S = G G^T; P = (1 - p) I + p A."""
-    C = G.shape[0]
-    S = G @ G.T  # (C, C) cosine similarities of the class embeddings
-    logits = (s * S).masked_fill(torch.eye(C, dtype=torch.bool, device=G.device), float("-inf"))
-    A = torch.softmax(logits, dim=1) if C > 1 else torch.zeros_like(S)  # one class: no neighbour
-    return reweight_graph(A, p)
-
-
 def cooccur_graph(targets, p, threshold=0.4):
-    """ML-GCN: P(j|i) = n_ij / n_i from the training labels, binarised at `threshold`
-    (>= counts as an edge), row-normalised, then P = (1 - p) I + p A."""
+    """ML-GCN: P(j|i) = n_ij / n_i from the training labels, >= threshold an edge, rows normalised; (1 - p) I + p A."""
     Y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)  # (N, C)
     n_ij = Y.T @ Y  # (C, C) co-occurrence counts
     n_i = n_ij.diagonal().clamp(min=1)  # a class with no image has no edge (0 / 1 = 0)
-    cond = n_ij / n_i[:, None]  # (C, C) P(j | i)
-    B = (cond >= threshold).double()
+    B = (n_ij / n_i[:, None] >= threshold).double()  # (C, C) P(j | i) >= threshold
     B.fill_diagonal_(0)  # the self-loop is added by the (1 - p) I term
     A = B / B.sum(dim=1, keepdim=True).clamp(min=1)  # rows of 1s / degree, or all zero
     return reweight_graph(A, p)
@@ -1085,8 +997,12 @@ def cooccur_graph(targets, p, threshold=0.4):
 
 def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, threshold=0.4):
     """The propagation matrix P (C, C), float32 on the CPU, rows summing to 1."""
-    if mode == "text":
-        P = text_graph(zero_shot_text_features(clip, classnames).double().cpu(), s, p)
+    if mode == "text":  # A_ij = softmax_{j != i}(s * S_ij), S = G G^T: the cosine similarities of the g_c
+        G = zero_shot_text_features(clip, classnames).double().cpu()  # (C, D)
+        C = len(G)
+        logits = (s * (G @ G.T)).masked_fill(torch.eye(C, dtype=torch.bool), float("-inf"))  # (C, C)
+        A = torch.softmax(logits, dim=1) if C > 1 else torch.zeros(1, 1, dtype=G.dtype)  # one class: no neighbour
+        P = reweight_graph(A, p)
     elif mode == "cooccur":
         if train_targets is None:
             raise ValueError("graph mode 'cooccur' needs the training labels (train_targets)")
@@ -1099,8 +1015,7 @@ def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, thre
 
 
 def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
-    """A few lines about P: how much weight goes to neighbours, and who the rarest classes
-    borrow from (the point of the text graph)."""
+    """A few lines about P: the weight that goes to neighbours, and whom the rarest classes borrow from."""
     P = torch.as_tensor(P, dtype=torch.float64).cpu()
     C = P.shape[0]
     off = P - torch.diag(P.diagonal())  # (C, C) neighbour weights only
@@ -1124,15 +1039,13 @@ class GCN(nn.Module):
         self.W0 = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))  # (D, D)
         self.W1 = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))  # (D, D)
         self.W2 = nn.Parameter(torch.zeros(dim, dim))  # (D, D) zero: F_hat = F_t at the start
-        self.negative_slope = negative_slope
-        self.backend = backend
+        self.negative_slope, self.backend = negative_slope, backend
 
     def forward(self, F_t):
         kw = dict(negative_slope=self.negative_slope, backend=self.backend)
         H1 = graph_propagate(self.P, F_t, self.W0, activation=True, **kw)  # (C, D)
         H2 = graph_propagate(self.P, H1, self.W1, activation=True, **kw)  # (C, D)
-        dF = graph_propagate(self.P, H2, self.W2, activation=False, **kw)  # (C, D)
-        return F_t + dF  # (C, D)
+        return F_t + graph_propagate(self.P, H2, self.W2, activation=False, **kw)  # (C, D) F_t + dF
 
 
 # PEFT on the image tower (SPEC 1 step 5).
@@ -1158,25 +1071,13 @@ class AdaptFormer(nn.Module):
         return self.scale * self.up(F.relu(self.down(self.ln(h))))
 
 
-class AdaptFormerBlock(ResidualAttentionBlock):
-    """A ViT block with an AdaptFormer beside its MLP: h = x + Attn(LN1(x)),
-    out = h + MLP(LN2(h)) + s_a * Up(ReLU(Down(LN_a(h)))); the adapter's parameters live under `.adapter`."""
-
-    def forward(self, x):
-        h = x + self.attn(self.ln_1(x), causal=self.causal)  # (B, L, W)
-        return h + self.mlp(self.ln_2(h)) + self.adapter(h)  # (B, L, W)
-
-
 def add_adaptformer(visual, num_classes, adapter_dim=0):
-    """Put an AdaptFormer beside the MLP of every block of a ViT image tower, in place -> bottleneck r."""
+    """Put an AdaptFormer (`block.adapter`) beside the MLP of every block of a ViT image tower, in place -> r."""
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"AdaptFormer needs a ViT image tower, got {type(visual).__name__}")
     blocks, ref = visual.transformer.resblocks, visual.conv1.weight
     r = adapter_dim if adapter_dim > 0 else adapter_bottleneck(num_classes, len(blocks))
     for block in blocks:
-        # swap the block's class so its forward gains the adapter; the object, its frozen
-        # submodules and their parameter names (what OpenAI checkpoints load into) stay as they are
-        block.__class__ = AdaptFormerBlock
         block.adapter = AdaptFormer(ref.shape[0], r).to(device=ref.device, dtype=ref.dtype)
     return r
 
@@ -1202,16 +1103,11 @@ class CAPNet(nn.Module):
         if cfg.peft not in ("adaptformer", "none", "full"):
             raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
-        self.clip = clip.eval()
-        for param in clip.parameters():
-            param.requires_grad_(cfg.peft == "full")  # frozen backbone (step 1), unless fully fine-tuned
+        self.clip = clip.eval().requires_grad_(cfg.peft == "full")  # frozen (step 1) unless fully fine-tuned
         self.prompt_learner = PromptLearner(clip, classnames, cfg.n_ctx, cfg.ctx_init, cfg.ctx == "shared")
-        P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p,
-                              cfg.cooccur_threshold)
-        device = clip.token_embedding.weight.device
-        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(device)
-        if cfg.graph == "none":  # no GCN (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
-            self.gcn.requires_grad_(False)
+        P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p, cfg.cooccur_threshold)
+        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(clip.token_embedding.weight.device)
+        self.gcn.requires_grad_(cfg.graph != "none")  # none (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
         self.peft, self.adapter_dim = cfg.peft, 0  # adaptformer | bias | none | full
         if cfg.peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
@@ -1241,8 +1137,7 @@ class CAPNet(nn.Module):
 
     def no_decay_parameters(self):
         """Parameters trained without weight decay: the temperature and the adapter scales."""
-        scales = [m.scale for m in self.clip.visual.modules() if isinstance(m, AdaptFormer)]
-        return {self.logit_scale, *scales}
+        return {self.logit_scale, *(m.scale for m in self.clip.visual.modules() if isinstance(m, AdaptFormer))}
 
     def trainable_summary(self):
         """Trainable parameter counts by part, then the frozen rest: one line each."""
@@ -1283,14 +1178,12 @@ class CAPNet(nn.Module):
 # -----------------------------------------------------------------------------
 # losses
 
-# The DB-focal loss itself (SPEC 3) is `db_focal_loss` in the fused-op section; here are the
-# class-aware weights and the loss the trainer uses.
+# The DB-focal loss (SPEC 3) is `db_focal_loss` in the fused-op section; here: class-aware weights, ablation losses.
 LOSSES = ("db-focal", "bce", "focal", "asl")
 
 
 def class_aware_weights(class_freq, tau_prime):
-    """class_weight_c = C * softmax_c(-log(n_c) / tau'): rarer classes weigh more, the mean
-    weight is 1; tau' = inf turns it off (all ones)."""
+    """class_weight_c = C * softmax_c(-log(n_c) / tau'): rarer classes weigh more, the mean is 1; tau' = inf: all 1."""
     n = torch.as_tensor(np.asarray(class_freq), dtype=torch.float64)  # (C,)
     if (n <= 0).any():
         c = int((n <= 0).nonzero()[0])
@@ -1340,9 +1233,8 @@ def make_criterion(cfg, class_freq, num_images):
     # the focal factor is per element (SPEC 3, as Wu et al.); LMPT's released code (dbl.py) takes it
     # from the batch-mean BCE, one scalar per batch: --method lmpt keeps the elementwise form
     def criterion(logits, targets):
-        return db_focal_loss(logits, targets, freq.to(logits.device), num_images,
-                             alpha=cfg.alpha, beta=cfg.beta, mu=cfg.mu, kappa=cfg.kappa,
-                             lam=cfg.lam, gamma=cfg.gamma, balance=cfg.balance,
+        return db_focal_loss(logits, targets, freq.to(logits.device), num_images, alpha=cfg.alpha, beta=cfg.beta,
+                             mu=cfg.mu, kappa=cfg.kappa, lam=cfg.lam, gamma=cfg.gamma, balance=cfg.balance,
                              class_weight=weight.to(logits.device), backend=cfg.backend)
     return criterion
 
@@ -1351,12 +1243,10 @@ def make_criterion(cfg, class_freq, num_images):
 # metrics
 
 def average_precision(scores, targets):
-    """Per-class average precision -> (C,) float64 tensor; NaN for a class with no positive.
-
-    Exactly scikit-learn's average_precision_score (one class at a time): AP = sum_k (R_k - R_{k-1}) P_k
-    over the distinct score thresholds, so tied scores enter as one step, with the precision of
-    the whole tie group (no interpolation, no 11-point VOC rule).
-    """
+    """Per-class average precision -> (C,) float64 tensor; NaN for a class with no positive. Exactly
+    scikit-learn's average_precision_score (one class at a time): AP = sum_k (R_k - R_{k-1}) P_k over the
+    distinct score thresholds, so tied scores enter as one step, with the precision of the whole tie group
+    (no interpolation, no 11-point VOC rule)."""
     scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
     targets = torch.as_tensor(targets).detach().to("cpu", torch.float64)
     if scores.ndim != 2 or scores.shape != targets.shape:
@@ -1365,29 +1255,20 @@ def average_precision(scores, targets):
         raise ValueError("scores contain NaN or inf")
     if not ((targets == 0) | (targets == 1)).all():
         raise ValueError("targets must be 0/1")
-    n = scores.shape[0]
     s, order = torch.sort(scores, dim=0, descending=True, stable=True)  # (N, C)
     y = torch.gather(targets, 0, order)  # (N, C)
-    tp = torch.cumsum(y, 0)  # (N, C) true positives at or above each rank
-    precision = tp / torch.arange(1, n + 1, dtype=torch.float64)[:, None]  # (N, C)
-    # a threshold sits at the last item of each run of tied scores: rank i's precision is that of
-    # the end of its tie group, found by a reversed running minimum over group-end indices
-    is_end = torch.ones_like(s, dtype=torch.bool)
-    is_end[:-1] = s[:-1] != s[1:]
-    end_idx = torch.where(is_end, torch.arange(n)[:, None], torch.full_like(s, n, dtype=torch.long))
-    end_idx = torch.flip(torch.cummin(torch.flip(end_idx, [0]), 0).values, [0])  # (N, C)
-    group_precision = torch.gather(precision, 0, end_idx)  # (N, C)
-    positives = y.sum(0)  # (C,)
-    ap = (y * group_precision).sum(0) / positives  # (C,) each positive adds 1/P of recall
-    return torch.where(positives > 0, ap, torch.full_like(ap, float("nan")))
+    precision = torch.cumsum(y, 0) / torch.arange(1, len(y) + 1, dtype=torch.float64)[:, None]  # (N, C)
+    # a threshold sits at the last item of each run of tied scores, so rank i takes the precision of the
+    # last rank scoring >= s_i: -s ascends down each column, and searchsorted finds that rank
+    neg = -s.T.contiguous()  # (C, N)
+    group_end = torch.searchsorted(neg, neg, right=True).T - 1  # (N, C)
+    group_precision = torch.gather(precision, 0, group_end)  # (N, C)
+    return (y * group_precision).sum(0) / y.sum(0)  # (C,) each positive adds 1/P of recall; no positive: 0/0 = NaN
 
 
 def lt_map(ap, train_class_freq):
-    """mAP in percent over all classes and the head / medium / tail groups of the train counts.
-
-    Classes with NaN AP (no positive test image) are left out of every mean and counted in n_nan;
-    a group with no class left is NaN.
-    """
+    """mAP in percent over all classes and the head / medium / tail groups of the train counts. Classes with
+    NaN AP (no positive test image) are left out of every mean and counted in n_nan; a group with none left is NaN."""
     ap = torch.as_tensor(ap, dtype=torch.float64).cpu()
     freq = np.asarray(train_class_freq)
     if ap.ndim != 1 or freq.shape != (ap.shape[0],):
@@ -1399,11 +1280,8 @@ def lt_map(ap, train_class_freq):
         m = valid & torch.from_numpy(mask)
         return float(ap[m].mean() * 100) if m.any() else float("nan")
 
-    out = {"total": mean(np.ones(len(freq), bool))}
-    for g in ("head", "medium", "tail"):
-        out[g] = mean(groups == g)
-    out["n_nan"] = int((~valid).sum())
-    return out
+    out = {g: mean(groups == g) for g in ("head", "medium", "tail")}
+    return {"total": mean(np.ones(len(freq), bool)), **out, "n_nan": int((~valid).sum())}
 
 # -----------------------------------------------------------------------------
 # fused-op dispatch (pure-torch references beside their dispatchers)

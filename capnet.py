@@ -1307,14 +1307,13 @@ def _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, 
     if ((targets != 0) & (targets != 1)).any():
         raise ValueError("db_focal_loss: targets must be 0 or 1")
     C = logits.shape[1]
-    if class_freq.shape != (C,):
-        raise ValueError(f"db_focal_loss: class_freq must have shape (C,) = ({C},), got {tuple(class_freq.shape)}")
+    for name, t in (("class_freq", class_freq), ("class_weight", class_weight)):
+        if t is not None and t.shape != (C,):
+            raise ValueError(f"db_focal_loss: {name} must have shape (C,) = ({C},), got {tuple(t.shape)}")
     bad = ((class_freq <= 0) | (class_freq >= num_images)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"db_focal_loss: class {bad[0]} has training count {class_freq[bad[0]].item()}; "
                          f"the DB loss needs 0 < n_c < num_images ({num_images})")
-    if class_weight is not None and class_weight.shape != (C,):
-        raise ValueError(f"db_focal_loss: class_weight must have shape (C,) = ({C},), got {tuple(class_weight.shape)}")
 
 
 def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10.0,
@@ -1368,20 +1367,15 @@ def graph_propagate_reference(adj, x, weight, *, negative_slope=0.2, activation=
     return F.leaky_relu(out, negative_slope) if activation else out
 
 
-def _load_extension():
-    """Import capnet_ext (registers torch.ops.capnet.*); (module, "") or (None, why not)."""
-    if os.environ.get("CAPNET_NO_EXT") == "1":
-        return None, "disabled by CAPNET_NO_EXT=1"
+# importing capnet_ext registers torch.ops.capnet.*
+capnet_ext, _EXT_WHY_NOT = None, "disabled by CAPNET_NO_EXT=1"
+if os.environ.get("CAPNET_NO_EXT") != "1":
     try:  # build_ext --inplace puts it beside this file, which is on sys.path when capnet imports
         import capnet_ext
-        return capnet_ext, ""
     except ModuleNotFoundError:
-        return None, "not built"
+        _EXT_WHY_NOT = "not built"
     except (ImportError, OSError) as e:  # e.g. built against another torch
-        return None, f"import failed: {e}"
-
-
-capnet_ext, _EXT_WHY_NOT = _load_extension()
+        _EXT_WHY_NOT = f"import failed: {e}"
 EXT_AVAILABLE = capnet_ext is not None
 EXT_CUDA = EXT_AVAILABLE and bool(getattr(capnet_ext, "WITH_CUDA", False))
 if not EXT_AVAILABLE:
@@ -1453,13 +1447,9 @@ if EXT_AVAILABLE:
         shapes = (adj.shape, x.shape, weight.shape)
         return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
 
-    @torch.library.register_fake("capnet::quick_gelu")  # no autocast rule: bf16 in, bf16 out
-    def _quick_gelu_fake(x):
-        return x.new_empty(x.shape)
-
-    @torch.library.register_fake("capnet::quick_gelu_backward")
-    def _quick_gelu_backward_fake(grad, x):
-        return x.new_empty(x.shape)
+    # QuickGELU has no autocast rule (bf16 in, bf16 out); both its ops return a tensor shaped as x, the last input
+    for _op in ("capnet::quick_gelu", "capnet::quick_gelu_backward"):
+        torch.library.register_fake(_op)(lambda *args: args[-1].new_empty(args[-1].shape))
 
     # under autocast the kernels' inner ATen GEMMs would be autocast again and return bf16 (then
     # the next GCN layer fails its dtype check): the ops take float32 inputs and run outside it
@@ -1560,12 +1550,14 @@ def to_jsonable(x):
     return x
 
 
-def config_changes(saved: dict, cfg: Config) -> list:
-    """'field (then -> now)' for every field but RESUME_FREE where a saved run's config differs from cfg
-    (a field added to Config since then held its default)."""
+def check_same_config(saved: dict, cfg: Config, what: str):
+    """A run is resumed (--resume) or read back (--seeds) only with the config it was made with, up to
+    RESUME_FREE (a field added to Config since then held its default)."""
     saved, default = to_jsonable(saved), to_jsonable(dataclasses.asdict(Config()))
-    return [f"{k} ({saved.get(k, default[k])!r} -> {v!r})" for k, v in to_jsonable(dataclasses.asdict(cfg)).items()
-            if k not in RESUME_FREE and saved.get(k, default[k]) != v]
+    changed = [f"{k} ({saved.get(k, default[k])!r} -> {v!r})" for k, v in to_jsonable(dataclasses.asdict(cfg)).items()
+               if k not in RESUME_FREE and saved.get(k, default[k]) != v]
+    if changed:
+        raise RunError(f"{what} differs in {', '.join(changed)}; start a new run with --name instead")
 
 
 def write_atomic(path: Path, text_or_payload):
@@ -1620,7 +1612,7 @@ def setup_device_and_dist(cfg: Config):
     """-> (device, rank, world). Under torchrun: gloo on CPU, nccl on GPU, one GPU per process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()  # resolve_config refused cuda without one
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -1690,12 +1682,10 @@ def make_loader(dataset, cfg: Config, **kwargs):
 
 
 def load_backbone(cfg: Config):
-    """The frozen CLIP named by cfg.clip. A real dataset never falls back to a toy model."""
-    if cfg.clip not in KNOWN_MODELS and not Path(cfg.clip).exists():
-        raise RunError(f"CLIP weights {cfg.clip!r} not found: pass a known model name "
-                       f"({', '.join(KNOWN_MODELS)}) or the path of a checkpoint file.")
+    """The frozen CLIP named by cfg.clip (a missing file: load_clip's FileNotFoundError). A real dataset never
+    falls back to a toy model."""
     try:
-        return load_clip(cfg.clip, device="cpu")
+        return load_clip(cfg.clip)
     except RuntimeError as e:  # offline without the file, truncated or foreign file: the message says which
         raise RunError(str(e)) from None
 
@@ -1976,10 +1966,7 @@ def train(cfg: Config) -> dict:
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
         check_checkpoint(ckpt, cfg.data, classes, clip.source, f"--resume {run_dir}")
-        changed = config_changes(ckpt["config"], cfg)
-        if changed:
-            raise RunError(f"--resume {run_dir}: config differs from the checkpoint's in {', '.join(changed)}; "
-                           f"start a new run with --name instead")
+        check_same_config(ckpt["config"], cfg, f"--resume {run_dir}: the checkpoint's config")
 
     log(f"CAPNet train: {run_dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -2092,9 +2079,8 @@ def train(cfg: Config) -> dict:
 
     model.eval()
     t0 = time.time()
-    if total_steps == 0:  # --epochs 0 (--method zero-shot): evaluate only, "trained" is the step-0 zero-shot
-        ap = ap_zero_shot
-    else:
+    ap = ap_zero_shot  # --epochs 0 (--method zero-shot): evaluate only, "trained" is the step-0 zero-shot
+    if total_steps:
         ap = average_precision(*score_dataset(model, test_set, cfg, device, amp, rank, world))
     results = {"zero_shot": lt_map(ap_zero_shot, counts), "trained": lt_map(ap, counts),
                "per_class": per_class_rows(classes, counts, ap_zero_shot, ap), "config": dataclasses.asdict(cfg),
@@ -2126,10 +2112,7 @@ def train_seeds(cfg: Config) -> dict:
         run_dir = Path(cfg.out_dir) / one.name
         if (run_dir / "results.json").exists():
             done = json.loads((run_dir / "results.json").read_text())
-            changed = config_changes(done["config"], one)
-            if changed:
-                raise RunError(f"{run_dir} holds a finished run with another config ({', '.join(changed)}); "
-                               f"pick another --name")
+            check_same_config(done["config"], one, f"{run_dir} holds a finished run whose config")
             print(f"{run_dir}: finished before, read from results.json", flush=True)
             runs.append(done)
         else:
@@ -2201,17 +2184,16 @@ def latest_checkpoint(out_dir: str = "runs") -> Path:
     return found[-1]
 
 
-def load_for_inference(ckpt_path, device: str = "auto", tte: int | None = None):
-    """-> (model in eval mode, cfg, ckpt, device): CAPNet exactly as trained, rebuilt from the
-    checkpoint's config, classes, counts and labels, with its trained parameters loaded."""
+def load_for_inference(ckpt_path, device: str = "auto", **overrides):
+    """-> (model in eval mode, cfg, ckpt, device): CAPNet exactly as trained, rebuilt from the checkpoint's
+    config (but for the overrides not None: tte, workers ...), classes, counts and labels and trained parameters."""
     ckpt = load_checkpoint(ckpt_path)
     unknown = sorted(set(ckpt["config"]) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
         raise RunError(f"checkpoint config has fields this capnet.py does not know: {', '.join(unknown)}")
-    cfg = Config(**ckpt["config"])
-    cfg = resolve_config(dataclasses.replace(cfg, device=device, resume=False, tte=tte if tte is not None else cfg.tte))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda" if use_cuda else "cpu")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = resolve_config(Config(**{**ckpt["config"], "device": device, "resume": False, **given}))
+    dev = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     clip = load_backbone(cfg).to(dev)
     check_checkpoint(ckpt, cfg.data, ckpt["classes"], clip.source, f"checkpoint {ckpt_path}")
     model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["train_targets"].float().numpy(), dev)
@@ -2223,9 +2205,9 @@ def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_d
              workers: int | None = None, skip_bad: bool = False) -> dict:
     """`capnet.py eval`: model, preprocessing and class list from the checkpoint -> mAP dict (percent)."""
     ckpt_path = Path(ckpt_path) if ckpt_path else latest_checkpoint(out_dir)
-    model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte)
-    cfg = dataclasses.replace(cfg, workers=cfg.workers if workers is None else workers,
-                              skip_bad_images=cfg.skip_bad_images or skip_bad)
+    # --skip-bad-images turns skipping on; without it the run's setting holds
+    model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte=tte, workers=workers,
+                                               skip_bad_images=skip_bad or None)
     prepared = load_dataset(cfg, prepare=False)
     check_checkpoint(ckpt, cfg.data, prepared.classes, ckpt["clip"], f"checkpoint {ckpt_path} vs {cfg.data_root}/{cfg.data}")
     counts = ckpt["class_counts"].numpy()
@@ -2259,7 +2241,7 @@ def predict(ckpt_path, paths, threshold: float = 0.5, top_k: int = 5, tte: int |
     """`capnet.py predict`: per image (batch by batch) the labels with probability >= threshold, or its error."""
     if not 0.0 <= threshold <= 1.0 or top_k < 1 or batch_size < 1:
         raise RunError(f"out of range: --threshold {threshold} (0..1), --top-k {top_k} or --batch-size {batch_size} (>= 1)")
-    model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte)
+    model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte=tte)
     classes, amp, files = list(ckpt["classes"]), use_bf16(cfg, dev), image_files(paths)
     width = min(60, max(len(str(f)) for f in files) + 2)
     print("[" if as_json else f"{'image'.ljust(width)}labels with probability >= {threshold:.2f} (top {top_k})")

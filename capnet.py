@@ -1731,15 +1731,6 @@ def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, wh
                        f"(sha256 {str(clip_source.get('sha256'))[:12]})")
 
 
-def rng_state() -> dict:
-    # torch's RNG seeds the DataLoader workers; numpy's global RNG is never drawn from (crops and
-    # batch order come from their own generators, keyed by seed, epoch and index)
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -1947,8 +1938,6 @@ def train(cfg: Config) -> dict:
     if not cfg.resume and (ckpt_path.exists() or (run_dir / "results.json").exists()):
         raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, "
                        f"or --name NAME to start a new one")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str = ""):  # print, and append to log.txt; other ranks stay quiet
         if rank == 0:
@@ -1968,10 +1957,11 @@ def train(cfg: Config) -> dict:
         check_checkpoint(ckpt, cfg.data, classes, clip.source, f"--resume {run_dir}")
         check_same_config(ckpt["config"], cfg, f"--resume {run_dir}: the checkpoint's config")
 
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     log(f"CAPNet train: {run_dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-    if rank == 0:
-        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     log("config:\n" + format_config(cfg) + f"\ndataset {prepared.name}: {len(prepared.train)} train / "
         f"{len(prepared.test)} test images\n" + format_class_stats(classes, counts))
     backend = cfg.backend if cfg.backend != "auto" else ("ext" if EXT_AVAILABLE else "torch")
@@ -2003,7 +1993,7 @@ def train(cfg: Config) -> dict:
     weights = sampler_weights(train_targets, counts, cfg.sampler_power) if cfg.sampler == "class-aware" else None
     optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
     criterion = make_criterion(cfg, counts, len(prepared.train))
-    step, wall_before = 0, 0.0
+    step = 0
     if ckpt is not None:
         load_trainable(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -2011,7 +2001,7 @@ def train(cfg: Config) -> dict:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        step, wall_before = ckpt["step"], ckpt["wall_seconds"]
+        step, start = ckpt["step"], start - ckpt["wall_seconds"]  # wall_seconds counts every session
     forward = model
     if world > 1:
         # --peft full: CLIP's token table and its own logit scale are trainable but get no gradient
@@ -2022,26 +2012,30 @@ def train(cfg: Config) -> dict:
 
     def checkpoint(step: int):
         if rank == 0:
+            # torch's RNG seeds the DataLoader workers; numpy's global RNG is never drawn from (crops and
+            # batch order come from their own generators, keyed by seed, epoch and index)
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
             write_atomic(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "optimizer": optimizer.state_dict(),
                 "model": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
                 "holds": "the full model (--peft full)" if cfg.peft == "full" else "the trainable parameters",
-                "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
+                "scheduler": scheduler.state_dict(), "step": step, "rng": rng,
                 "config": dataclasses.asdict(cfg), "classes": list(classes), "clip": dict(clip.source),
                 "class_counts": torch.as_tensor(counts, dtype=torch.int64),
                 "train_targets": torch.as_tensor(train_targets).bool(), "zero_shot_ap": ap_zero_shot,
-                "wall_seconds": wall_before + time.time() - start, "versions": versions()})
+                "wall_seconds": time.time() - start, "versions": versions()})
         barrier(world)
 
     log(f"training: {cfg.epochs} epochs x {steps_per_epoch} steps, global batch {cfg.batch_size}, "
         f"SGD lr {cfg.lr} momentum {cfg.momentum} wd {cfg.weight_decay}, cosine, warm-up {cfg.warmup_epochs} epoch(s)")
     model.train()
     t_window, s_window = time.time(), step
-    while step < total_steps:
-        epoch = step // steps_per_epoch
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
         train_set.set_epoch(epoch)
         batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, rank, world, weights)
-        loader = make_loader(train_set, cfg, batch_sampler=batches[step - epoch * steps_per_epoch:],
+        loader = make_loader(train_set, cfg, batch_sampler=batches[step % steps_per_epoch:],
                              pin_memory=device.type == "cuda")
         for batch in loader:
             if batch is None:  # --skip-bad-images dropped every image of this batch: stop clearly
@@ -2087,7 +2081,7 @@ def train(cfg: Config) -> dict:
                "seed": cfg.seed, "versions": versions(), "steps": total_steps, "world_size": world,
                "backend": backend, "dataset": {"name": prepared.name, "train_images": len(prepared.train),
                                                "test_images": len(prepared.test), "source": prepared.source},
-               "clip": dict(clip.source), "wall_seconds": wall_before + time.time() - start}
+               "clip": dict(clip.source), "wall_seconds": time.time() - start}
     log(f"trained mAP (tte {cfg.tte}):  " + format_map(results["trained"]) + f"  [{time.time() - t0:.1f}s]")
     log(f"zero-shot mAP (tte {cfg.tte}): " + format_map(results["zero_shot"]))
     if cfg.skip_bad_images:  # counted per read: a bad train image counts once per epoch in this process
@@ -2177,13 +2171,6 @@ def run_table(table: str, train_flags: list) -> str:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def latest_checkpoint(out_dir: str = "runs") -> Path:
-    found = sorted(Path(out_dir).glob("**/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise RunError(f"no checkpoint under {out_dir}/: train first (python capnet.py train) or pass --ckpt")
-    return found[-1]
-
-
 def load_for_inference(ckpt_path, device: str = "auto", **overrides):
     """-> (model in eval mode, cfg, ckpt, device): CAPNet exactly as trained, rebuilt from the checkpoint's
     config (but for the overrides not None: tte, workers ...), classes, counts and labels and trained parameters."""
@@ -2204,7 +2191,11 @@ def load_for_inference(ckpt_path, device: str = "auto", **overrides):
 def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_dir: str = "runs",
              workers: int | None = None, skip_bad: bool = False) -> dict:
     """`capnet.py eval`: model, preprocessing and class list from the checkpoint -> mAP dict (percent)."""
-    ckpt_path = Path(ckpt_path) if ckpt_path else latest_checkpoint(out_dir)
+    if not ckpt_path:  # the latest run's
+        found = sorted(Path(out_dir).glob("**/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise RunError(f"no checkpoint under {out_dir}/: train first (python capnet.py train) or pass --ckpt")
+        ckpt_path = found[-1]
     # --skip-bad-images turns skipping on; without it the run's setting holds
     model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte=tte, workers=workers,
                                                skip_bad_images=skip_bad or None)
@@ -2303,11 +2294,9 @@ def info():
 
 def parse_bool(text: str) -> bool:
     import argparse
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def config_from_args(args) -> Config:

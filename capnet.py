@@ -1288,8 +1288,7 @@ def lt_map(ap, train_class_freq):
 
 # The DB-focal loss (section 1 step 7) and one GCN propagation (step 4): a readable pure-torch reference
 # each, which is the specification (SPEC 3), and a dispatcher that runs the fused C++/CUDA kernels of
-# csrc/ (torch.ops.capnet.*) when built. backend: "auto" (the extension when it has a kernel for the
-# tensor's device), "ext" (error if unavailable) or "torch" (always the reference).
+# csrc/ (torch.ops.capnet.*) for backend "auto" when built with a kernel for the tensor's device, or "ext".
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -1354,8 +1353,7 @@ def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.
 
 
 def graph_propagate_reference(adj, x, weight, *, negative_slope=0.2, activation=True):
-    """One GCN propagation step (section 1 step 4): act(adj @ (x @ weight)), adj (C, C),
-    x (C, Din), weight (Din, Dout); act is LeakyReLU(negative_slope) or the identity."""
+    """One GCN propagation step (section 1 step 4): act(adj @ (x @ weight)), act LeakyReLU(negative_slope) or none."""
     if adj.dim() != 2 or adj.shape[0] != adj.shape[1]:
         raise ValueError(f"graph_propagate: adj must be square (C, C), got {tuple(adj.shape)}")
     if x.dim() != 2 or x.shape[0] != adj.shape[0]:
@@ -1610,8 +1608,7 @@ def format_map(m: dict) -> str:
 
 def setup_device_and_dist(cfg: Config):
     """-> (device, rank, world). Under torchrun: gloo on CPU, nccl on GPU, one GPU per process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()  # resolve_config refused cuda without one
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -1682,8 +1679,7 @@ def make_loader(dataset, cfg: Config, **kwargs):
 
 
 def load_backbone(cfg: Config):
-    """The frozen CLIP named by cfg.clip (a missing file: load_clip's FileNotFoundError). A real dataset never
-    falls back to a toy model."""
+    """The frozen CLIP named by cfg.clip (load_clip names a missing file); never a toy model for a real dataset."""
     try:
         return load_clip(cfg.clip)
     except RuntimeError as e:  # offline without the file, truncated or foreign file: the message says which
@@ -1716,7 +1712,6 @@ def hold_frozen_in_bf16(clip):
 # ---- checkpoints: trainable parameters + optimizer + scheduler + RNG, written atomically
 
 def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, where: str):
-    """A checkpoint only fits the dataset, class list and backbone it was trained with."""
     if ckpt["config"]["data"] != data:
         raise RunError(f"{where}: checkpoint was trained on dataset {ckpt['config']['data']!r}, not {data!r}")
     old, new = list(ckpt["classes"]), list(classes)
@@ -2012,8 +2007,7 @@ def train(cfg: Config) -> dict:
 
     def checkpoint(step: int):
         if rank == 0:
-            # torch's RNG seeds the DataLoader workers; numpy's global RNG is never drawn from (crops and
-            # batch order come from their own generators, keyed by seed, epoch and index)
+            # torch's RNG seeds the DataLoader workers; numpy's global RNG is never drawn from (make_loader)
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()

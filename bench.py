@@ -23,6 +23,7 @@ import capnet
 from capnet import (CAPNet, CLIP, Config, EXT_AVAILABLE, class_aware_weights, db_focal_loss,
                     db_focal_loss_reference, graph_propagate, graph_propagate_reference,
                     make_criterion, tokenize)
+from data_prep import init_clip_like_openai  # OpenAI's from-scratch initialisation, for random weights
 
 BENCH_VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                      vision_patch_size=16, context_length=77, vocab_size=49408,
@@ -138,7 +139,7 @@ def _eval_flops(model, n_images):
 
 def _bench_clip(layout, device):
     torch.manual_seed(0)
-    return CLIP(**layout).float().to(device).eval()  # random weights (OpenAI's init)
+    return init_clip_like_openai(CLIP(**layout)).float().to(device).eval()  # random weights, OpenAI's init
 
 
 def _bench_model(layout, n_classes, device):

@@ -1,22 +1,17 @@
 """
-CAPNet: correlation adaptation prompt network for long-tailed multi-label recognition.
+CAPNet: correlation adaptation prompt network for long-tailed multi-label recognition (arXiv 2511.20641).
 
-A single-file reference implementation (arXiv 2511.20641): CLIP with class-specific soft
-prompts, a three-layer residual GCN over a label graph taken from CLIP's text encoder, a
-distribution-balanced focal loss with class-aware re-weighting, AdaptFormer (ViT) or bias
-tuning (ResNet), and five-crop test-time ensembling.
-
-The file reads top to bottom in the order data flows:
-config -> tokenizer -> CLIP -> transforms -> data -> prompts, label graph, GCN, PEFT, model -> loss ->
-metrics -> fused-op dispatch -> train -> eval and predict -> CLI.
-The speed harness is bench.py; data preparation is data_prep.py (both import this file).
-
-Choices and assumptions (the paper publishes no code; defaults follow its closest ancestors):
-see README.md, "Choices and assumptions".
+CLIP with class-specific soft prompts, a three-layer residual GCN over a label graph taken from CLIP's text
+encoder, a distribution-balanced focal loss with class-aware re-weighting, AdaptFormer (ViT) or bias tuning
+(ResNet), and five-crop test-time ensembling. The file reads top to bottom in the order data flows: config,
+tokenizer, CLIP, transforms, data, model, loss, metrics, fused ops, train, eval and predict, CLI. bench.py (speed)
+and data_prep.py (datasets) import it. Choices and assumptions: README.md.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import datetime
 import functools
 import gzip
 import html
@@ -197,8 +192,7 @@ def _tokenizer():
 def tokenize(texts, context_length=77, truncate=False):
     """texts -> LongTensor (n, context_length): [SOT] bpe(text) [EOT] 0 0 ... A text longer than the context
     is an error, or with truncate=True cut so that its last kept token is EOT (OpenAI's behaviour)."""
-    if isinstance(texts, str):
-        texts = [texts]
+    texts = [texts] if isinstance(texts, str) else texts
     out = torch.zeros(len(texts), context_length, dtype=torch.long)
     for row, text in enumerate(texts):
         ids = [SOT] + _tokenizer().encode(text) + [EOT]
@@ -213,11 +207,11 @@ def tokenize(texts, context_length=77, truncate=False):
 # -----------------------------------------------------------------------------
 # CLIP
 
-# A from-scratch CLIP with OpenAI's module and parameter names (so their checkpoints load with strict=True).
-# Deviations from openai/CLIP's model.py, none of which changes a number beyond float rounding: batch-first
-# (B, L, D) instead of (L, B, D); SDPA instead of nn.MultiheadAttention; positional embeddings resized on
-# the fly for other input sizes; encode_text runs on the shortest causal context that holds every EOT;
-# fp32 throughout (no fp16 conversion).
+# OpenAI's CLIP with their module and parameter names (their checkpoints load with strict=True). Deviations from
+# openai/CLIP's model.py, none changing a number beyond float rounding: batch-first (B, L, D); SDPA instead of
+# nn.MultiheadAttention; positional embeddings resized for other input sizes; encode_text runs on the shortest
+# causal context holding every EOT; fp32 (no fp16 conversion); no forward(images, texts) and no from-scratch
+# initialisation (weights come from a checkpoint; OpenAI's init, for the synthetic world, is in data_prep.py).
 
 class Bottleneck(nn.Module):
     """Anti-aliased ResNet bottleneck: stride s is an s x s average pool (after conv2; before the downsample conv)."""
@@ -335,9 +329,8 @@ class QuickGELU(nn.Module):
 
 
 def attention(q, k, v, causal=False):
-    """softmax(q k^T / sqrt(d)) v for (B, H, L, d) heads. scaled_dot_product_attention, except
-    bf16 on the CPU: there its flash backward measured 1.5-2x slower than this matmul form at
-    ViT-B/16's L = 197, d = 64 (README, Speed; same values within bf16 rounding)."""
+    """softmax(q k^T / sqrt(d)) v for (B, H, L, d) heads by SDPA, except bf16 on the CPU, where its flash backward
+    measured 1.5-2x slower than this matmul form at ViT-B/16's L = 197, d = 64 (README, Speed)."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal and MATMUL_ATTENTION_BF16_CPU:
         return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # (B, H, L, d)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, d)
@@ -428,31 +421,10 @@ class CLIP(nn.Module):
                                             vision_layers, vision_width // 64, embed_dim)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.positional_embedding = nn.Parameter(torch.zeros(context_length, transformer_width))
         self.ln_final = nn.LayerNorm(transformer_width)
-        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.text_projection = nn.Parameter(torch.zeros(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.initialize_parameters()
-
-    def initialize_parameters(self):
-        """OpenAI's initialisation (used when training a CLIP from scratch, e.g. synthetic-lt)."""
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        if isinstance(self.visual, ModifiedResNet):
-            pool = self.visual.attnpool
-            for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
-                nn.init.normal_(proj.weight, std=pool.c_proj.in_features ** -0.5)
-            for name, p in self.visual.named_parameters():
-                if name.endswith("bn3.weight"):
-                    nn.init.zeros_(p)  # each residual branch starts as zero
-        width, layers = self.transformer.width, self.transformer.layers
-        proj_std, attn_std, fc_std = (width ** -0.5) * ((2 * layers) ** -0.5), width ** -0.5, (2 * width) ** -0.5
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     @property
     def dtype(self):
@@ -466,20 +438,13 @@ class CLIP(nn.Module):
         return self.encode_text_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1), truncate)
 
     def encode_text_embeddings(self, x, eot_index, truncate=True):
-        """x (n, L, W): token embeddings without positions (the prompt learner splices its context in here);
-        eot_index (n,): where each EOT is -> (n, D). The mask is causal, so positions after the last EOT
-        change no output read at or before it: truncate=True runs x[:, :max(eot)+1] only (SPEC 7)."""
+        """x (n, L, W) token embeddings without positions (prompts splice their context in here), eot_index (n,) ->
+        (n, D). The mask is causal: truncate=True runs only x[:, :max(eot)+1], the same features (SPEC 7)."""
         if truncate:
             x = x[:, :int(eot_index.max()) + 1]
         x = x.to(self.dtype) + self.positional_embedding[:x.shape[1]].to(self.dtype)  # (n, L, W)
         x = self.ln_final(self.transformer(x))  # (n, L, W)
         return x[torch.arange(len(x), device=x.device), eot_index] @ self.text_projection  # (n, D)
-
-    def forward(self, images, tokens):
-        image = F.normalize(self.encode_image(images), dim=-1)
-        text = F.normalize(self.encode_text(tokens), dim=-1)
-        logits = self.logit_scale.exp() * image @ text.t()  # (B, n)
-        return logits, logits.t()
 
 
 _NOT_PARAMETERS = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's archives
@@ -585,9 +550,8 @@ def _download(name, root):
 
 
 def load_clip(name_or_path, device="cpu", download_root=None):
-    """A known model name (cached in ~/.cache/clip, downloaded and SHA-256 checked when absent) or a checkpoint
-    path, a TorchScript archive (OpenAI's release format) or a plain state dict -> CLIP (fp32, eval) with
-    model.source = {"name", "sha256"} identifying the exact weights."""
+    """A known model name (cached in ~/.cache/clip; downloaded, SHA-256 checked) or the path of a TorchScript archive
+    (OpenAI's format) or a state dict -> CLIP (fp32, eval), model.source = {"name", "sha256"} of the weights."""
     import zipfile
     name_or_path = str(name_or_path)
     path = Path(name_or_path).expanduser()
@@ -631,9 +595,8 @@ MAX_ASPECT = 10  # longest side / shortest side that reaches the resize (VOC and
 
 
 def load_rgb(path, exif=False):
-    """Image file -> 8-bit RGB (to_rgb), decoded now: a truncated file or a decompression bomb fails
-    here, by name. exif=True (predict) turns users' photos as viewers do; train and eval keep the pixels
-    as stored, like openai/CLIP's preprocess behind the published baselines (README, "Your own images")."""
+    """Image file -> 8-bit RGB, decoded now (a truncated file or a decompression bomb fails here, by name). exif=True
+    (predict) turns photos as viewers do; train and eval keep stored pixels, as openai/CLIP's preprocess did."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
@@ -686,9 +649,8 @@ def preprocess(img, size):
 
 
 def train_augment(img, size, rng, scale=(0.5, 1.0)):
-    """Random resized crop (torchvision's sampling: area fraction in `scale`, log-uniform aspect in [3/4, 4/3],
-    ten tries, then a centre fallback), bicubic to size x size, flip with p = 0.5. All randomness from the
-    numpy Generator `rng`, so a (seed, epoch, index) triple fixes the view exactly."""
+    """Random resized crop (torchvision's sampling: area in `scale`, log-uniform aspect in [3/4, 4/3], ten tries,
+    then a centre fallback), bicubic, flip with p = 0.5; all randomness from `rng`: (seed, epoch, index) fix it."""
     from PIL import Image
     img = to_rgb(img)
     W, H = img.size
@@ -851,12 +813,9 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         self.targets = multihot(self.items, num_classes)  # (N, C)
         self.size, self.mode, self.n_views = size, mode, n_views
         self.scale_min, self.seed, self.skip_bad = scale_min, seed, skip_bad
-        self.epoch = 0
+        self.epoch = 0  # train crops are drawn per (seed, epoch, index): the train loop sets it
         # a shared counter: with DataLoader workers each process holds its own copy of the dataset
         self._bad = torch.multiprocessing.get_context().Value("i", 0) if skip_bad else None
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
 
     @property
     def bad_count(self):
@@ -1202,9 +1161,8 @@ def focal_loss(logits, targets, gamma=2.0):
 
 
 def asymmetric_loss(logits, targets, gamma_pos=0.0, gamma_neg=4.0, clip=0.05):
-    """ASL (Ridnik et al. 2021), mean over B*C like every loss here (the paper's code sums):
-    -[y (1-p)^g+ log p + (1-y) p_m^g- log(1-p_m)], p_m = max(p - clip, 0); gradients flow through
-    the focusing weights too. log is clamped at 1e-8 as in the paper's code."""
+    """ASL (Ridnik et al. 2021): -[y (1-p)^g+ log p + (1-y) p_m^g- log(1-p_m)], p_m = max(p - clip, 0), log clamped
+    at 1e-8 as in their code; mean over B*C like every loss here (their code sums); gradients flow everywhere."""
     p = torch.sigmoid(logits)  # (B, C)
     p_m = (p - clip).clamp(min=0)  # (B, C) shifted probability: easy negatives (p <= clip) cost nothing
     pos = (1 - p) ** gamma_pos * torch.log(p.clamp(min=1e-8))  # (B, C)
@@ -1425,9 +1383,8 @@ def graph_propagate(adj, x, weight, *, negative_slope=0.2, activation=True, back
     return out
 
 
-# Autograd of these ops and of capnet::quick_gelu (QuickGELU) is registered in C++ (csrc/capnet_ops.cpp;
-# a Python register_autograd round trip cost as much as the fused loss itself); the fake (meta) kernels
-# that let torch.compile and torch.library.opcheck trace them are registered here, the same way for all.
+# Autograd of these ops and of capnet::quick_gelu is registered in C++ (a Python round trip cost as much as the
+# fused loss); their fake (meta) kernels, which torch.compile and torch.library.opcheck trace, are here.
 if EXT_AVAILABLE:
     @torch.library.register_fake("capnet::db_focal_loss")
     def _db_focal_loss_fake(logits, targets, class_freq, num_images, alpha, beta, mu, kappa, lam,
@@ -1459,18 +1416,13 @@ if EXT_AVAILABLE:
 # -----------------------------------------------------------------------------
 # train
 
-# The train loop owns the run folder runs/<name>/: config.json, log.txt, checkpoint.pt (atomic),
-# results.json, per_class_ap.csv and ap_vs_freq.png. Everything that decides a number is a pure
-# function of (config, seed, epoch, index), so a killed run resumed from its checkpoint reaches the
-# same final numbers as one that never stopped (SPEC section 8).
+# The train loop owns runs/<name>/: config.json, log.txt, checkpoint.pt (atomic), results.json, per_class_ap.csv,
+# ap_vs_freq.png. Everything that decides a number is a pure function of (config, seed, epoch, index), so a
+# killed run resumed from its checkpoint reaches the same final numbers as one that never stopped (SPEC 8).
 
-# what a user runs to prepare each known dataset (printed when data/<name>/dataset.json is missing)
-DATA_PREP_COMMANDS = {
-    "synthetic-lt": "python data_prep.py synthetic-lt",
-    "voc-lt": "python data_prep.py voc-lt --voc-root DIR --split img_id.txt",
-    "coco-lt": "python data_prep.py coco-lt --coco-root DIR --split img_id.pkl",
-    "nus-wide-lt": "python data_prep.py nus-wide-lt --nus-root DIR",
-}
+# how to prepare each known dataset: python data_prep.py <these> (printed when data/<name>/dataset.json is missing)
+DATA_PREP_ARGS = {"synthetic-lt": "synthetic-lt", "voc-lt": "voc-lt --voc-root DIR --split img_id.txt",
+                  "coco-lt": "coco-lt --coco-root DIR --split img_id.pkl", "nus-wide-lt": "nus-wide-lt --nus-root DIR"}
 CHOICES = {
     "graph": GRAPH_MODES, "loss": LOSSES, "ctx": ("class", "shared"),
     "peft": ("adaptformer", "none", "full"), "sampler": ("uniform", "class-aware"), "tte": (1, 5, 10),
@@ -1541,8 +1493,7 @@ def to_jsonable(x):
         return {k: to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [to_jsonable(v) for v in x]
-    if isinstance(x, np.generic) or (isinstance(x, torch.Tensor) and x.numel() == 1):
-        x = x.item()
+
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
@@ -1559,8 +1510,7 @@ def check_same_config(saved: dict, cfg: Config, what: str):
 
 
 def write_atomic(path: Path, text_or_payload):
-    """Temporary file, fsync, rename: a crash at any moment leaves the previous file intact.
-    A str is written as text, anything else with torch.save (checkpoints)."""
+    """Temporary file, fsync, rename (a crash leaves the previous file intact); a str as text, else torch.save."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w" if isinstance(text_or_payload, str) else "wb") as f:
         if isinstance(text_or_payload, str):
@@ -1595,8 +1545,7 @@ def format_config(cfg: Config) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return str(datetime.timedelta(seconds=round(seconds)))  # h:mm:ss
 
 
 def format_map(m: dict) -> str:
@@ -1624,9 +1573,8 @@ def barrier(world: int):
 
 
 def sampler_weights(targets, class_freq, power: float = 1.0):
-    # Class-aware re-sampling: image i is drawn with probability proportional to sum_c y_ic n_c^-q.
-    # q = 1 is the per-image marginal of Shen et al.'s class-aware sampling (a class uniformly, then
-    # one of its images), the re-sampling of Wu et al. 2020; q < 1 softens it. Unlabelled images: 0.
+    # Class-aware re-sampling: image i is drawn with probability proportional to sum_c y_ic n_c^-q. q = 1 is the
+    # per-image marginal of Shen et al.'s (a class uniformly, then one of its images), as in Wu et al. 2020.
     inv = np.maximum(np.asarray(class_freq, dtype=np.float64), 1) ** -power  # (C,) n_c^-q
     w = np.asarray(targets, dtype=np.float64) @ inv  # (N,)
     return w / w.sum()
@@ -1658,11 +1606,10 @@ def load_dataset(cfg: Config, rank: int = 0, world: int = 1, prepare: bool = Tru
             if subprocess.run(command).returncode != 0:
                 raise RunError("preparing synthetic-lt failed (its error is printed above)")
         barrier(world)
-    if not path.exists():
-        command = DATA_PREP_COMMANDS.get(
-            cfg.data, f"python data_prep.py lists --train F --test F --classes F --image-root DIR --name {cfg.data}")
-        raise RunError(f"dataset {cfg.data!r} is not prepared: {path} does not exist.\n"
-                       f"Prepare it with:\n  {command}\n(see README.md, 'Reproduce').")
+    if not path.exists():  # a name without a command here is a custom dataset, made by `data_prep.py lists`
+        how = DATA_PREP_ARGS.get(cfg.data, f"lists --train F --test F --classes F --image-root DIR --name {cfg.data}")
+        raise RunError(f"dataset {cfg.data!r} is not prepared: {path} does not exist.\nPrepare it with:\n"
+                       f"  python data_prep.py {how}\n(see README.md, 'Reproducing the benchmarks').")
     return load_prepared(path)
 
 
@@ -1696,10 +1643,9 @@ def build_model(clip, classes, cfg: Config, train_targets, device):
 
 
 def hold_frozen_in_bf16(clip):
-    """Under bf16 autocast, hold the frozen GEMM weights in bf16 once instead of autocast casting them on every
-    call (it caches only casts of weights that require grad). Exactly the tensors autocast rounds (Linear, the
-    attention in-projection, ResNet convs after the stem, the two output projections): outputs unchanged;
-    norms, embeddings, the stem conv (clip.dtype) and every trainable parameter stay fp32."""
+    """Under bf16 autocast, hold the frozen GEMM weights in bf16 once (autocast caches only casts of weights that
+    require grad): exactly the tensors autocast rounds (Linear, attention in-projection, ResNet convs after the
+    stem, output projections), so outputs are unchanged; norms, embeddings and trainable parameters stay fp32."""
     convs = [m for m in clip.visual.modules() if isinstance(m, nn.Conv2d) and m is not clip.visual.conv1]
     modules = [m for m in clip.modules() if isinstance(m, (nn.Linear, MultiheadAttention))] + convs
     params = [p for m in modules for p in m.parameters(recurse=False)] + [clip.text_projection]
@@ -1767,11 +1713,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
-    # Deviation (ours): the temperature t trains at lr * temperature_lr_scale. At the full lr the
-    # first steps of the DB-focal loss, where every logit starts positive (cosines ~0.25), drive t
-    # towards 0 and flatten all logits (measured on synthetic-lt: exp(t) 14 -> 0.08, mAP falls
-    # 10+ points); at 1/100 of the lr t still adapts (14.0 -> 13.2) and mAP does not collapse.
-    # --peft full: CLIP's own weights train at lr * clip_lr_scale (ours), prompts and GCN at the full lr
+    # Deviation (ours): t trains at lr * temperature_lr_scale. At the full lr the first DB-focal steps, where every
+    # logit starts positive (cosines ~0.25), drive t to 0 and flatten the logits (synthetic-lt: exp(t) 14 -> 0.08,
+    # mAP -10 points); at 1/100 t still adapts (14.0 -> 13.2). --peft full: CLIP trains at lr * clip_lr_scale (ours)
     trainable = [p for p in model.parameters() if p.requires_grad]
     no_decay = {id(p) for p in model.no_decay_parameters()}  # temperature, adapter scales
     clip_ids = {id(p) for p in model.clip.parameters()} if cfg.peft == "full" else set()
@@ -1804,8 +1748,7 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 def view_logits(forward, images: torch.Tensor) -> torch.Tensor:
     """images (B, V, 3, S, S) -> logits averaged over the V test-time views (SPEC 1 step 8)."""
     B, V = images.shape[:2]
-    logits = forward(images.flatten(0, 1)).float()  # (B * V, C)
-    return logits.view(B, V, -1).mean(1)  # (B, C)
+    return forward(images.flatten(0, 1)).float().view(B, V, -1).mean(1)  # (B * V, C) -> (B, C)
 
 
 PROGRESS_SECONDS = 10.0
@@ -2027,7 +1970,7 @@ def train(cfg: Config) -> dict:
     model.train()
     t_window, s_window = time.time(), step
     for epoch in range(step // steps_per_epoch, cfg.epochs):
-        train_set.set_epoch(epoch)
+        train_set.epoch = epoch
         batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, rank, world, weights)
         loader = make_loader(train_set, cfg, batch_sampler=batches[step % steps_per_epoch:],
                              pin_memory=device.type == "cuda")
@@ -2090,9 +2033,8 @@ def train(cfg: Config) -> dict:
 
 
 def train_seeds(cfg: Config) -> dict:
-    """--seeds 0,1,2: one run per seed under runs/<name>/seed<k>/, then mean and std (n - 1).
-    A seed whose run finished before is read back (its config must match), a killed one resumes:
-    a long table survives a crash and costs only what is missing."""
+    """--seeds 0,1,2: one run per seed under runs/<name>/seed<k>/, then mean and std (n - 1). A finished seed is
+    read back (its config must match), a killed one resumes: a long table costs only what is missing."""
     seeds = [int(s) for s in cfg.seeds.split(",")]
     runs = []
     for s in seeds:
@@ -2208,26 +2150,20 @@ def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_d
     return {**result, "bad_images": {"test": test_set.bad_count}}
 
 
-def image_files(paths) -> list:
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:  # a file, or a missing one: predict reports it among the results
-            files.append(p)
-    if not files:
-        raise RunError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, paths))}")
-    return files
-
-
 @torch.no_grad()
 def predict(ckpt_path, paths, threshold: float = 0.5, top_k: int = 5, tte: int | None = None,
             device: str = "auto", as_json: bool = False, batch_size: int = 16) -> list:
     """`capnet.py predict`: per image (batch by batch) the labels with probability >= threshold, or its error."""
     if not 0.0 <= threshold <= 1.0 or top_k < 1 or batch_size < 1:
         raise RunError(f"out of range: --threshold {threshold} (0..1), --top-k {top_k} or --batch-size {batch_size} (>= 1)")
+    files = []
+    is_image = lambda f: f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    for p in map(Path, paths):  # a folder's images, or a file (a missing one is reported among the results)
+        files += sorted(filter(is_image, p.rglob("*"))) if p.is_dir() else [p]
+    if not files:
+        raise RunError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, paths))}")
     model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte=tte)
-    classes, amp, files = list(ckpt["classes"]), use_bf16(cfg, dev), image_files(paths)
+    classes, amp = list(ckpt["classes"]), use_bf16(cfg, dev)
     width = min(60, max(len(str(f)) for f in files) + 2)
     print("[" if as_json else f"{'image'.ljust(width)}labels with probability >= {threshold:.2f} (top {top_k})")
 
@@ -2268,8 +2204,7 @@ def predict(ckpt_path, paths, threshold: float = 0.5, top_k: int = 5, tte: int |
 
 def info():
     """`capnet.py info`: versions, device, extension status, known CLIP models and which are present."""
-    v = versions()
-    print(f"python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, pillow {v['pillow']}, {v['platform']}")
+    print(", ".join(f"{k} {v}" for k, v in versions().items()))
     print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
           *[f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())], sep=", ")
     print("fused ops: " + ("capnet_ext extension built (backend auto -> ext)" if EXT_AVAILABLE else
@@ -2279,15 +2214,12 @@ def info():
     for name, url in KNOWN_MODELS.items():
         path = cache / os.path.basename(url)
         print(f"  {name:16s} {'present' if path.exists() else 'absent '}  {path}")
-    prepared = sorted(Path("data").glob("*/dataset.json"))
-    print("prepared datasets: " + (", ".join(p.parent.name for p in prepared) if prepared else "none under data/"))
 
 
 # -----------------------------------------------------------------------------
 # CLI
 
 def parse_bool(text: str) -> bool:
-    import argparse
     if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return text.lower() in ("1", "true", "yes", "on")
@@ -2301,7 +2233,6 @@ def config_from_args(args) -> Config:
 
 
 def build_parser():
-    import argparse
     parser = argparse.ArgumentParser(prog="capnet.py", allow_abbrev=False,
                                      description="CAPNet: CLIP prompts + label-graph GCN for long-tailed multi-label recognition")
     sub = parser.add_subparsers(dest="command", required=True)

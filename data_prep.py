@@ -954,6 +954,31 @@ def _syn_augment(rng, x):
     return torch.where(flip.view(B, 1, 1, 1), x.flip(-1), x)
 
 
+def init_clip_like_openai(model):
+    """OpenAI's initialisation of a CLIP trained from scratch (openai/CLIP model.py); capnet.CLIP itself only
+    ever receives checkpoint weights, so the synthetic world's pretraining (and bench.py's random-weight
+    models) call this right after constructing one."""
+    nn_init = torch.nn.init
+    nn_init.normal_(model.token_embedding.weight, std=0.02)
+    nn_init.normal_(model.positional_embedding, std=0.01)
+    if isinstance(model.visual, capnet.ModifiedResNet):
+        pool = model.visual.attnpool
+        for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+            nn_init.normal_(proj.weight, std=pool.c_proj.in_features ** -0.5)
+        for name, p in model.visual.named_parameters():
+            if name.endswith("bn3.weight"):
+                nn_init.zeros_(p)  # each residual branch starts as zero
+    width, layers = model.transformer.width, model.transformer.layers
+    proj_std, attn_std, fc_std = (width ** -0.5) * ((2 * layers) ** -0.5), width ** -0.5, (2 * width) ** -0.5
+    for block in model.transformer.resblocks:
+        nn_init.normal_(block.attn.in_proj_weight, std=attn_std)
+        nn_init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn_init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        nn_init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    nn_init.normal_(model.text_projection, std=width ** -0.5)
+    return model
+
+
 def _syn_pretrain(model, images, labels, anchors, contexts, captioner, rng, steps, batch_size, lr, log=print):
     """Symmetric InfoNCE (image->text and text->image cross-entropy over the batch, Radford et
     al. 2021) with AdamW, linear warm-up and cosine decay; logit scale clamped at ln(100)."""
@@ -1081,8 +1106,8 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
         # OpenAI's constructor (heads = width // 64, as build_clip infers). Context 77 as every
         # CLIP: CAPNet's prompts need 1 + 16 + name + 2 positions; captions are shorter, so
         # positions past them keep their initial values (no input ever reads them).
-        model = capnet.CLIP(embed_dim, size, layers, width, patch, 77, 49408, text_width, text_width // 64,
-                            text_layers)
+        model = init_clip_like_openai(capnet.CLIP(embed_dim, size, layers, width, patch, 77, 49408, text_width,
+                                                  text_width // 64, text_layers))
         captioner = _SynCaptioner(capnet._tokenizer().encode, p_mention, p_synonym, p_family_word)
         final_loss = _syn_pretrain(model, pre[0]["web"], pre[1], pre[2], pre[3], captioner,
                                    np.random.default_rng([seed, 3]), pretrain_steps, batch_size, lr, log)

@@ -60,7 +60,10 @@ def _random_clip(clip_cls, seed=0, **sizes):
     parameters and running statistics are drawn too (OpenAI's init zeroes bn3, which would
     hide the residual branches from the comparison)."""
     torch.manual_seed(seed)
-    model = clip_cls(**sizes).float().eval()
+    model = clip_cls(**sizes)
+    if clip_cls is capnet.CLIP:  # ours only ever receives checkpoint weights: OpenAI's from-scratch init is data_prep's
+        data_prep.init_clip_like_openai(model)
+    model = model.float().eval()
     for key, t in model.state_dict().items():  # state_dict tensors share storage with the model
         if ("bn" in key or "downsample.1" in key) and t.is_floating_point():
             if key.endswith(("weight", "running_var")):
@@ -1996,10 +1999,10 @@ def test_dataset_train_mode_is_seeded(tmp_path):
     x, y, i = ds[2]
     assert x.shape == (3, 32, 32) and y.tolist() == [0, 0, 1] and i == 2
     assert torch.equal(ds[2][0], x)  # a function of (seed, epoch, index) only
-    ds.set_epoch(1)
+    ds.epoch = 1
     assert not torch.equal(ds[2][0], x)
     again = capnet.MultiLabelDataset(items, tmp_path, 3, size=32, mode="train", seed=1)
-    again.set_epoch(1)
+    again.epoch = 1
     assert torch.equal(again[2][0], ds[2][0])
     ev = capnet.MultiLabelDataset(items, tmp_path, 3, size=32, mode="eval", n_views=5)
     assert ev[0][0].shape == (5, 3, 32, 32)
@@ -2291,9 +2294,9 @@ def tiny(tmp_path_factory):
     clips = []
     for seed in (0, 1):  # two different random backbones (the second for mismatch tests)
         torch.manual_seed(seed)
-        clip = capnet.CLIP(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
-                           vision_patch_size=16, context_length=77, vocab_size=49408,
-                           transformer_width=64, transformer_heads=1, transformer_layers=1)
+        clip = data_prep.init_clip_like_openai(capnet.CLIP(
+            embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1))
         torch.save(clip.state_dict(), root / f"clip{seed}.pt")
         clips.append(root / f"clip{seed}.pt")
     return {"root": root, "data_root": root / "data", "clip": clips[0], "clip_other": clips[1],

@@ -108,7 +108,12 @@ PRESETS = {
     # from "a photo of a", so step 0 is exactly zero-shot. Measured on synthetic-lt v2 (seed 0, two
     # draws of the world): 60 epochs at lr 0.01 gained 1.2-1.4 mAP over 30 at 0.005; 30 at 0.02
     # fell below zero-shot. (v1: 0.01 for 30 epochs lost 10 points; random context init was worse)
-    "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, workers=0,
+    # Weight decay 0.02 (40x the real-data 5e-4): the 1,500 train images are fitted to loss ~0.03 by
+    # epoch 10 at 5e-4, and on world seed 2 the tail fell below zero-shot (crab 59 -> 14 AP); the decay
+    # keeps the residual GCN and the adapters near their identity start and the prompts small.
+    # Measured on world seed 2, training seed 0: wd 5e-4 / 5e-3 / 0.02 / 0.05 -> 38.4 / 47.9 / 52.8 / 48.8
+    # mAP (zero-shot 45.5); README "The synthetic default" has all three worlds.
+    "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, weight_decay=0.02, workers=0,
                          ctx_init="a photo of a"),
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),
     "coco-lt": dict(clip="ViT-B/16"),

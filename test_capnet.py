@@ -860,6 +860,17 @@ def test_peft_full_leaves_no_clip_parameter_frozen(vision):
     assert len(capnet.build_optimizer(tiny_capnet(vision), tiny_cfg(), 4)[0].param_groups) == 3
 
 
+def test_prompt_weight_decay_puts_the_context_in_its_own_group():
+    model = tiny_capnet("vit")
+    groups = capnet.build_optimizer(model, tiny_cfg(weight_decay=5e-4, prompt_weight_decay=0.02), 4)[0].param_groups
+    ctx = model.prompt_learner.ctx
+    assert len(groups) == 4 and [id(p) for p in groups[-1]["params"]] == [id(ctx)]
+    assert groups[-1]["weight_decay"] == 0.02 and groups[-1]["initial_lr"] == groups[0]["initial_lr"]
+    assert groups[0]["weight_decay"] == 5e-4 and all(p is not ctx for p in groups[0]["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert capnet.config_from_args(capnet.build_parser().parse_args(["train"])).prompt_weight_decay == 0.02
+
+
 def test_resnet_batchnorm_statistics_stay_frozen_in_training():
     model = tiny_capnet("resnet").train()
     bn = model.clip.visual.bn1

@@ -102,7 +102,7 @@ class Config:
 PRESETS = {
     # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, 10 minutes on 2 CPU cores;
     # step 0 is exactly zero-shot. Prompt weight decay 0.02 (ours; GCN, adapters 5e-4): at 5e-4 the prompts memorise
-    # rare classes' few images (world 2 fell below zero-shot); on the prompts only it beat 0.02 on all (50.9 vs 49.5)
+    # rare classes' few images (v2 drawing: world 2 fell below zero-shot); prompts only beat 0.02 on all (50.9 vs 49.5)
     "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, prompt_weight_decay=0.02, workers=0,
                          ctx_init="a photo of a"),
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),

@@ -453,7 +453,8 @@ def _make_split_items(pool, num_classes, name, seed, alpha=None, warn=True):
 #     the time ("yacht", "fir"). Its images are drawn in the "web" style, the labelled train and
 #     test images in the "target" style: a global shift (_syn_target_look: every hue turned by
 #     35 degrees, exposure, film grain; pebble clutter on the ground), so zero-shot is below
-#     what training can reach in every group.
+#     what training can reach in every group. Objects are drawn large enough (SYN_OBJECT_SCALE)
+#     that CLIP reads them well in its own style, so what zero-shot loses is the shift.
 #  2. Semantic families (SYN_FAMILIES): "tree" / "pine tree" / "palm tree", "boat" / "sailboat" /
 #     "rowboat", "car" / "race car" / "police car" share a head word, and captions sometimes
 #     call a member by it. Each family changes look together between the two styles (autumn
@@ -538,9 +539,10 @@ SYN_PALETTES = {
 }
 # icons drawn larger than the rest so that they stay legible at 48 px (a person is thin)
 SYN_ICON_SIZE = {"person": 1.4, "dog": 1.2, "car": 1.25, "race car": 1.25, "police car": 1.25}
-# every object drawn 1.3x the icon radius (0.085-0.14 of the image): property 1 needs what CLIP can see in its
-# own style to be legible, so that the style shift, not the renderer, is what zero-shot loses (measured: zero-shot
-# web style 53 -> 58-59 mAP, labelled style 42-43 either way; README "The synthetic default")
+# Every object's radius is this times 0.085-0.14 of the image (the v3 drawing; v2 drew them at 1x). Property 1 needs
+# the objects legible to CLIP in its own style, so that the style shift, not the renderer, is what zero-shot loses:
+# at 1x, zero-shot (one view, worlds 0 and 1) was 53-54 mAP in the web style, 42-43 in the labelled one; at 1.3x
+# 58-59 and 41-44 (README "The synthetic default")
 SYN_OBJECT_SCALE = 1.3
 SYN_TARGET_SCALE = 1.0  # target style: objects drawn this much smaller (measured 0.8: the probe fell too)
 SYN_TARGET_CLUTTER = (3, 7)  # target style: this many (low, high + 1) pebbles and leaves on the ground

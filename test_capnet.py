@@ -2227,6 +2227,27 @@ def test_synthetic_families_share_a_word_and_rarely_cooccur():
         assert off.abs().max() == 0, members
 
 
+def test_synthetic_objects_drawn_at_the_object_scale(monkeypatch):
+    # v3 draws every object SYN_OBJECT_SCALE = 1.3 times v2's radius (property 1: legible to the
+    # small CLIP in its own style), so a sun or moon covers about 1.3^2 = 1.69 times the sky
+    # pixels it did at 1x (measured 1.60 on these 16 scenes; rows 0-19 lie above any horizon)
+    names = data_prep.SYN_CLASSES
+    assert data_prep.SYN_OBJECT_SCALE == 1.3
+
+    def sky_pixels_covered():
+        covered = 0
+        for seed in range(8):
+            for name in ("sun", "moon"):
+                c, (_, skies, grounds) = names.index(name), data_prep.SYN_OBJECTS[name]
+                img = data_prep._syn_render(seed, [c], c, skies[0], grounds[0], 48, "web").astype(int)
+                covered += int((np.abs(img[:20] - img[0, 0]).sum(-1) > 30).sum())  # differs from the sky
+        return covered
+
+    at_v3 = sky_pixels_covered()
+    monkeypatch.setattr(data_prep, "SYN_OBJECT_SCALE", 1.0)
+    assert 1.4 < at_v3 / sky_pixels_covered() < 2.0
+
+
 def test_synthetic_style_shift_between_pretraining_and_downstream():
     from PIL import Image, ImageDraw
     C = len(data_prep.SYN_CLASSES)

@@ -1121,8 +1121,9 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
 
     pre = draw(2, n_pretrain, uniform, np.full(C, pretrain_extra_rate), ("web",))
     log(f"synthetic-lt: drew {n_pretrain} captioned pretraining scenes, {time.time() - t0:.1f}s")
-    # One thread: the same seed gives the same weights on any machine (a multi-threaded GEMM may
-    # split its sums differently by core count), and these small matrices gain little from more.
+    # One thread: the same seed gives the same weights whatever the core count (a multi-threaded GEMM
+    # may split its sums by it; another CPU's kernels still round differently: README "Across machines"),
+    # and these small matrices gain little from more.
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)

@@ -49,6 +49,9 @@ class Config:
     graph: str = "text"               # text | cooccur | identity (GCN as a per-class MLP) | none (no GCN)
     s: float = 10.0                   # s, sharpness of the text-similarity softmax
     p: float = 0.2                    # p, neighbour weight in P = (1 - p) I + p A
+    graph_topk: int = 0               # k: keep each class's k most similar classes, itself included (0 = all)
+    graph_tau: float = 0.0            # T > 0: the pre-paper code's text graph, softmax(P / T) over kept entries
+    gcn_hidden: int = 0               # width of the GCN's two hidden layers (0 = D)
     cooccur_threshold: float = 0.4    # ML-GCN binarisation threshold of P(j|i) (graph=cooccur)
     negative_slope: float = 0.2       # LeakyReLU slope between GCN layers
     # PEFT (step 5)
@@ -69,14 +72,18 @@ class Config:
     asl_gamma_neg: float = 4.0        # ASL gamma-, focusing on negatives
     asl_clip: float = 0.05            # ASL probability margin m: negatives use max(p - m, 0)
     # optimisation (section 6)
+    recipe: str = ""                  # ours | authors: a preset of the flags below ("" = the data's default)
+    optimizer: str = "sgd"            # sgd (momentum) | adam (L2 weight decay added to the gradient)
+    schedule: str = "cosine"          # cosine: linear warm-up, cosine to 0 | onecycle: torch's OneCycleLR, 20% up
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 0.01
+    lr: float = 0.01                  # peak learning rate of every group but the temperature (and --gcn-lr)
+    gcn_lr: float = 0.0               # the GCN's own peak lr (0 = --lr)
     momentum: float = 0.9
     weight_decay: float = 5e-4        # not on the temperature and adapter scales
     prompt_weight_decay: float = -1.0  # weight decay of the prompt context vectors (< 0: --weight-decay)
     warmup_epochs: float = 1.0
-    temperature_lr_scale: float = 0.01  # lr of t = lr * this (ours: at the full lr t collapses)
+    temperature_lr_scale: float = 0.01  # lr of t = lr * this (ours: at the full lr t collapses); 0 = t frozen
     # images
     input_size: int = 224             # crop size fed to the image tower
     scale_min: float = 0.5            # random resized crop scale range (scale_min, 1)
@@ -109,6 +116,21 @@ PRESETS = {
     "coco-lt": dict(clip="ViT-B/16"),
     "nus-wide-lt": dict(clip="ViT-B/16"),
 }
+
+# --recipe presets, laid over the data preset before --method. "authors": the choices of the public pre-paper code
+# (github.com/Wang-zuozheng/qusi, commit 6d575b5; we infer, not know, that it is the authors') wherever they
+# differ from ours and the paper does not contradict them (README "Choices and assumptions" has each source)
+RECIPES = {
+    "ours": {"*": {}},
+    "authors": {"*": dict(optimizer="adam", schedule="onecycle", lr=5e-4, gcn_lr=1e-4, weight_decay=1e-4,
+                          prompt_weight_decay=-1.0, temperature_lr_scale=0.0, gcn_hidden=2048, graph_topk=60,
+                          graph_tau=0.3, ctx_init="a photo of a", batch_size=32, scale_min=0.08),
+                "voc-lt": dict(epochs=64, graph_topk=20), "coco-lt": dict(epochs=60),
+                "nus-wide-lt": dict(epochs=60)},  # NUS-WIDE: no setting in that code; COCO-LT's (assumed)
+}
+# the real benchmarks train the authors' recipe by default (README "Choices and assumptions": why); the
+# synthetic world keeps ours, which passes its bars (docs/synthetic-lt.md)
+DEFAULT_RECIPE = {"synthetic-lt": "ours"}
 
 # --method presets: flags only, laid over the data preset; any flag given still wins. One protocol for
 # all (README "Methods and baselines"): sigmoid scores, last epoch, CLIP statistics, same schedule and TTE
@@ -955,14 +977,36 @@ def cooccur_graph(targets, p, threshold=0.4):
     return reweight_graph(A, p)
 
 
-def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, threshold=0.4):
+def topk_mask(S, k):
+    """(C, C) bool: each row's k largest similarities, the class itself always among them (k = 0 or >= C: all)."""
+    C = len(S)
+    if k == 0 or k >= C:
+        return torch.ones(C, C, dtype=torch.bool)
+    first_self = S.masked_fill(torch.eye(C, dtype=torch.bool), float("inf"))  # (C, C)
+    return torch.zeros(C, C, dtype=torch.bool).scatter_(1, first_self.topk(k, dim=1).indices, True)
+
+
+def text_graph(S, s=10.0, p=0.2, topk=0, tau=0.0):
+    """P from the text similarities S (C, C), over each row's top-k. tau = 0 (ours): A_ij = softmax_{j != i}(s S_ij),
+    P = (1 - p) I + p A. tau > 0 (the pre-paper code): A = S with a zero diagonal, rows scaled to sum to p,
+    diagonal 1 - p, then P = softmax(A / tau) over the kept entries of each row, the diagonal among them."""
+    C, eye = len(S), torch.eye(len(S), dtype=torch.bool)
+    keep = topk_mask(S, topk)  # (C, C)
+    if tau == 0:
+        logits = (s * S).masked_fill(eye | ~keep, float("-inf"))  # (C, C)
+        has_neighbour = (keep & ~eye).any(dim=1, keepdim=True)  # (C, 1) one class, or k = 1: none
+        A = torch.where(has_neighbour, torch.softmax(logits.masked_fill(~has_neighbour, 0), dim=1), 0.0)
+        return reweight_graph(A, p)
+    A = torch.where(keep & ~eye, S, 0.0)  # (C, C)
+    A = p * A / A.sum(dim=1, keepdim=True).clamp(min=1e-12) + (1 - p) * eye.to(S.dtype)  # (C, C) rows sum to 1
+    return torch.softmax((A / tau).masked_fill(~keep, float("-inf")), dim=1)  # (C, C)
+
+
+def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, threshold=0.4, topk=0, tau=0.0):
     """The propagation matrix P (C, C), float32 on the CPU, rows summing to 1."""
-    if mode == "text":  # A_ij = softmax_{j != i}(s * S_ij), S = G G^T: the cosine similarities of the g_c
+    if mode == "text":  # S = G G^T: the cosine similarities of the g_c
         G = zero_shot_text_features(clip, classnames).double().cpu()  # (C, D)
-        C = len(G)
-        logits = (s * (G @ G.T)).masked_fill(torch.eye(C, dtype=torch.bool), float("-inf"))  # (C, C)
-        A = torch.softmax(logits, dim=1) if C > 1 else torch.zeros(1, 1, dtype=G.dtype)  # one class: no neighbour
-        P = reweight_graph(A, p)
+        P = text_graph(G @ G.T, s, p, topk, tau)
     elif mode == "cooccur":
         if train_targets is None:
             raise ValueError("graph mode 'cooccur' needs the training labels (train_targets)")
@@ -992,19 +1036,20 @@ class GCN(nn.Module):
     """Three-layer residual GCN (SPEC 1 step 4): H1 = LeakyReLU(P F_t W0), H2 = LeakyReLU(P H1 W1),
     F_hat = F_t + P H2 W2. W2 starts at zero, so the untrained GCN is the identity on F_t."""
 
-    def __init__(self, dim, P, negative_slope=0.2, backend="auto"):
+    def __init__(self, dim, P, negative_slope=0.2, backend="auto", hidden=0):
         super().__init__()
+        H = hidden or dim  # the pre-paper code: D -> 2048 -> 2048 -> D
         self.register_buffer("P", torch.as_tensor(P, dtype=torch.float32).clone())  # (C, C)
-        # our choice: W0, W1 ~ N(0, 1/D) keep the feature norm roughly constant layer to layer
-        self.W0 = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))  # (D, D)
-        self.W1 = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))  # (D, D)
-        self.W2 = nn.Parameter(torch.zeros(dim, dim))  # (D, D) zero: F_hat = F_t at the start
+        # our choice: W ~ N(0, 1/fan_in) keeps the feature norm roughly constant layer to layer
+        self.W0 = nn.Parameter(torch.randn(dim, H) / math.sqrt(dim))  # (D, H)
+        self.W1 = nn.Parameter(torch.randn(H, H) / math.sqrt(H))  # (H, H)
+        self.W2 = nn.Parameter(torch.zeros(H, dim))  # (H, D) zero: F_hat = F_t at the start
         self.negative_slope, self.backend = negative_slope, backend
 
     def forward(self, F_t):
         kw = dict(negative_slope=self.negative_slope, backend=self.backend)
-        H1 = graph_propagate(self.P, F_t, self.W0, activation=True, **kw)  # (C, D)
-        H2 = graph_propagate(self.P, H1, self.W1, activation=True, **kw)  # (C, D)
+        H1 = graph_propagate(self.P, F_t, self.W0, activation=True, **kw)  # (C, H)
+        H2 = graph_propagate(self.P, H1, self.W1, activation=True, **kw)  # (C, H)
         return F_t + graph_propagate(self.P, H2, self.W2, activation=False, **kw)  # (C, D) F_t + dF
 
 
@@ -1065,10 +1110,12 @@ class CAPNet(nn.Module):
         self.classnames = list(classnames)
         self.clip = clip.eval().requires_grad_(cfg.peft == "full")  # frozen (step 1) unless fully fine-tuned
         self.prompt_learner = PromptLearner(clip, classnames, cfg.n_ctx, cfg.ctx_init, cfg.ctx == "shared")
-        P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p, cfg.cooccur_threshold)
-        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend).to(clip.token_embedding.weight.device)
+        P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p, cfg.cooccur_threshold,
+                              cfg.graph_topk, cfg.graph_tau)
+        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend, cfg.gcn_hidden).to(clip.token_embedding.weight.device)
         self.gcn.requires_grad_(cfg.graph != "none")  # none (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
+        self.logit_scale.requires_grad_(cfg.temperature_lr_scale > 0)  # 0: t frozen, as in the pre-paper code
         self.peft, self.adapter_dim = cfg.peft, 0  # adaptformer | bias | none | full
         if cfg.peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
             self.adapter_dim = add_adaptformer(clip.visual, len(classnames), cfg.adapter_dim)
@@ -1093,7 +1140,7 @@ class CAPNet(nn.Module):
             peft = list(self.clip.parameters())
         return {"prompts": [self.prompt_learner.ctx],
                 "gcn": [w for w in (self.gcn.W0, self.gcn.W1, self.gcn.W2) if w.requires_grad],
-                "temperature": [self.logit_scale], "peft": peft}
+                "temperature": [self.logit_scale] if self.logit_scale.requires_grad else [], "peft": peft}
 
     def no_decay_parameters(self):
         """Parameters trained without weight decay: the temperature and the adapter scales."""
@@ -1425,15 +1472,17 @@ if EXT_AVAILABLE:
 DATA_PREP_ARGS = {"synthetic-lt": "synthetic-lt", "voc-lt": "voc-lt --voc-root DIR --split img_id.txt",
                   "coco-lt": "coco-lt --coco-root DIR --split img_id.pkl", "nus-wide-lt": "nus-wide-lt --nus-root DIR"}
 CHOICES = {
-    "graph": GRAPH_MODES, "loss": LOSSES, "ctx": ("class", "shared"),
+    "graph": GRAPH_MODES, "loss": LOSSES, "ctx": ("class", "shared"), "recipe": tuple(RECIPES),
+    "optimizer": ("sgd", "adam"), "schedule": ("cosine", "onecycle"),
     "peft": ("adaptformer", "none", "full"), "sampler": ("uniform", "class-aware"), "tte": (1, 5, 10),
     "device": ("auto", "cpu", "cuda"), "amp": ("auto", "bf16", "none"), "backend": ("auto", "ext", "torch"),
 }
 # fields that may change between a run and its --resume without changing any number
-RESUME_FREE = {"resume", "workers", "log_every", "device", "eval_batch_size", "compile", "seeds"}
+RESUME_FREE = {"resume", "workers", "log_every", "device", "eval_batch_size", "compile", "seeds", "recipe"}
 # fields that name an ablation: a non-default value goes into the derived run name
 ABLATION_FIELDS = ("graph", "loss", "peft", "tau_prime", "tte", "n_ctx", "s", "p", "ctx_init", "ctx", "sampler",
-                   "scale_min", "prompt_weight_decay")
+                   "scale_min", "prompt_weight_decay", "optimizer", "schedule", "lr", "gcn_lr", "gcn_hidden",
+                   "graph_topk", "graph_tau", "temperature_lr_scale")
 CHECKPOINT_FORMAT = "capnet-checkpoint-1"
 
 
@@ -1441,14 +1490,20 @@ class RunError(RuntimeError):
     """A user-facing failure whose message says what to do (printed without a traceback)."""
 
 
-def preset_config(data: str, method: str = "capnet") -> Config:
+def preset_config(data: str, method: str = "capnet", recipe: str = "") -> Config:
+    """The data preset, then the recipe's flags (common, then this data's), then the method's."""
     # an unknown name is a custom dataset prepared with `data_prep.py lists`: a real dataset
-    return Config(**{**PRESETS.get(data, dict(clip="ViT-B/16")), **METHODS[method]}, data=data)
+    recipe = recipe or DEFAULT_RECIPE.get(data, "authors")
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
+    flags = {**PRESETS.get(data, dict(clip="ViT-B/16")), **RECIPES[recipe]["*"], **RECIPES[recipe].get(data, {})}
+    return Config(**{**flags, **METHODS[method]}, data=data, recipe=recipe)
 
 
 def run_name(cfg: Config) -> str:
-    base = preset_config(cfg.data)
+    base = preset_config(cfg.data, recipe=cfg.recipe)
     parts = [cfg.data] + (["epochs-0"] if cfg.epochs == 0 else [])  # evaluate only (--method zero-shot)
+    parts += [f"recipe-{cfg.recipe}"] if cfg.recipe != preset_config(cfg.data).recipe else []
     if cfg.clip and cfg.clip != base.clip and Path(cfg.clip).name != "clip.pt":
         parts.append((cfg.clip if cfg.clip in KNOWN_MODELS else Path(cfg.clip).stem).replace("/", "-").replace("@", "-"))
     for key in ABLATION_FIELDS:
@@ -1460,13 +1515,14 @@ def run_name(cfg: Config) -> str:
 
 def resolve_config(cfg: Config) -> Config:
     """Check every choice and fill the "" defaults that depend on other fields."""
-    cfg = dataclasses.replace(cfg)
+    cfg = dataclasses.replace(cfg, recipe=cfg.recipe or "ours")  # a Config built by hand holds our defaults
     flag = lambda key: "--" + key.replace("_", "-")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{flag(key)} {getattr(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
     bounds = {"batch_size": 1, "eval_batch_size": 1, "input_size": 1, "n_ctx": 1, "epochs": 0, "workers": 0,
-              "adapter_dim": 0, "ckpt_every": 0, "seed": 0, "log_every": 0}
+              "adapter_dim": 0, "ckpt_every": 0, "seed": 0, "log_every": 0, "gcn_hidden": 0, "graph_topk": 0,
+              "graph_tau": 0, "gcn_lr": 0, "temperature_lr_scale": 0}
     for key, least in bounds.items():
         if getattr(cfg, key) < least:
             raise ValueError(f"{flag(key)} must be at least {least}, got {getattr(cfg, key)}")
@@ -1711,6 +1767,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+ONECYCLE_WARMUP = 0.2  # OneCycleLR's pct_start, as the pre-paper code (other arguments: torch's defaults)
+
+
 def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
     # Deviation (ours): t trains at lr * temperature_lr_scale. At the full lr the first DB-focal steps, where every
     # logit starts positive (cosines ~0.25), drive t to 0 and flatten the logits (synthetic-lt: exp(t) 14 -> 0.08,
@@ -1720,16 +1779,28 @@ def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
     clip_ids = {id(p) for p in model.clip.parameters()} if cfg.peft == "full" else set()
     t, ctx = model.logit_scale, model.prompt_learner.ctx
     own = {id(ctx)} if cfg.prompt_weight_decay >= 0 else set()  # --prompt-weight-decay: the context's own (ours)
-    decay = [p for p in trainable if id(p) not in no_decay | clip_ids | own]  # prompts, GCN, adapters
+    gcn = {id(p) for p in model.gcn.parameters()} if cfg.gcn_lr > 0 else set()  # --gcn-lr: the GCN's own lr
+    decay = [p for p in trainable if id(p) not in no_decay | clip_ids | own | gcn]  # prompts, GCN, adapters
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": [p for p in trainable if id(p) in no_decay and p is not t], "weight_decay": 0.0},
-              {"params": [t], "weight_decay": 0.0, "lr": cfg.lr * cfg.temperature_lr_scale}]
+              {"params": [p for p in trainable if id(p) in no_decay and p is not t], "weight_decay": 0.0}]
+    groups += [{"params": [t], "weight_decay": 0.0, "lr": cfg.lr * cfg.temperature_lr_scale}] if t.requires_grad else []
     groups += [{"params": [ctx], "weight_decay": cfg.prompt_weight_decay}] if own else []
+    groups += [{"params": [p for p in trainable if id(p) in gcn], "weight_decay": cfg.weight_decay,
+                "lr": cfg.gcn_lr}] if gcn else []
     if clip_ids:
         groups.append({"params": [p for p in trainable if id(p) in clip_ids], "weight_decay": cfg.weight_decay,
                        "lr": cfg.lr * cfg.clip_lr_scale})
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":  # torch's Adam adds weight_decay * w to the gradient (L2, not AdamW's decoupled decay)
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":  # each group from its lr / 25 up to its lr, then cosine down to lr / 25e4;
+        # the momentum (SGD) or Adam's beta1 cycles 0.95 -> 0.85 -> 0.95 meanwhile. Deviation: the pre-paper code
+        # fixes 120 epochs x 60 steps whatever the run's length; we fit the cycle to the run
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in optimizer.param_groups],
+                                                        total_steps=max(1, total), pct_start=ONECYCLE_WARMUP)
+        return optimizer, scheduler
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
     return optimizer, scheduler
@@ -1967,7 +2038,7 @@ def train(cfg: Config) -> dict:
         barrier(world)
 
     log(f"training: {cfg.epochs} epochs x {steps_per_epoch} steps, global batch {cfg.batch_size}, "
-        f"SGD lr {cfg.lr} momentum {cfg.momentum} wd {cfg.weight_decay}, cosine, warm-up {cfg.warmup_epochs} epoch(s)")
+        f"{cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay}, {cfg.schedule} schedule ({cfg.recipe} recipe)")
     model.train()
     t_window, s_window = time.time(), step
     for epoch in range(step // steps_per_epoch, cfg.epochs):
@@ -2227,7 +2298,7 @@ def parse_bool(text: str) -> bool:
 
 def config_from_args(args) -> Config:
     """Preset of --data, then of --method, then every flag given on the command line."""
-    cfg = preset_config(args.data or Config.data, getattr(args, "method", None) or "capnet")
+    cfg = preset_config(args.data or Config.data, getattr(args, "method", None) or "capnet", args.recipe or "")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     return dataclasses.replace(cfg, **given)
 

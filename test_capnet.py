@@ -695,6 +695,26 @@ def test_text_graph_formula():
     assert (off(P50).max(1).values >= off(P).max(1).values - 1e-7).all()
 
 
+def test_text_graph_top_k_and_softmax_temperature_by_hand():
+    S = torch.tensor([[1.0, 0.9, 0.5, 0.2], [0.9, 1.0, 0.3, 0.6], [0.5, 0.3, 1.0, 0.4], [0.2, 0.6, 0.4, 1.0]],
+                     dtype=torch.float64)
+    # top-3 with the class itself: row 0 keeps {0, 1, 2}, row 2 {2, 0, 3}, row 3 {3, 1, 2}
+    assert capnet.topk_mask(S, 3).tolist() == [[True, True, True, False], [True, True, False, True],
+                                               [True, False, True, True], [False, True, True, True]]
+    P = capnet.text_graph(S, p=0.2, topk=3, tau=0.3)
+    # the pre-paper code's row 0: neighbours .9 and .5 scaled to sum to p = 0.2, self 0.8, softmax at T = 0.3
+    a = [math.exp(0.8 / 0.3), math.exp(0.2 * 0.9 / 1.4 / 0.3), math.exp(0.2 * 0.5 / 1.4 / 0.3)]
+    assert P[0].tolist() == pytest.approx([a[0] / sum(a), a[1] / sum(a), a[2] / sum(a), 0.0], abs=1e-12)
+    b = [math.exp(0.2 * 0.6 / 1.0 / 0.3), math.exp(0.2 * 0.4 / 1.0 / 0.3), math.exp(0.8 / 0.3)]  # row 3: 1, 2, self
+    assert P[3].tolist() == pytest.approx([0.0, b[0] / sum(b), b[1] / sum(b), b[2] / sum(b)], abs=1e-12)
+    # ours with the same top-3: A_0j = softmax over the kept neighbours of s S_0j, P = 0.8 I + 0.2 A
+    Q = capnet.text_graph(S, s=10.0, p=0.2, topk=3)
+    e9, e5 = math.exp(9.0), math.exp(5.0)
+    assert Q[0].tolist() == pytest.approx([0.8, 0.2 * e9 / (e9 + e5), 0.2 * e5 / (e9 + e5), 0.0], abs=1e-12)
+    assert torch.equal(capnet.text_graph(S, s=10.0, p=0.2, topk=4), capnet.text_graph(S, s=10.0, p=0.2))  # k = C: all
+    assert torch.equal(capnet.text_graph(S, p=0.2, topk=1), torch.eye(4, dtype=torch.float64))  # no neighbour kept
+
+
 def test_cooccur_graph_by_hand():
     # 4 classes; class 3 never co-occurs with anything -> identity row
     Y = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
@@ -760,6 +780,21 @@ def test_gcn_formula_and_zero_init():
 
 
 # PEFT
+
+def test_gcn_hidden_width_parameter_count_and_identity_start():
+    D, H, C = 16, 40, 5
+    P = torch.softmax(torch.randn(C, C, generator=torch.Generator().manual_seed(0)), dim=1)
+    gcn = capnet.GCN(D, P, hidden=H, backend="torch")
+    assert [tuple(w.shape) for w in (gcn.W0, gcn.W1, gcn.W2)] == [(D, H), (H, H), (H, D)]
+    assert sum(w.numel() for w in gcn.parameters()) == D * H + H * H + H * D == 2880
+    assert sum(w.numel() for w in capnet.GCN(D, P).parameters()) == 3 * D * D  # hidden 0: D -> D -> D -> D
+    F_t = torch.randn(C, D)
+    assert torch.equal(gcn(F_t), F_t)  # W2 = 0: the wide GCN starts as the identity too
+    with torch.no_grad():
+        gcn.W2.normal_()
+    lrelu = lambda x: F.leaky_relu(x, 0.2)
+    torch.testing.assert_close(gcn(F_t), F_t + P @ lrelu(P @ lrelu(P @ F_t @ gcn.W0) @ gcn.W1) @ gcn.W2)
+
 
 def test_adapter_bottleneck_rule():
     # r = 2^max(0, floor(log2(C / (2 L))))
@@ -2339,7 +2374,7 @@ def tiny_args(tiny, out_dir, name, *extra):
     return ["train", "--data", "tiny", "--data-root", str(tiny["data_root"]), "--clip", str(tiny["clip"]),
             "--out-dir", str(out_dir), "--name", name, "--epochs", "3", "--batch-size", "8",
             "--input-size", "32", "--n-ctx", "4", "--lr", "0.05", "--workers", "0", "--log-every", "2",
-            "--eval-batch-size", "40", *extra]
+            "--eval-batch-size", "40", "--recipe", "ours", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -2355,7 +2390,8 @@ def test_cli_flags_are_generated_from_config_and_strict(capsys):
         ["train", "--data", "voc-lt", "--tau-prime", "inf", "--epochs", "3", "--compile", "--resume", "false"]))
     assert cfg.data == "voc-lt" and cfg.mu == 0.3 and cfg.lam == 5.0 and cfg.clip == "ViT-B/16"  # preset
     assert cfg.tau_prime == float("inf") and cfg.epochs == 3 and cfg.compile is True and cfg.resume is False
-    assert capnet.config_from_args(parser.parse_args(["train"])) == capnet.Config(**capnet.PRESETS["synthetic-lt"])
+    assert capnet.config_from_args(parser.parse_args(["train"])) == capnet.Config(**capnet.PRESETS["synthetic-lt"],
+                                                                                 recipe="ours")
     for argv, named in ((["train", "--epochz", "3"], "--epochz"), (["train", "--epochs", "x"], "--epochs"),
                         (["train", "--compile", "maybe"], "--compile"), (["train", "--epoch", "3"], "--epoch")):
         with pytest.raises(SystemExit) as e:
@@ -2368,6 +2404,75 @@ def test_cli_flags_are_generated_from_config_and_strict(capsys):
         capnet.resolve_config(capnet.Config(seeds="0,x"))
     ablation = dataclasses.replace(capnet.preset_config("synthetic-lt"), graph="identity", loss="bce")
     assert capnet.resolve_config(ablation).name == "synthetic-lt-graph-identity-loss-bce"  # own run folder
+
+
+def test_onecycle_lr_and_beta1_at_first_peak_middle_and_last_step():
+    flags = dict(optimizer="adam", schedule="onecycle", lr=5e-4, gcn_lr=1e-4, weight_decay=1e-4,
+                 temperature_lr_scale=0.0, epochs=3)
+    cfg, model = tiny_cfg(**flags), tiny_capnet(**flags)
+    optimizer, scheduler = capnet.build_optimizer(model, cfg, steps_per_epoch=10)  # 30 steps, 6 of them rising
+    assert isinstance(optimizer, torch.optim.Adam)
+    gcn = next(g for g in optimizer.param_groups if g["params"] and g["params"][0] is model.gcn.W0)
+    main = optimizer.param_groups[0]
+    assert any(p is model.prompt_learner.ctx for p in main["params"])
+    assert gcn["weight_decay"] == main["weight_decay"] == 1e-4
+    seen = {}
+    for step in range(30):
+        seen[step] = (main["lr"], gcn["lr"], main["betas"][0])
+        optimizer.step()
+        scheduler.step()
+    # torch's OneCycleLR: lr_max / 25 at step 0, lr_max at step 0.2 * 30 - 1 = 5, cosine down to lr_max / 25e4
+    # at step 29; between, lr = low + (high - low) (1 + cos(pi x)) / 2; beta1 0.95 -> 0.85 -> 0.95 against it
+    for lr_max, i in ((5e-4, 0), (1e-4, 1)):
+        assert seen[0][i] == pytest.approx(lr_max / 25, rel=1e-12)
+        assert seen[5][i] == pytest.approx(lr_max, rel=1e-12)
+        assert seen[17][i] == pytest.approx(lr_max / 25e4 + (lr_max - lr_max / 25e4) * (1 + math.cos(math.pi / 2)) / 2)
+        assert seen[29][i] == pytest.approx(lr_max / 25e4, rel=1e-12)
+    assert (seen[0][2], seen[5][2], seen[29][2]) == pytest.approx((0.95, 0.85, 0.95))
+
+
+def test_frozen_temperature_unchanged_bit_for_bit_by_training():
+    images, targets = tiny_images("vit", n=4), torch.tensor(tiny_targets(n=4))
+    for scale in (0.0, 0.01):
+        flags = dict(optimizer="adam", schedule="onecycle", lr=1e-2, temperature_lr_scale=scale, epochs=1)
+        cfg, model = tiny_cfg(**flags), tiny_capnet(**flags).train()
+        t0 = model.logit_scale.detach().clone()
+        optimizer, scheduler = capnet.build_optimizer(model, cfg, steps_per_epoch=4)
+        for _ in range(4):
+            optimizer.zero_grad()
+            F.binary_cross_entropy_with_logits(model(images), targets).backward()
+            optimizer.step()
+            model.clamp_temperature_()
+            scheduler.step()
+        if scale == 0:  # frozen: no gradient, in no optimizer group, not a trainable part, not checkpointed
+            assert torch.equal(model.logit_scale, t0) and model.logit_scale.grad is None
+            assert all(p is not model.logit_scale for g in optimizer.param_groups for p in g["params"])
+            assert model.trainable_parts()["temperature"] == []
+        else:  # the same steps move a trainable t (so the check above can fail)
+            assert not torch.equal(model.logit_scale, t0)
+
+
+def test_recipe_presets_layer_under_method_and_flags():
+    parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
+    ours, authors = parse(), parse("--recipe", "authors")
+    assert (ours.recipe, ours.optimizer, ours.schedule, ours.lr, ours.gcn_hidden) == ("ours", "sgd", "cosine", 0.01, 0)
+    assert (authors.optimizer, authors.schedule, authors.lr, authors.gcn_lr, authors.weight_decay) == \
+        ("adam", "onecycle", 5e-4, 1e-4, 1e-4)
+    assert (authors.gcn_hidden, authors.graph_tau, authors.temperature_lr_scale, authors.ctx_init) == \
+        (2048, 0.3, 0.0, "a photo of a")
+    assert (authors.input_size, authors.epochs) == (48, 60)  # the data preset stays underneath
+    assert parse("--recipe", "authors", "--lr", "1e-3").lr == 1e-3  # a flag still wins
+    lmpt = parse("--recipe", "authors", "--method", "lmpt")  # the method is laid over the recipe
+    assert (lmpt.graph, lmpt.optimizer) == ("none", "adam")
+    voc, coco = parse("--data", "voc-lt"), parse("--data", "coco-lt")
+    assert (voc.recipe, voc.optimizer, voc.epochs, voc.graph_topk, voc.mu, voc.lam) == ("authors", "adam", 64, 20, 0.3, 5.0)
+    assert (coco.recipe, coco.epochs, coco.graph_topk, coco.batch_size) == ("authors", 60, 60, 32)
+    assert parse("--data", "voc-lt", "--recipe", "ours").optimizer == "sgd"
+    name = lambda cfg: capnet.resolve_config(cfg).name
+    assert name(authors) == "synthetic-lt-recipe-authors" and name(parse("--data", "voc-lt")) == "voc-lt"
+    assert name(parse("--data", "voc-lt", "--recipe", "ours")) == "voc-lt-recipe-ours"
+    with pytest.raises(ValueError, match="--recipe 'mine'"):
+        parse("--recipe", "mine")
 
 
 def test_schedule_and_batches_are_pure_functions():
@@ -2745,8 +2850,10 @@ def _run_capnet(args, env_extra=None, **kw):
 
 
 # the default, and a baseline made of the new flags: shared context, class-aware sampler, ASL, all of CLIP
+# and the authors' recipe (Adam, OneCycle, its own GCN lr, a frozen temperature), its GCN kept narrow
 @pytest.mark.parametrize("flags", [(), ("--method", "coop", "--sampler", "class-aware", "--loss", "asl",
-                                        "--peft", "full")], ids=["capnet", "coop-class-aware-asl-full"])
+                                        "--peft", "full"), ("--recipe", "authors", "--gcn-hidden", "24")],
+                         ids=["capnet", "coop-class-aware-asl-full", "authors-adam-onecycle"])
 def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path, flags):
     extra = ("--epochs", "5", "--ckpt-every", "3", *flags)  # checkpoints at steps 3, 4, 6, 8, 9, ... (mid-epoch too)
     full = _run_capnet(tiny_args(tiny, tmp_path, "full", *extra))
@@ -2774,7 +2881,9 @@ def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path, flags):
     pa = capnet.load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     pb = capnet.load_checkpoint(ckpt)["model"]
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
-    if flags:  # the full model is in the checkpoint, and it says so; eval and predict rebuild it
+    if "--recipe" in flags:  # Adam's moments and OneCycle's step came back too (else the numbers above differ)
+        assert "logit_scale" not in pb and capnet.load_checkpoint(ckpt)["scheduler"]["total_steps"] == 20
+    if "--peft" in flags:  # the full model is in the checkpoint, and it says so; eval and predict rebuild it
         assert capnet.load_checkpoint(ckpt)["holds"] == "the full model (--peft full)"
         assert "clip.visual.conv1.weight" in pb and "clip.transformer.resblocks.0.mlp.c_fc.weight" in pb
         assert capnet.evaluate(ckpt, workers=0)["total"] == pytest.approx(b["trained"]["total"], abs=1e-9)

@@ -126,6 +126,7 @@ RECIPES = {
                           prompt_weight_decay=-1.0, temperature_lr_scale=0.0, gcn_hidden=2048, graph_topk=60,
                           graph_tau=0.3, ctx_init="a photo of a", batch_size=32, scale_min=0.08),
                 "voc-lt": dict(epochs=64, graph_topk=20), "coco-lt": dict(epochs=60),
+                "synthetic-lt": dict(gcn_hidden=384),  # 4 D, as 2048 is to ViT-B/16's D = 512 (a miniature)
                 "nus-wide-lt": dict(epochs=60)},  # NUS-WIDE: no setting in that code; COCO-LT's (assumed)
 }
 # the real benchmarks train the authors' recipe by default (README "Choices and assumptions": why); the

@@ -2459,14 +2459,14 @@ def test_recipe_presets_layer_under_method_and_flags():
     assert (authors.optimizer, authors.schedule, authors.lr, authors.gcn_lr, authors.weight_decay) == \
         ("adam", "onecycle", 5e-4, 1e-4, 1e-4)
     assert (authors.gcn_hidden, authors.graph_tau, authors.temperature_lr_scale, authors.ctx_init) == \
-        (2048, 0.3, 0.0, "a photo of a")
+        (384, 0.3, 0.0, "a photo of a")  # 2048 on real CLIPs, 4 D on the miniature
     assert (authors.input_size, authors.epochs) == (48, 60)  # the data preset stays underneath
     assert parse("--recipe", "authors", "--lr", "1e-3").lr == 1e-3  # a flag still wins
     lmpt = parse("--recipe", "authors", "--method", "lmpt")  # the method is laid over the recipe
     assert (lmpt.graph, lmpt.optimizer) == ("none", "adam")
     voc, coco = parse("--data", "voc-lt"), parse("--data", "coco-lt")
     assert (voc.recipe, voc.optimizer, voc.epochs, voc.graph_topk, voc.mu, voc.lam) == ("authors", "adam", 64, 20, 0.3, 5.0)
-    assert (coco.recipe, coco.epochs, coco.graph_topk, coco.batch_size) == ("authors", 60, 60, 32)
+    assert (coco.recipe, coco.epochs, coco.graph_topk, coco.batch_size, coco.gcn_hidden) == ("authors", 60, 60, 32, 2048)
     assert parse("--data", "voc-lt", "--recipe", "ours").optimizer == "sgd"
     name = lambda cfg: capnet.resolve_config(cfg).name
     assert name(authors) == "synthetic-lt-recipe-authors" and name(parse("--data", "voc-lt")) == "voc-lt"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import capnet
-from capnet import (CAPNet, CLIP, Config, EXT_AVAILABLE, class_aware_weights, db_focal_loss,
+from capnet import (CLIP, Config, EXT_AVAILABLE, class_aware_weights, db_focal_loss,
                     db_focal_loss_reference, graph_propagate, graph_propagate_reference,
                     make_criterion, tokenize)
 from data_prep import init_clip_like_openai  # OpenAI's from-scratch initialisation, for random weights
@@ -152,8 +152,7 @@ def _bench_model(layout, n_classes, device):
     # short made-up names (1-3 BPE tokens each, like "traffic light"): the EOT lands where real
     # class names put it, which is what truncation depends on
     classnames = [f"thing {i}" for i in range(n_classes)]
-    torch.manual_seed(0)
-    model = CAPNet(clip, classnames, Config(), train_targets)
+    model = capnet.build_model(clip, classnames, Config(seed=0), train_targets)
     return model.to(device), train_targets
 
 
@@ -161,11 +160,10 @@ def _set_fast_paths(model, truncate=True, fused=True, new=True):
     # switches of the model's fast paths (attention: see _attention_context). new: the
     # elementwise and bf16 paths (fused QuickGELU, bf16 matmul attention on CPU); the third, the
     # bf16-held frozen weights, is switched by _BF16Weights
-    model.prompt_learner.truncate = truncate  # False: all 77 positions, as openai/CLIP runs it
+    capnet.SHORTEST_TEXT_CONTEXT = truncate  # False: all 77 positions, as openai/CLIP runs it
     model.gcn.backend = "auto" if fused else "torch"
     capnet.MATMUL_ATTENTION_BF16_CPU = new
-    if hasattr(capnet.QuickGELU, "fused"):
-        capnet.QuickGELU.fused = new
+    capnet.FUSED_QUICK_GELU = new
 
 
 class _BF16Weights:
@@ -241,8 +239,8 @@ def _bench_text_row(model, n_ctx, device, warmup, repeats):
     tokens = tokenize(prompts).to(device)                                  # (C, 77)
     eot = tokens.argmax(dim=-1)                                            # (C,) EOT has the largest id
     x = clip.token_embedding(tokens).detach().requires_grad_()             # (C, 77, W)
-    full = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, truncate=False), x)  # (C, D)
-    truncated = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, truncate=True), x)
+    full = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, short_context=False), x)  # (C, D)
+    truncated = _fwd_bwd(lambda x: clip.encode_text_embeddings(x, eot, short_context=True), x)
     note = f"C={n_classes}, {n_ctx} ctx tokens: {int(eot.max()) + 1} of {tokens.shape[1]} positions, fwd+bwd"
     return _compare("text_truncated_vs_full", full, truncated, device, warmup, repeats, note)
 

@@ -7,8 +7,8 @@ encoder, a distribution-balanced focal loss with class-aware re-weighting, Adapt
 tokenizer, CLIP, transforms, data, model, loss, metrics, fused ops, train, eval and predict, CLI. bench.py (speed)
 and data_prep.py (datasets) import it. Choices and assumptions: README.md.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
@@ -24,41 +24,35 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # -----------------------------------------------------------------------------
-# config
+# config: one dataclass, per-benchmark presets, the authors' recipe, baseline methods
 
 @dataclass
 class Config:
-    # data and backbone
-    data: str = "synthetic-lt"        # dataset name: data/<data>/dataset.json
-    data_root: str = "data"           # folder holding the prepared datasets
-    clip: str = ""                    # CLIP model name or checkpoint path ("" = preset's)
-    name: str = ""                    # run name -> runs/<name>/ ("" = derived from data and clip)
-    out_dir: str = "runs"             # folder of all runs
-    # prompts (section 1 step 2)
+    # (2) prompts
     n_ctx: int = 16                   # M, learnable context vectors per class
     ctx_init: str = ""                # "" = N(0, 0.02^2) init; else a template, e.g. "a photo of a"
     ctx: str = "class"                # class: M vectors per class (CAPNet, LMPT) | shared: one (M, W) set (CoOp)
-    # label graph and GCN (steps 3, 4)
-    graph: str = "text"               # text | cooccur | identity (GCN as a per-class MLP) | none (no GCN)
+    # (3) label graph, (4) GCN
+    graph: str = "text"               # text | cooccur | identity (GCN as a per-class MLP) | none (GCN frozen at 0)
     s: float = 10.0                   # s, sharpness of the text-similarity softmax
     p: float = 0.2                    # p, neighbour weight in P = (1 - p) I + p A
     graph_topk: int = 0               # k: keep each class's k most similar classes, itself included (0 = all)
     graph_tau: float = 0.0            # T > 0: the pre-paper code's text graph, softmax(P / T) over kept entries
-    gcn_hidden: int = 0               # width of the GCN's two hidden layers (0 = D)
     cooccur_threshold: float = 0.4    # ML-GCN binarisation threshold of P(j|i) (graph=cooccur)
+    gcn_hidden: int = 0               # width of the GCN's two hidden layers (0 = D)
     negative_slope: float = 0.2       # LeakyReLU slope between GCN layers
-    # PEFT (step 5)
+    # (5) PEFT
     peft: str = "adaptformer"         # adaptformer (ViT) / bias tuning (ResNet) | none | full (all of CLIP)
-    clip_lr_scale: float = 0.1        # --peft full: CLIP's own weights train at lr * this (ours: gentler than prompts)
     adapter_dim: int = 0              # r, AdaptFormer bottleneck (0 = LIFT rule)
-    # loss (section 3)
+    clip_lr_scale: float = 0.1        # --peft full: CLIP's own weights train at lr * this (ours: gentler than prompts)
+    # (7) loss
     loss: str = "db-focal"            # db-focal | bce | focal | asl
     alpha: float = 0.1                # alpha, rebalance weight floor
     beta: float = 10.0                # beta, rebalance sigmoid steepness
@@ -71,7 +65,9 @@ class Config:
     asl_gamma_pos: float = 0.0        # ASL gamma+, focusing on positives (Ridnik et al. 2021)
     asl_gamma_neg: float = 4.0        # ASL gamma-, focusing on negatives
     asl_clip: float = 0.05            # ASL probability margin m: negatives use max(p - m, 0)
-    # optimisation (section 6)
+    # (8) test-time ensembling
+    tte: int = 5                      # test-time views: 1 | 5 | 10
+    # optimisation
     recipe: str = ""                  # ours | authors: a preset of the flags below ("" = the data's default)
     optimizer: str = "sgd"            # sgd (momentum) | adam (L2 weight decay added to the gradient)
     schedule: str = "cosine"          # cosine: linear warm-up, cosine to 0 | onecycle: torch's OneCycleLR, 20% up
@@ -79,19 +75,23 @@ class Config:
     batch_size: int = 64
     lr: float = 0.01                  # peak learning rate of every group but the temperature (and --gcn-lr)
     gcn_lr: float = 0.0               # the GCN's own peak lr (0 = --lr)
-    momentum: float = 0.9
+    temperature_lr_scale: float = 0.01  # lr of t = lr * this (ours: at the full lr t collapses); 0 = t frozen
+    momentum: float = 0.9             # SGD only
     weight_decay: float = 5e-4        # not on the temperature and adapter scales
     prompt_weight_decay: float = -1.0  # weight decay of the prompt context vectors (< 0: --weight-decay)
-    warmup_epochs: float = 1.0
-    temperature_lr_scale: float = 0.01  # lr of t = lr * this (ours: at the full lr t collapses); 0 = t frozen
-    # images
+    warmup_epochs: float = 1.0        # cosine schedule only
+    # data, backbone, images
+    data: str = "synthetic-lt"        # dataset name: data/<data>/dataset.json
+    data_root: str = "data"           # folder holding the prepared datasets
+    clip: str = ""                    # CLIP model name or checkpoint path ("" = preset's)
     input_size: int = 224             # crop size fed to the image tower
     scale_min: float = 0.5            # random resized crop scale range (scale_min, 1)
     sampler: str = "uniform"          # uniform: each image once per epoch | class-aware: inverse-frequency draws
     sampler_power: float = 1.0        # q: class-aware weight of image i = sum_c y_ic n_c^-q
-    tte: int = 5                      # test-time views: 1 | 5 | 10
     eval_batch_size: int = 64
     # runtime
+    name: str = ""                    # run name -> runs/<name>/ ("" = derived from data and clip)
+    out_dir: str = "runs"             # folder of all runs
     device: str = "auto"              # auto | cpu | cuda
     amp: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | bf16 | none
     backend: str = "auto"             # fused ops: auto | ext | torch
@@ -109,13 +109,14 @@ class Config:
 PRESETS = {
     # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, 10 minutes on 2 CPU cores;
     # step 0 is exactly zero-shot. Prompt weight decay 0.02 (ours; GCN, adapters 5e-4): at 5e-4 the prompts memorise
-    # rare classes' few images (v2 drawing: world 2 fell below zero-shot); prompts only beat 0.02 on all (50.9 vs 49.5)
+    # rare classes' few images (docs/synthetic-lt.md)
     "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, prompt_weight_decay=0.02, workers=0,
                          ctx_init="a photo of a"),
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),
     "coco-lt": dict(clip="ViT-B/16"),
     "nus-wide-lt": dict(clip="ViT-B/16"),
 }
+
 
 # --recipe presets, laid over the data preset before --method. "authors": the choices of the public pre-paper code
 # (github.com/Wang-zuozheng/qusi, commit 6d575b5; we infer, not know, that it is the authors') wherever they
@@ -129,9 +130,12 @@ RECIPES = {
                 "synthetic-lt": dict(gcn_hidden=384),  # 4 D, as 2048 is to ViT-B/16's D = 512 (a miniature)
                 "nus-wide-lt": dict(epochs=60)},  # NUS-WIDE: no setting in that code; COCO-LT's (assumed)
 }
+
+
 # the real benchmarks train the authors' recipe by default (README "Choices and assumptions": why); the
 # synthetic world keeps ours, which passes its bars (docs/synthetic-lt.md)
 DEFAULT_RECIPE = {"synthetic-lt": "ours"}
+
 
 # --method presets: flags only, laid over the data preset; any flag given still wins. One protocol for
 # all (README "Methods and baselines"): sigmoid scores, last epoch, CLIP statistics, same schedule and TTE
@@ -146,11 +150,564 @@ METHODS = {
 }
 
 # -----------------------------------------------------------------------------
-# tokenizer
+# the method: prompts, label graph, GCN, PEFT, head, loss, test-time views, metrics, optimizer, train step
+
+# The method in the order of README "The method", steps (1)-(9); comments cite those steps. CLIP (1) is vendored
+# below this section; the fused kernels of GCN and loss are dispatched in "fast paths", and the model calls them
+# as plain functions whose pure-torch references stand here.
+
+# (2) class-specific soft prompts, as LMPT; CoOp's shared context is the --ctx shared baseline
+
+class PromptLearner(nn.Module):
+    """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT]; only the v's learn.
+    With `ctx_init` (e.g. "a photo of a") every class's context starts as that template's token embeddings
+    and M is its token count (CoOp's convention; `n_ctx` is ignored), so the untrained prompts read exactly
+    "a photo of a {name}." With `shared` (CoOp) one (M, W) context serves every class, not a (C, M, W) one."""
+
+    def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False):
+        super().__init__()
+        # a reference, not a submodule: the frozen CLIP is registered once, under CAPNet.clip
+        object.__setattr__(self, "clip", clip)
+        device = clip.token_embedding.weight.device
+        bpe = _tokenizer()
+        init_ids = bpe.encode(ctx_init) if ctx_init else []
+        M = len(init_ids) if ctx_init else n_ctx
+        if M < 1:
+            raise ValueError(f"ctx_init {ctx_init!r} has no tokens" if ctx_init else
+                             f"n_ctx must be at least 1, got {n_ctx}")
+        rows = []
+        for name in classnames:
+            name_ids = bpe.encode(name.replace("_", " ") + ".")
+            rows.append([SOT] + [0] * M + name_ids + [EOT])  # the zeros are replaced by the context
+            if len(rows[-1]) > clip.context_length:
+                raise ValueError(f"the prompt of class {name!r} needs {len(rows[-1])} tokens ({M} context + "
+                                 f"{len(name_ids)} for the name + SOT/EOT), more than CLIP's context length "
+                                 f"{clip.context_length}; shorten the name or --n-ctx")
+        eot_index = [len(ids) - 1 for ids in rows]
+        # the text encoder is causal: keep only max(EOT) + 1 positions (same features, a third of the work)
+        L = max(eot_index) + 1
+        token_ids = torch.tensor([ids + [0] * (L - len(ids)) for ids in rows], device=device)  # (C, L)
+        with torch.no_grad():
+            emb = clip.token_embedding(token_ids).float()  # (C, L, W)
+            shape = (M, emb.shape[-1]) if shared else (len(classnames), M, emb.shape[-1])
+            if ctx_init:
+                init = clip.token_embedding(torch.tensor(init_ids, device=device)).float()  # (M, W)
+                ctx = init.expand(shape).clone()  # (C, M, W), or (M, W) shared
+            else:
+                ctx = torch.randn(shape, device=device) * 0.02  # (C, M, W), or (M, W) shared
+        self.n_ctx = M
+        self.ctx = nn.Parameter(ctx)  # (C, M, W), or (M, W) shared
+        # frozen pieces, rebuilt from CLIP on load, so not saved in checkpoints
+        self.register_buffer("token_ids", token_ids, persistent=False)  # (C, L)
+        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, W) SOT
+        self.register_buffer("suffix", emb[:, 1 + M:].clone(), persistent=False)  # (C, L-1-M, W)
+        self.register_buffer("eot_index", torch.tensor(eot_index, device=device), persistent=False)  # (C,)
+
+    def embeddings(self):
+        """Token embeddings of the prompts (without positional embeddings): (C, L, W)."""
+        dtype = self.clip.token_embedding.weight.dtype
+        ctx = self.ctx.expand(self.prefix.shape[0], -1, -1)  # (C, M, W): a shared context serves every class
+        return torch.cat([self.prefix, ctx, self.suffix], dim=1).to(dtype)  # (C, L, W)
+
+    def forward(self):
+        x = text_positions(self.embeddings(), self.clip.context_length)  # (C, L, W), L = max(EOT) + 1 (fast paths)
+        # short_context=False: no data-dependent cut (int(eot.max())), so torch.compile sees one graph
+        x = self.clip.encode_text_embeddings(x, self.eot_index, short_context=False)  # (C, D)
+        return F.normalize(x.float(), dim=-1)  # (C, D) F_t, method (2)
+
+
+# (3) the label graph comes from the frozen text encoder, not from the imbalanced training labels: tail classes
+# get neighbours because their names are similar to others', not because they co-occur (they rarely do).
+# `cooccur` and `identity` are the ablations.
+GRAPH_MODES = ("text", "cooccur", "identity", "none")  # none: the GCN is frozen with W2 = 0, so F_hat = F_t
+
+
+@torch.no_grad()
+def zero_shot_text_features(clip, classnames, templates=("a photo of a {}.",), chunk=256):
+    """g_c = normalize(mean_t normalize(E_T(template_t(name_c)))): plain CLIP's class embeddings, both the
+    zero-shot baseline's classifier and the node features of the text graph."""
+    device = clip.token_embedding.weight.device
+    texts = [t.format(name.replace("_", " ")) for name in classnames for t in templates]
+    feats = []
+    for i in range(0, len(texts), chunk):  # chunks bound the memory for 1000s of classes
+        tokens = tokenize(texts[i:i + chunk], context_length=clip.context_length).to(device)
+        feats.append(F.normalize(clip.encode_text(tokens).float(), dim=-1))  # (n, D)
+    feats = torch.cat(feats).view(len(classnames), len(templates), -1)  # (C, T, D)
+    return F.normalize(feats.mean(dim=1), dim=-1)  # (C, D)
+
+
+def reweight_graph(A, p):
+    """P = (1 - p) I + p A: weight 1 - p on the class itself, p over its neighbours (ML-GCN's re-weighting,
+    which stops over-smoothing). A's rows sum to 1, or are zero for a class with no neighbour: P's row is I's."""
+    eye = torch.eye(len(A), dtype=A.dtype, device=A.device)
+    has_neighbour = A.sum(dim=1, keepdim=True) > 0  # (C, 1)
+    return torch.where(has_neighbour, (1 - p) * eye + p * A, eye)  # (C, C)
+
+
+def topk_mask(S, k):
+    """(C, C) bool: each row's k largest similarities, the class itself always among them (k = 0 or >= C: all)."""
+    C = len(S)
+    if k == 0 or k >= C:
+        return torch.ones(C, C, dtype=torch.bool)
+    first_self = S.masked_fill(torch.eye(C, dtype=torch.bool), float("inf"))  # (C, C)
+    return torch.zeros(C, C, dtype=torch.bool).scatter_(1, first_self.topk(k, dim=1).indices, True)
+
+
+def text_graph(S, s=10.0, p=0.2, topk=0, tau=0.0):
+    """P from the text similarities S (C, C), over each row's top-k. tau = 0 (ours): A_ij = softmax_{j != i}(s S_ij),
+    P = (1 - p) I + p A. tau > 0 (the pre-paper code): A = S with a zero diagonal, rows scaled to sum to p,
+    diagonal 1 - p, then P = softmax(A / tau) over the kept entries of each row, the diagonal among them."""
+    C, eye = len(S), torch.eye(len(S), dtype=torch.bool)
+    keep = topk_mask(S, topk)  # (C, C)
+    if tau == 0:
+        logits = (s * S).masked_fill(eye | ~keep, float("-inf"))  # (C, C)
+        has_neighbour = (keep & ~eye).any(dim=1, keepdim=True)  # (C, 1) one class, or k = 1: none
+        A = torch.where(has_neighbour, torch.softmax(logits.masked_fill(~has_neighbour, 0), dim=1), 0.0)
+        return reweight_graph(A, p)
+    A = torch.where(keep & ~eye, S, 0.0)  # (C, C)
+    A = p * A / A.sum(dim=1, keepdim=True).clamp(min=1e-12) + (1 - p) * eye.to(S.dtype)  # (C, C) rows sum to 1
+    return torch.softmax((A / tau).masked_fill(~keep, float("-inf")), dim=1)  # (C, C)
+
+
+def cooccur_graph(targets, p, threshold=0.4):
+    """ML-GCN: P(j|i) = n_ij / n_i from the training labels, >= threshold an edge, rows normalised; (1 - p) I + p A."""
+    Y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)  # (N, C)
+    n_ij = Y.T @ Y  # (C, C) co-occurrence counts
+    n_i = n_ij.diagonal().clamp(min=1)  # a class with no image has no edge (0 / 1 = 0)
+    B = (n_ij / n_i[:, None] >= threshold).double()  # (C, C) P(j | i) >= threshold
+    B.fill_diagonal_(0)  # the self-loop is added by the (1 - p) I term
+    A = B / B.sum(dim=1, keepdim=True).clamp(min=1)  # rows of 1s / degree, or all zero
+    return reweight_graph(A, p)
+
+
+def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, threshold=0.4, topk=0, tau=0.0):
+    """The propagation matrix P (C, C), float32 on the CPU, rows summing to 1."""
+    if mode == "text":  # S = G G^T: the cosine similarities of the g_c
+        G = zero_shot_text_features(clip, classnames).double().cpu()  # (C, D)
+        P = text_graph(G @ G.T, s, p, topk, tau)
+    elif mode == "cooccur":
+        if train_targets is None:
+            raise ValueError("graph mode 'cooccur' needs the training labels (train_targets)")
+        P = cooccur_graph(train_targets, p, threshold)
+    elif mode in ("identity", "none"):
+        P = torch.eye(len(classnames), dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown graph mode {mode!r}; expected one of {GRAPH_MODES}")
+    return P.float()
+
+
+class GCN(nn.Module):
+    """(4) Three-layer residual GCN: H1 = LeakyReLU(P F_t W0), H2 = LeakyReLU(P H1 W1),
+    F_hat = F_t + P H2 W2. W2 starts at zero, so the untrained GCN is the identity on F_t."""
+
+    def __init__(self, dim, P, negative_slope=0.2, backend="auto", hidden=0):
+        super().__init__()
+        H = hidden or dim  # the pre-paper code: D -> 2048 -> 2048 -> D
+        self.register_buffer("P", torch.as_tensor(P, dtype=torch.float32).clone())  # (C, C)
+        # our choice: W ~ N(0, 1/fan_in) keeps the feature norm roughly constant layer to layer
+        self.W0 = nn.Parameter(torch.randn(dim, H) / math.sqrt(dim))  # (D, H)
+        self.W1 = nn.Parameter(torch.randn(H, H) / math.sqrt(H))  # (H, H)
+        self.W2 = nn.Parameter(torch.zeros(H, dim))  # (H, D) zero: F_hat = F_t at the start
+        self.negative_slope, self.backend = negative_slope, backend
+
+    def forward(self, F_t):
+        kw = dict(negative_slope=self.negative_slope, backend=self.backend)
+        H1 = graph_propagate(self.P, F_t, self.W0, activation=True, **kw)  # (C, H)
+        H2 = graph_propagate(self.P, H1, self.W1, activation=True, **kw)  # (C, H)
+        return F_t + graph_propagate(self.P, H2, self.W2, activation=False, **kw)  # (C, D) F_t + dF
+
+
+def graph_propagate_reference(adj, x, weight, *, negative_slope=0.2, activation=True):
+    """(4) One GCN propagation: act(adj @ (x @ weight)), act LeakyReLU(negative_slope) or none."""
+    if adj.dim() != 2 or adj.shape[0] != adj.shape[1]:
+        raise ValueError(f"graph_propagate: adj must be square (C, C), got {tuple(adj.shape)}")
+    if x.dim() != 2 or x.shape[0] != adj.shape[0]:
+        raise ValueError(f"graph_propagate: x must be (C, Din) with C = {adj.shape[0]}, got {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"graph_propagate: weight must be (Din, Dout) with Din = {x.shape[1]}, "
+                         f"got {tuple(weight.shape)}")
+    out = adj @ (x @ weight)                               # (C, Dout)
+    return F.leaky_relu(out, negative_slope) if activation else out
+
+
+# (5) PEFT on the image tower: AdaptFormer in every ViT block, bias tuning on ResNets
+
+def adapter_bottleneck(num_classes, num_layers):
+    """LIFT's rule: r = 2^max(0, floor(log2(C / (2 L))))."""
+    return 2 ** max(0, math.floor(math.log2(num_classes / (2 * num_layers))))
+
+
+class AdaptFormer(nn.Module):
+    """s_a * Up(ReLU(Down(LN_a(h)))), run in parallel with a block's MLP."""
+
+    def __init__(self, width, r):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)  # LN_a
+        self.down = nn.Linear(width, r)
+        self.up = nn.Linear(r, width)
+        nn.init.zeros_(self.up.weight)  # zero: the adapted tower starts as the frozen one
+        nn.init.zeros_(self.up.bias)
+        self.scale = nn.Parameter(torch.ones(()))  # s_a
+
+    def forward(self, h):
+        return self.scale * self.up(F.relu(self.down(self.ln(h))))
+
+
+def add_adaptformer(visual, num_classes, adapter_dim=0):
+    """Put an AdaptFormer (`block.adapter`) beside the MLP of every block of a ViT image tower, in place -> r."""
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"AdaptFormer needs a ViT image tower, got {type(visual).__name__}")
+    blocks, ref = visual.transformer.resblocks, visual.conv1.weight
+    r = adapter_dim if adapter_dim > 0 else adapter_bottleneck(num_classes, len(blocks))
+    for block in blocks:
+        block.adapter = AdaptFormer(ref.shape[0], r).to(device=ref.device, dtype=ref.dtype)
+    return r
+
+
+def bias_tuning_parameters(visual):
+    """ResNet bias tuning: every BatchNorm bias and the attention pool's projection biases."""
+    pool = visual.attnpool
+    norms = [m.bias for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
+    return norms + [pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias, pool.c_proj.bias]
+
+
+# (6) the head: cosine logits at a trainable temperature; (9) what trains
+LOGIT_SCALE_MAX = math.log(100.0)  # t <= ln(100), as in CLIP's training
+
+
+class CAPNet(nn.Module):
+    """logits z_c = exp(t) * cos(normalize(E_I(x)), F_hat_c), F_hat = GCN(PromptLearner()); P is the label graph."""
+
+    def __init__(self, clip, classnames, P, *, n_ctx=16, ctx_init="", shared_ctx=False, train_gcn=True, gcn_hidden=0,
+                 negative_slope=0.2, peft="adaptformer", adapter_dim=0, train_temperature=True, backend="auto"):
+        super().__init__()
+        if len(classnames) == 0:
+            raise ValueError("CAPNet needs at least one class")
+        if peft not in ("adaptformer", "none", "full"):
+            raise ValueError(f"unknown peft {peft!r}; expected 'adaptformer', 'none' or 'full'")
+        self.classnames = list(classnames)
+        self.clip = clip.eval().requires_grad_(peft == "full")  # frozen (1) unless fully fine-tuned
+        self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init, shared_ctx)
+        self.gcn = GCN(clip.embed_dim, P, negative_slope, backend, gcn_hidden).to(clip.token_embedding.weight.device)
+        self.gcn.requires_grad_(train_gcn)  # False (graph none: CoOp, LMPT): W2 = 0 stays, so F_hat = F_t exactly
+        self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
+        self.logit_scale.requires_grad_(train_temperature)  # False: t frozen, as in the pre-paper code
+        self.peft, self.adapter_dim = peft, 0  # adaptformer | bias | none | full
+        if peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
+            self.adapter_dim = add_adaptformer(clip.visual, len(classnames), adapter_dim)
+        elif peft == "adaptformer":  # the --peft adaptformer default means bias tuning on ResNets
+            self.peft = "bias"
+            for param in bias_tuning_parameters(clip.visual):
+                param.requires_grad_(True)
+        self._text_cache = None  # (key, F_hat) in eval mode
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # frozen: BatchNorm keeps its running statistics even in training
+        self._text_cache = None
+        return self
+
+    def trainable_parts(self):
+        """Everything that trains (requires_grad), by part; "peft" is CLIP's share (all of it with --peft full)."""
+        parts = {"prompts": [], "gcn": [], "temperature": [], "peft": []}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                part = name.split(".")[0].replace("prompt_learner", "prompts").replace("logit_scale", "temperature")
+                parts[part if part in parts else "peft"].append(p)
+        return parts
+
+    def no_decay_parameters(self):
+        """Parameters trained without weight decay: the temperature and the adapter scales."""
+        return {self.logit_scale, *(m.scale for m in self.clip.visual.modules() if isinstance(m, AdaptFormer))}
+
+    def trainable_summary(self):
+        """Trainable parameter counts by part, then the frozen rest: one line each."""
+        counts = {k: sum(p.numel() for p in v) for k, v in self.trainable_parts().items()}
+        counts["trainable"] = trainable = sum(counts.values())
+        counts["frozen (CLIP)"] = sum(p.numel() for p in self.parameters()) - trainable
+        label = lambda k: f"peft ({self.peft})" if k == "peft" else k
+        return "\n".join(f"{label(k):<20} {v:>12,}" for k, v in counts.items())
+
+    def clamp_temperature_(self):
+        """Keep t <= ln(100) in the parameter itself (call after each optimizer step): the
+        clamp in forward alone would leave t stuck above the bound with zero gradient."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
+
+    def class_features(self):
+        """F_hat (C, D). In eval mode the prompts are fixed, so it is computed once, keyed by the
+        parameters' storage and version counters: a state dict load, optimizer step or device move recomputes."""
+        if self.training:
+            return self.gcn(self.prompt_learner())
+        params = [self.prompt_learner.ctx, self.gcn.W0, self.gcn.W1, self.gcn.W2, self.gcn.P]
+        autocast = torch.is_autocast_enabled(self.logit_scale.device.type)
+        key = tuple((p.data_ptr(), p._version) for p in params) + (autocast,)
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, self.gcn(self.prompt_learner()))
+        return self._text_cache[1]
+
+    def forward(self, images):
+        v = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # (B, D)
+        F_hat = F.normalize(self.class_features().float(), dim=-1)  # (C, D)
+        t = self.logit_scale.clamp(max=LOGIT_SCALE_MAX)
+        # the head is tiny, so it runs in fp32 even under autocast: logits and loss stay fp32
+        with torch.autocast(v.device.type, enabled=False):
+            return t.exp() * v @ F_hat.T  # (B, C)
+
+
+def class_aware_weights(class_freq, tau_prime):
+    """class_weight_c = C * softmax_c(-log(n_c) / tau'): rarer classes weigh more, the mean is 1; tau' = inf: all 1."""
+    n = torch.as_tensor(np.asarray(class_freq), dtype=torch.float64)  # (C,)
+    if (n <= 0).any():
+        c = int((n <= 0).nonzero()[0])
+        raise ValueError(f"class {c} has no training image: class-aware weights are undefined")
+    if not tau_prime > 0:
+        raise ValueError(f"tau_prime must be > 0 (or inf to turn re-weighting off), got {tau_prime}")
+    if math.isinf(tau_prime):
+        return torch.ones(len(n), dtype=torch.float32)
+    return (len(n) * torch.softmax(-n.log() / tau_prime, dim=0)).float()  # (C,)
+
+
+def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10.0,
+                            mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, balance=2.0,
+                            class_weight=None, reduction="mean"):
+    """(7) Distribution-balanced focal loss with negative-tolerant regularisation (Wu et al. 2020, eqs. 3-6,
+    with the focal factor of their released code). logits, targets: (B, C); class_freq: (C,) training counts
+    n_c; num_images: N. Half types are computed in float32."""
+    class_freq = torch.as_tensor(class_freq, device=logits.device)
+    _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, reduction)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(dtype)                                   # (B, C); .to never writes to the caller's tensor
+    y = targets.to(dtype)                                  # (B, C) in {0, 1}
+    n = class_freq.to(dtype)                               # (C,)
+    # rebalance: r_bc = (1/n_c) / sum_k y_bk / n_k, w = alpha + sigmoid(beta (r - mu))
+    inv_n = 1.0 / n                                        # (C,)
+    row = (y * inv_n).sum(1, keepdim=True)                 # (B, 1)
+    r = inv_n / row                                        # (B, C), inf on a row with no positive
+    w = torch.where(row > 0, alpha + torch.sigmoid(beta * (r - mu)), alpha + 1.0)  # (B, C); r -> inf limit
+    # negative-tolerant regularisation: class-specific bias, negatives' logits scaled by lam
+    bias = -kappa / lam * torch.log(num_images / n - 1.0)  # (C,)
+    zb = z + bias                                          # (B, C)
+    pos = y > 0
+    z2 = torch.where(pos, zb, lam * zb)                    # (B, C)
+    w2 = torch.where(pos, w, w / lam)                      # (B, C)
+    # focal term on the elementwise BCEWithLogits(z'', y), written out in its stable form:
+    # F.binary_cross_entropy_with_logits takes log(1 + tiny) without log1p, losing a near-zero bce
+    bce = z2.clamp(min=0) - z2 * y + torch.log1p(torch.exp(-z2.abs()))  # (B, C)
+    one_minus_pt = -torch.expm1(-bce)                      # 1 - p_t, p_t = exp(-bce); no cancellation as p_t -> 1
+    loss = balance * one_minus_pt ** gamma * w2 * bce      # (B, C)
+    if class_weight is not None:
+        loss = loss * class_weight.to(dtype)               # (B, C) * (C,)
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss.to(logits.dtype)
+
+
+LOSSES = ("db-focal", "bce", "focal", "asl")
+
+
+def make_criterion(cfg, class_freq, num_images):
+    """fn(logits (B, C), targets (B, C)) -> scalar, the training loss chosen by cfg.loss."""
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; expected one of {LOSSES}")
+    if cfg.loss == "bce":
+        return lambda logits, targets: F.binary_cross_entropy_with_logits(logits, targets)
+    if cfg.loss == "focal":
+        return lambda logits, targets: focal_loss(logits, targets, cfg.gamma)
+    if cfg.loss == "asl":
+        return lambda logits, targets: asymmetric_loss(logits, targets, cfg.asl_gamma_pos, cfg.asl_gamma_neg,
+                                                       cfg.asl_clip)
+    freq = torch.as_tensor(np.asarray(class_freq), dtype=torch.float32)  # (C,)
+    weight = class_aware_weights(freq, cfg.tau_prime)  # checks that every class has an image
+    if (freq >= num_images).any():  # the NTR bias needs log(N / n_c - 1) finite
+        c = int((freq >= num_images).nonzero()[0])
+        raise ValueError(f"class {c} is in every training image ({int(freq[c])} of {num_images}): "
+                         f"the DB-focal NTR bias log(N / n - 1) is undefined; use --loss bce or focal")
+
+    # the focal factor is per element (7), as Wu et al.; LMPT's released code (dbl.py) takes it
+    # from the batch-mean BCE, one scalar per batch: --method lmpt keeps the elementwise form
+    def criterion(logits, targets):
+        return db_focal_loss(logits, targets, freq.to(logits.device), num_images, alpha=cfg.alpha, beta=cfg.beta,
+                             mu=cfg.mu, kappa=cfg.kappa, lam=cfg.lam, gamma=cfg.gamma, balance=cfg.balance,
+                             class_weight=weight.to(logits.device), backend=cfg.backend)
+    return criterion
+
+
+def tte_views(img, size, n_views=5):
+    """(8) Test-time views -> (V, 3, size, size), the short side resized to round(size * 248 / 224):
+    5 = four corners and centre (FiveCrop's order), 10 = those and their mirror images, 1 = the centre crop
+    (ours: one of the five views, so TTE ablations differ in the number of views only)."""
+    from PIL import Image
+    if n_views not in (1, 5, 10):
+        raise ValueError(f"n_views must be 1, 5 or 10, got {n_views}")
+    img = resize_short_side(to_rgb(img), round(size * 248 / 224))
+    W, H = img.size
+    views = [center_crop(img, size)]
+    if n_views > 1:  # the four corners (top left, top right, bottom left, bottom right), then the centre
+        views = [crop(img, top, left, size) for top in (0, H - size) for left in (0, W - size)] + views
+    if n_views == 10:
+        views += [v.transpose(Image.FLIP_LEFT_RIGHT) for v in views]
+    return torch.stack([to_tensor(v) for v in views])  # (V, 3, size, size)
+
+
+def view_logits(forward, images: torch.Tensor) -> torch.Tensor:
+    """(8) images (B, V, 3, S, S) -> logits averaged over the V test-time views."""
+    B, V = images.shape[:2]
+    return forward(images.flatten(0, 1)).float().view(B, V, -1).mean(1)  # (B * V, C) -> (B, C)
+
+
+# Class statistics are always taken from the train split. Group rule of the
+# VOC-LT / COCO-LT papers: head n >= 100, medium 20 <= n < 100, tail n < 20.
+HEAD_MIN = 100
+
+
+TAIL_MIN = 20
+
+GROUPS = ("total", "head", "medium", "tail")  # the mAP columns of every report
+
+
+def class_group(n):
+    """'head' | 'medium' | 'tail' for a class with n training images."""
+    return "head" if n >= HEAD_MIN else "medium" if n >= TAIL_MIN else "tail"
+
+
+def average_precision(scores, targets):
+    """Per-class average precision -> (C,) float64 tensor; NaN for a class with no positive. Exactly
+    scikit-learn's average_precision_score (one class at a time): AP = sum_k (R_k - R_{k-1}) P_k over the
+    distinct score thresholds, so tied scores enter as one step, with the precision of the whole tie group
+    (no interpolation, no 11-point VOC rule)."""
+    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
+    targets = torch.as_tensor(targets).detach().to("cpu", torch.float64)
+    if scores.ndim != 2 or scores.shape != targets.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and targets {tuple(targets.shape)} must both be (N, C)")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    if not ((targets == 0) | (targets == 1)).all():
+        raise ValueError("targets must be 0/1")
+    s, order = torch.sort(scores, dim=0, descending=True, stable=True)  # (N, C)
+    y = torch.gather(targets, 0, order)  # (N, C)
+    precision = torch.cumsum(y, 0) / torch.arange(1, len(y) + 1, dtype=torch.float64)[:, None]  # (N, C)
+    # a threshold sits at the last item of each run of tied scores, so rank i takes the precision of the
+    # last rank scoring >= s_i: -s ascends down each column, and searchsorted finds that rank
+    neg = -s.T.contiguous()  # (C, N)
+    group_end = torch.searchsorted(neg, neg, right=True).T - 1  # (N, C)
+    group_precision = torch.gather(precision, 0, group_end)  # (N, C)
+    return (y * group_precision).sum(0) / y.sum(0)  # (C,) each positive adds 1/P of recall; no positive: 0/0 = NaN
+
+
+def lt_map(ap, train_class_freq):
+    """mAP in percent over all classes and the head / medium / tail groups of the train counts. Classes with
+    NaN AP (no positive test image) are left out of every mean and counted in n_nan; a group with none left is NaN."""
+    ap = torch.as_tensor(ap, dtype=torch.float64).cpu()
+    freq = np.asarray(train_class_freq)
+    if ap.ndim != 1 or freq.shape != (ap.shape[0],):
+        raise ValueError(f"ap {tuple(ap.shape)} and train_class_freq {freq.shape} must both be (C,)")
+    valid = ~torch.isnan(ap)
+    groups = np.array([class_group(int(n)) for n in freq])
+
+    def mean(mask):
+        m = valid & torch.from_numpy(mask)
+        return float(ap[m].mean() * 100) if m.any() else float("nan")
+
+    out = {g: mean(groups == g) for g in ("head", "medium", "tail")}
+    return {"total": mean(np.ones(len(freq), bool)), **out, "n_nan": int((~valid).sum())}
+
+
+ONECYCLE_WARMUP = 0.2  # OneCycleLR's pct_start, as the pre-paper code (other arguments: torch's defaults)
+
+
+def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
+    # Deviation (ours): t trains at lr * temperature_lr_scale. At the full lr the first DB-focal steps, where every
+    # logit starts positive (cosines ~0.25), drive t to 0 and flatten the logits (synthetic-lt: exp(t) 14 -> 0.08,
+    # mAP -10 points); at 1/100 t still adapts (14.0 -> 13.2). --peft full: CLIP trains at lr * clip_lr_scale (ours)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    no_decay = {id(p) for p in model.no_decay_parameters()}  # temperature, adapter scales
+    clip_ids = {id(p) for p in model.clip.parameters()} if cfg.peft == "full" else set()
+    t, ctx = model.logit_scale, model.prompt_learner.ctx
+    own = {id(ctx)} if cfg.prompt_weight_decay >= 0 else set()  # --prompt-weight-decay: the context's own (ours)
+    gcn = {id(p) for p in model.gcn.parameters()} if cfg.gcn_lr > 0 else set()  # --gcn-lr: the GCN's own lr
+    decay = [p for p in trainable if id(p) not in no_decay | clip_ids | own | gcn]  # prompts, GCN, adapters
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trainable if id(p) in no_decay and p is not t], "weight_decay": 0.0}]
+    groups += [{"params": [t], "weight_decay": 0.0, "lr": cfg.lr * cfg.temperature_lr_scale}] if t.requires_grad else []
+    groups += [{"params": [ctx], "weight_decay": cfg.prompt_weight_decay}] if own else []
+    groups += [{"params": [p for p in trainable if id(p) in gcn], "weight_decay": cfg.weight_decay,
+                "lr": cfg.gcn_lr}] if gcn else []
+    if clip_ids:
+        groups.append({"params": [p for p in trainable if id(p) in clip_ids], "weight_decay": cfg.weight_decay,
+                       "lr": cfg.lr * cfg.clip_lr_scale})
+    if cfg.optimizer == "adam":  # torch's Adam adds weight_decay * w to the gradient (L2, not AdamW's decoupled decay)
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":  # each group from its lr / 25 up to its lr, then cosine down to lr / 25e4;
+        # the momentum (SGD) or Adam's beta1 cycles 0.95 -> 0.85 -> 0.95 meanwhile. Deviation: the pre-paper code
+        # fixes 120 epochs x 60 steps whatever the run's length; we fit the cycle to the run
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in optimizer.param_groups],
+                                                        total_steps=max(1, total), pct_start=ONECYCLE_WARMUP)
+        return optimizer, scheduler
+    warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+    return optimizer, scheduler
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Our schedule: linear warm-up to the peak lr, then cosine to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_step(model, criterion, optimizer, scheduler, images, targets, amp=False, forward=None):
+    """One step: logits (6), loss (7), backward, optimizer and schedule -> the loss, averaged over DDP processes.
+    On a non-finite loss nothing moves: every process returns it and the caller stops. forward: model, or its
+    DDP / compiled wrapper."""
+    with autocast(images.device, amp):  # bf16 forward under --amp; the head, loss and master weights stay fp32
+        logits = (forward or model)(images)  # (B, C)
+    loss = criterion(logits.float(), targets.float())
+    loss_value = loss.detach().clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(loss_value)
+        loss_value /= torch.distributed.get_world_size()
+    if torch.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.clamp_temperature_()  # t <= ln(100), (6)
+        scheduler.step()
+    return loss_value
+
+# -----------------------------------------------------------------------------
+# baselines' losses (the --loss ablations)
+
+def focal_loss(logits, targets, gamma=2.0):
+    """Plain sigmoid focal loss, mean over B*C: (1 - p_t)^gamma * BCE (ablation)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # (B, C)
+    return ((1 - torch.exp(-bce)) ** gamma * bce).mean()
+
+
+def asymmetric_loss(logits, targets, gamma_pos=0.0, gamma_neg=4.0, clip=0.05):
+    """ASL (Ridnik et al. 2021): -[y (1-p)^g+ log p + (1-y) p_m^g- log(1-p_m)], p_m = max(p - clip, 0), log clamped
+    at 1e-8 as in their code; mean over B*C like every loss here (their code sums); gradients flow everywhere."""
+    p = torch.sigmoid(logits)  # (B, C)
+    p_m = (p - clip).clamp(min=0)  # (B, C) shifted probability: easy negatives (p <= clip) cost nothing
+    pos = (1 - p) ** gamma_pos * torch.log(p.clamp(min=1e-8))  # (B, C)
+    neg = p_m ** gamma_neg * torch.log((1 - p_m).clamp(min=1e-8))  # (B, C)
+    return -(targets * pos + (1 - targets) * neg).mean()
+
+# -----------------------------------------------------------------------------
+# vendored CLIP (OpenAI, MIT): tokenizer, model, checkpoint loader
 
 # Byte-level BPE exactly as OpenAI CLIP's SimpleTokenizer (same clean-up, regex and merges), re-implemented
 # here. The merges file bpe_simple_vocab_16e6.txt.gz (MIT, OpenAI) is vendored at the repository root.
 BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
 SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>
 
 
@@ -204,10 +761,6 @@ class SimpleTokenizer:
             ids.extend(self.encoder[s] for s in self.bpe(word))
         return ids
 
-    def decode(self, ids):
-        text = "".join(self.decoder[int(i)] for i in ids)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
-
 
 @functools.lru_cache()
 def _tokenizer():
@@ -229,8 +782,6 @@ def tokenize(texts, context_length=77, truncate=False):
         out[row, :len(ids)] = torch.tensor(ids)
     return out
 
-# -----------------------------------------------------------------------------
-# CLIP
 
 # OpenAI's CLIP with their module and parameter names (their checkpoints load with strict=True). Deviations from
 # openai/CLIP's model.py, none changing a number beyond float rounding: batch-first (B, L, D); SDPA instead of
@@ -340,28 +891,9 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x)  # (B, D)
 
 
-def quick_gelu_reference(x):
-    return x * torch.sigmoid(1.702 * x)  # the GELU approximation CLIP was trained with
-
-
 class QuickGELU(nn.Module):
-    fused = True  # capnet::quick_gelu (one pass, fp32 math) where the extension has a kernel
-
     def forward(self, x):
-        if self.fused and _use_ext("auto", x.device, "quick_gelu"):
-            return torch.ops.capnet.quick_gelu(x)
-        return quick_gelu_reference(x)
-
-
-def attention(q, k, v, causal=False):
-    """softmax(q k^T / sqrt(d)) v for (B, H, L, d) heads by SDPA, except bf16 on the CPU, where its flash backward
-    measured 1.5-2x slower than this matmul form at ViT-B/16's L = 197, d = 64 (README, Speed)."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal and MATMUL_ATTENTION_BF16_CPU:
-        return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # (B, H, L, d)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, d)
-
-
-MATMUL_ATTENTION_BF16_CPU = True  # the switch bench.py turns off for its baseline
+        return quick_gelu(x)  # x * sigmoid(1.702 x), fused where the extension has a kernel (fast paths)
 
 
 class MultiheadAttention(nn.Module):
@@ -391,7 +923,7 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d_model, d_model * 4), gelu=QuickGELU(),
                                              c_proj=nn.Linear(d_model * 4, d_model)))
         self.ln_2 = nn.LayerNorm(d_model)
-        self.adapter = None  # an AdaptFormer beside the MLP, set by add_adaptformer (PEFT, SPEC 1 step 5)
+        self.adapter = None  # an AdaptFormer beside the MLP, set by add_adaptformer (method (5))
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x), causal=self.causal)  # h, the residual stream after attention
@@ -458,14 +990,14 @@ class CLIP(nn.Module):
     def encode_image(self, images):
         return self.visual(images.to(self.dtype))  # (B, D)
 
-    def encode_text(self, tokens, truncate=True):
+    def encode_text(self, tokens, short_context=True):
         """tokens (n, L) from tokenize() -> (n, D), read at each sequence's EOT (its largest id)."""
-        return self.encode_text_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1), truncate)
+        return self.encode_text_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1), short_context)
 
-    def encode_text_embeddings(self, x, eot_index, truncate=True):
+    def encode_text_embeddings(self, x, eot_index, short_context=True):
         """x (n, L, W) token embeddings without positions (prompts splice their context in here), eot_index (n,) ->
-        (n, D). The mask is causal: truncate=True runs only x[:, :max(eot)+1], the same features (SPEC 7)."""
-        if truncate:
+        (n, D). The mask is causal: short_context=True runs only x[:, :max(eot)+1], the same features."""
+        if short_context:
             x = x[:, :int(eot_index.max()) + 1]
         x = x.to(self.dtype) + self.positional_embedding[:x.shape[1]].to(self.dtype)  # (n, L, W)
         x = self.ln_final(self.transformer(x))  # (n, L, W)
@@ -506,6 +1038,8 @@ def build_clip(state_dict):
 
 
 _OPENAI_URL = "https://openaipublic.azureedge.net/clip/models"
+
+
 # name -> url; the second-to-last path component is the file's SHA-256, as OpenAI publishes it
 KNOWN_MODELS = {
     "RN50": f"{_OPENAI_URL}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
@@ -608,14 +1142,17 @@ def load_clip(name_or_path, device="cpu", download_root=None):
     return model.to(device)
 
 # -----------------------------------------------------------------------------
-# image transforms
+# images: decoding, resize, crops (PIL and numpy, no torchvision)
 
-# Written with PIL, numpy and torch (no torchvision). preprocess() reproduces OpenAI's CLIP
-# transform (torchvision Resize(size, BICUBIC) of the short side, CenterCrop, RGB, ToTensor,
+# Written with PIL, numpy and torch (no torchvision). resize_short_side + center_crop + to_tensor reproduce
+# OpenAI's CLIP transform (torchvision Resize(size, BICUBIC) of the short side, CenterCrop, RGB, ToTensor,
 # Normalize) on PIL images, whose BICUBIC resize antialiases when shrinking.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+
+
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 MAX_ASPECT = 10  # longest side / shortest side that reaches the resize (VOC and COCO stay below)
 
 
@@ -668,11 +1205,6 @@ def center_crop(img, size):
     return crop(img, int(round((h - size) / 2.0)), int(round((w - size) / 2.0)), size)  # torchvision rounding
 
 
-def preprocess(img, size):
-    """PIL image -> (3, size, size): OpenAI's CLIP eval transform."""
-    return to_tensor(center_crop(resize_short_side(to_rgb(img), size), size))
-
-
 def train_augment(img, size, rng, scale=(0.5, 1.0)):
     """Random resized crop (torchvision's sampling: area in `scale`, log-uniform aspect in [3/4, 4/3], ten tries,
     then a centre fallback), bicubic, flip with p = 0.5; all randomness from `rng`: (seed, epoch, index) fix it."""
@@ -694,41 +1226,12 @@ def train_augment(img, size, rng, scale=(0.5, 1.0)):
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(img)
 
-
-def tte_views(img, size, n_views=5):
-    """Test-time views -> (V, 3, size, size), the short side resized to round(size * 248 / 224) (SPEC 1 step 8):
-    5 = four corners and centre (FiveCrop's order), 10 = those and their mirror images, 1 = the centre crop
-    (ours: one of the five views, so TTE ablations differ in the number of views only)."""
-    from PIL import Image
-    if n_views not in (1, 5, 10):
-        raise ValueError(f"n_views must be 1, 5 or 10, got {n_views}")
-    img = resize_short_side(to_rgb(img), round(size * 248 / 224))
-    W, H = img.size
-    views = [center_crop(img, size)]
-    if n_views > 1:  # the four corners (top left, top right, bottom left, bottom right), then the centre
-        views = [crop(img, top, left, size) for top in (0, H - size) for left in (0, W - size)] + views
-    if n_views == 10:
-        views += [v.transpose(Image.FLIP_LEFT_RIGHT) for v in views]
-    return torch.stack([to_tensor(v) for v in views])  # (V, 3, size, size)
-
 # -----------------------------------------------------------------------------
-# data
-
-# Class statistics are always taken from the train split (SPEC section 5). Group rule of the
-# VOC-LT / COCO-LT papers: head n >= 100, medium 20 <= n < 100, tail n < 20.
-HEAD_MIN = 100
-TAIL_MIN = 20
-GROUPS = ("total", "head", "medium", "tail")  # the mAP columns of every report
-
-
-def class_group(n):
-    """'head' | 'medium' | 'tail' for a class with n training images."""
-    return "head" if n >= HEAD_MIN else "medium" if n >= TAIL_MIN else "tail"
-
+# data: the prepared format, datasets, batches
 
 @dataclass
 class Prepared:
-    """A prepared dataset (data/<name>/dataset.json, SPEC section 5), validated."""
+    """A prepared dataset (data/<name>/dataset.json, README "Data format"), validated."""
     name: str
     classes: list          # class names, index order
     image_root: Path       # absolute folder the relative image paths hang from
@@ -761,7 +1264,7 @@ def _check_items(items, split, classes, json_path):
 
 
 def load_prepared(path):
-    """Read and validate a dataset.json (SPEC sections 5 and 8); every error names the bad thing."""
+    """Read and validate a dataset.json; every error names the bad thing."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prepared dataset at {path} (make it with data_prep.py, see README)")
@@ -872,508 +1375,86 @@ def collate_skip_bad(batch):
     batch = [b for b in batch if b is not None]
     return torch.utils.data.default_collate(batch) if batch else None
 
-# -----------------------------------------------------------------------------
-# prompt learner, label graph, GCN, PEFT, CAPNet
 
-# Prompt learner (SPEC 1 step 2, as in LMPT/CoOp with class-specific context).
-
-class PromptLearner(nn.Module):
-    """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT]; only the v's learn.
-    With `ctx_init` (e.g. "a photo of a") every class's context starts as that template's token embeddings
-    and M is its token count (CoOp's convention; `n_ctx` is ignored), so the untrained prompts read exactly
-    "a photo of a {name}." With `shared` (CoOp) one (M, W) context serves every class, not a (C, M, W) one."""
-
-    def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False):
-        super().__init__()
-        # a reference, not a submodule: the frozen CLIP is registered once, under CAPNet.clip
-        object.__setattr__(self, "clip", clip)
-        device = clip.token_embedding.weight.device
-        bpe = _tokenizer()
-        init_ids = bpe.encode(ctx_init) if ctx_init else []
-        M = len(init_ids) if ctx_init else n_ctx
-        if M < 1:
-            raise ValueError(f"ctx_init {ctx_init!r} has no tokens" if ctx_init else
-                             f"n_ctx must be at least 1, got {n_ctx}")
-        rows = []
-        for name in classnames:
-            name_ids = bpe.encode(name.replace("_", " ") + ".")
-            rows.append([SOT] + [0] * M + name_ids + [EOT])  # the zeros are replaced by the context
-            if len(rows[-1]) > clip.context_length:
-                raise ValueError(f"the prompt of class {name!r} needs {len(rows[-1])} tokens ({M} context + "
-                                 f"{len(name_ids)} for the name + SOT/EOT), more than CLIP's context length "
-                                 f"{clip.context_length}; shorten the name or --n-ctx")
-        eot_index = [len(ids) - 1 for ids in rows]
-        # the text encoder is causal: keep only max(EOT) + 1 positions (SPEC 7: same features, less work)
-        L = max(eot_index) + 1
-        token_ids = torch.tensor([ids + [0] * (L - len(ids)) for ids in rows], device=device)  # (C, L)
-        with torch.no_grad():
-            emb = clip.token_embedding(token_ids).float()  # (C, L, W)
-            shape = (M, emb.shape[-1]) if shared else (len(classnames), M, emb.shape[-1])
-            if ctx_init:
-                init = clip.token_embedding(torch.tensor(init_ids, device=device)).float()  # (M, W)
-                ctx = init.expand(shape).clone()  # (C, M, W), or (M, W) shared
-            else:
-                ctx = torch.randn(shape, device=device) * 0.02  # (C, M, W), or (M, W) shared
-        self.n_ctx = M
-        self.ctx = nn.Parameter(ctx)  # (C, M, W), or (M, W) shared
-        # frozen pieces, rebuilt from CLIP on load, so not saved in checkpoints
-        self.register_buffer("token_ids", token_ids, persistent=False)  # (C, L)
-        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, W) SOT
-        self.register_buffer("suffix", emb[:, 1 + M:].clone(), persistent=False)  # (C, L-1-M, W)
-        self.register_buffer("eot_index", torch.tensor(eot_index, device=device), persistent=False)  # (C,)
-
-    def embeddings(self):
-        """Token embeddings of the prompts (without positional embeddings): (C, L, W)."""
-        dtype = self.clip.token_embedding.weight.dtype
-        ctx = self.ctx.expand(self.prefix.shape[0], -1, -1)  # (C, M, W): a shared context serves every class
-        return torch.cat([self.prefix, ctx, self.suffix], dim=1).to(dtype)  # (C, L, W)
-
-    truncate = True  # False: run all 77 positions as openai/CLIP does (same output; bench baseline)
-
-    def forward(self):
-        x = self.embeddings()  # (C, L, W), L = max(EOT) + 1: already the shortest causal context
-        if not self.truncate:
-            x = F.pad(x, (0, 0, 0, self.clip.context_length - x.shape[1]))  # (C, 77, W)
-        # truncate=False: no data-dependent cut (int(eot.max())), so torch.compile sees one graph
-        x = self.clip.encode_text_embeddings(x, self.eot_index, truncate=False)  # (C, D)
-        return F.normalize(x.float(), dim=-1)  # (C, D) F_t
+def sampler_weights(targets, class_freq, power: float = 1.0):
+    # Class-aware re-sampling: image i is drawn with probability proportional to sum_c y_ic n_c^-q. q = 1 is the
+    # per-image marginal of Shen et al.'s (a class uniformly, then one of its images), as in Wu et al. 2020.
+    inv = np.maximum(np.asarray(class_freq, dtype=np.float64), 1) ** -power  # (C,) n_c^-q
+    w = np.asarray(targets, dtype=np.float64) @ inv  # (N,)
+    return w / w.sum()
 
 
-# Label graph (SPEC 1 step 3). The graph comes from the frozen text encoder, not from the imbalanced
-# training labels: tail classes get neighbours because their names are similar to others, not because
-# they co-occur often (they rarely do). `cooccur` and `identity` are the ablations.
-GRAPH_MODES = ("text", "cooccur", "identity", "none")  # none: no GCN at all (CAPNet freezes it)
-
-
-@torch.no_grad()
-def zero_shot_text_features(clip, classnames, templates=("a photo of a {}.",), chunk=256):
-    """g_c = normalize(mean_t normalize(E_T(template_t(name_c)))): plain CLIP's class embeddings, both the
-    zero-shot baseline's classifier and the node features of the text graph."""
-    device = clip.token_embedding.weight.device
-    texts = [t.format(name.replace("_", " ")) for name in classnames for t in templates]
-    feats = []
-    for i in range(0, len(texts), chunk):  # chunks bound the memory for 1000s of classes
-        tokens = tokenize(texts[i:i + chunk], context_length=clip.context_length).to(device)
-        feats.append(F.normalize(clip.encode_text(tokens).float(), dim=-1))  # (n, D)
-    feats = torch.cat(feats).view(len(classnames), len(templates), -1)  # (C, T, D)
-    return F.normalize(feats.mean(dim=1), dim=-1)  # (C, D)
-
-
-def reweight_graph(A, p):
-    """P = (1 - p) I + p A: weight 1 - p on the class itself, p over its neighbours (ML-GCN's re-weighting,
-    which stops over-smoothing). A's rows sum to 1, or are zero for a class with no neighbour: P's row is I's."""
-    eye = torch.eye(len(A), dtype=A.dtype, device=A.device)
-    has_neighbour = A.sum(dim=1, keepdim=True) > 0  # (C, 1)
-    return torch.where(has_neighbour, (1 - p) * eye + p * A, eye)  # (C, C)
-
-
-def cooccur_graph(targets, p, threshold=0.4):
-    """ML-GCN: P(j|i) = n_ij / n_i from the training labels, >= threshold an edge, rows normalised; (1 - p) I + p A."""
-    Y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)  # (N, C)
-    n_ij = Y.T @ Y  # (C, C) co-occurrence counts
-    n_i = n_ij.diagonal().clamp(min=1)  # a class with no image has no edge (0 / 1 = 0)
-    B = (n_ij / n_i[:, None] >= threshold).double()  # (C, C) P(j | i) >= threshold
-    B.fill_diagonal_(0)  # the self-loop is added by the (1 - p) I term
-    A = B / B.sum(dim=1, keepdim=True).clamp(min=1)  # rows of 1s / degree, or all zero
-    return reweight_graph(A, p)
-
-
-def topk_mask(S, k):
-    """(C, C) bool: each row's k largest similarities, the class itself always among them (k = 0 or >= C: all)."""
-    C = len(S)
-    if k == 0 or k >= C:
-        return torch.ones(C, C, dtype=torch.bool)
-    first_self = S.masked_fill(torch.eye(C, dtype=torch.bool), float("inf"))  # (C, C)
-    return torch.zeros(C, C, dtype=torch.bool).scatter_(1, first_self.topk(k, dim=1).indices, True)
-
-
-def text_graph(S, s=10.0, p=0.2, topk=0, tau=0.0):
-    """P from the text similarities S (C, C), over each row's top-k. tau = 0 (ours): A_ij = softmax_{j != i}(s S_ij),
-    P = (1 - p) I + p A. tau > 0 (the pre-paper code): A = S with a zero diagonal, rows scaled to sum to p,
-    diagonal 1 - p, then P = softmax(A / tau) over the kept entries of each row, the diagonal among them."""
-    C, eye = len(S), torch.eye(len(S), dtype=torch.bool)
-    keep = topk_mask(S, topk)  # (C, C)
-    if tau == 0:
-        logits = (s * S).masked_fill(eye | ~keep, float("-inf"))  # (C, C)
-        has_neighbour = (keep & ~eye).any(dim=1, keepdim=True)  # (C, 1) one class, or k = 1: none
-        A = torch.where(has_neighbour, torch.softmax(logits.masked_fill(~has_neighbour, 0), dim=1), 0.0)
-        return reweight_graph(A, p)
-    A = torch.where(keep & ~eye, S, 0.0)  # (C, C)
-    A = p * A / A.sum(dim=1, keepdim=True).clamp(min=1e-12) + (1 - p) * eye.to(S.dtype)  # (C, C) rows sum to 1
-    return torch.softmax((A / tau).masked_fill(~keep, float("-inf")), dim=1)  # (C, C)
-
-
-def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, threshold=0.4, topk=0, tau=0.0):
-    """The propagation matrix P (C, C), float32 on the CPU, rows summing to 1."""
-    if mode == "text":  # S = G G^T: the cosine similarities of the g_c
-        G = zero_shot_text_features(clip, classnames).double().cpu()  # (C, D)
-        P = text_graph(G @ G.T, s, p, topk, tau)
-    elif mode == "cooccur":
-        if train_targets is None:
-            raise ValueError("graph mode 'cooccur' needs the training labels (train_targets)")
-        P = cooccur_graph(train_targets, p, threshold)
-    elif mode in ("identity", "none"):
-        P = torch.eye(len(classnames), dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown graph mode {mode!r}; expected one of {GRAPH_MODES}")
-    return P.float()
-
-
-def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
-    """A few lines about P: the weight that goes to neighbours, and whom the rarest classes borrow from."""
-    P = torch.as_tensor(P, dtype=torch.float64).cpu()
-    C = P.shape[0]
-    off = P - torch.diag(P.diagonal())  # (C, C) neighbour weights only
-    lines = [f"label graph: {C} classes, mean neighbour weight per class {off.sum(1).mean():.3f}, edges > 1/C: "
-             f"{int((off > 1.0 / C).sum())}"]
-    for i in np.argsort(np.asarray(counts), kind="stable")[:min(n_rare, C)]:
-        w, j = off[i].topk(min(n_top, C - 1))
-        nbrs = ", ".join(f"{classnames[k]} {v:.3f}" for v, k in zip(w.tolist(), j.tolist()) if v > 0)
-        lines.append(f"  {classnames[i]} (n={int(counts[i])}): {nbrs or 'no neighbours'}")
-    return "\n".join(lines)
-
-
-class GCN(nn.Module):
-    """Three-layer residual GCN (SPEC 1 step 4): H1 = LeakyReLU(P F_t W0), H2 = LeakyReLU(P H1 W1),
-    F_hat = F_t + P H2 W2. W2 starts at zero, so the untrained GCN is the identity on F_t."""
-
-    def __init__(self, dim, P, negative_slope=0.2, backend="auto", hidden=0):
-        super().__init__()
-        H = hidden or dim  # the pre-paper code: D -> 2048 -> 2048 -> D
-        self.register_buffer("P", torch.as_tensor(P, dtype=torch.float32).clone())  # (C, C)
-        # our choice: W ~ N(0, 1/fan_in) keeps the feature norm roughly constant layer to layer
-        self.W0 = nn.Parameter(torch.randn(dim, H) / math.sqrt(dim))  # (D, H)
-        self.W1 = nn.Parameter(torch.randn(H, H) / math.sqrt(H))  # (H, H)
-        self.W2 = nn.Parameter(torch.zeros(H, dim))  # (H, D) zero: F_hat = F_t at the start
-        self.negative_slope, self.backend = negative_slope, backend
-
-    def forward(self, F_t):
-        kw = dict(negative_slope=self.negative_slope, backend=self.backend)
-        H1 = graph_propagate(self.P, F_t, self.W0, activation=True, **kw)  # (C, H)
-        H2 = graph_propagate(self.P, H1, self.W1, activation=True, **kw)  # (C, H)
-        return F_t + graph_propagate(self.P, H2, self.W2, activation=False, **kw)  # (C, D) F_t + dF
-
-
-# PEFT on the image tower (SPEC 1 step 5).
-
-def adapter_bottleneck(num_classes, num_layers):
-    """LIFT's rule: r = 2^max(0, floor(log2(C / (2 L))))."""
-    return 2 ** max(0, math.floor(math.log2(num_classes / (2 * num_layers))))
-
-
-class AdaptFormer(nn.Module):
-    """s_a * Up(ReLU(Down(LN_a(h)))), run in parallel with a block's MLP."""
-
-    def __init__(self, width, r):
-        super().__init__()
-        self.ln = nn.LayerNorm(width)  # LN_a
-        self.down = nn.Linear(width, r)
-        self.up = nn.Linear(r, width)
-        nn.init.zeros_(self.up.weight)  # zero: the adapted tower starts as the frozen one
-        nn.init.zeros_(self.up.bias)
-        self.scale = nn.Parameter(torch.ones(()))  # s_a
-
-    def forward(self, h):
-        return self.scale * self.up(F.relu(self.down(self.ln(h))))
-
-
-def add_adaptformer(visual, num_classes, adapter_dim=0):
-    """Put an AdaptFormer (`block.adapter`) beside the MLP of every block of a ViT image tower, in place -> r."""
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"AdaptFormer needs a ViT image tower, got {type(visual).__name__}")
-    blocks, ref = visual.transformer.resblocks, visual.conv1.weight
-    r = adapter_dim if adapter_dim > 0 else adapter_bottleneck(num_classes, len(blocks))
-    for block in blocks:
-        block.adapter = AdaptFormer(ref.shape[0], r).to(device=ref.device, dtype=ref.dtype)
-    return r
-
-
-def bias_tuning_parameters(visual):
-    """ResNet bias tuning: every BatchNorm bias and the attention pool's projection biases."""
-    pool = visual.attnpool
-    norms = [m.bias for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
-    return norms + [pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias, pool.c_proj.bias]
-
-
-# The model (SPEC 1 steps 5, 6, 9).
-LOGIT_SCALE_MAX = math.log(100.0)  # t <= ln(100), as in CLIP's training
-
-
-class CAPNet(nn.Module):
-    """logits z_c = exp(t) * cos(normalize(E_I(x)), F_hat_c), F_hat = GCN(PromptLearner())."""
-
-    def __init__(self, clip, classnames, cfg, train_targets=None):
-        super().__init__()
-        if len(classnames) == 0:
-            raise ValueError("CAPNet needs at least one class")
-        if cfg.peft not in ("adaptformer", "none", "full"):
-            raise ValueError(f"unknown peft {cfg.peft!r}; expected 'adaptformer', 'none' or 'full'")
-        self.classnames = list(classnames)
-        self.clip = clip.eval().requires_grad_(cfg.peft == "full")  # frozen (step 1) unless fully fine-tuned
-        self.prompt_learner = PromptLearner(clip, classnames, cfg.n_ctx, cfg.ctx_init, cfg.ctx == "shared")
-        P = build_label_graph(cfg.graph, clip, classnames, train_targets, cfg.s, cfg.p, cfg.cooccur_threshold,
-                              cfg.graph_topk, cfg.graph_tau)
-        self.gcn = GCN(clip.embed_dim, P, cfg.negative_slope, cfg.backend, cfg.gcn_hidden).to(clip.token_embedding.weight.device)
-        self.gcn.requires_grad_(cfg.graph != "none")  # none (CoOp, LMPT): frozen with W2 = 0, so F_hat = F_t exactly
-        self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
-        self.logit_scale.requires_grad_(cfg.temperature_lr_scale > 0)  # 0: t frozen, as in the pre-paper code
-        self.peft, self.adapter_dim = cfg.peft, 0  # adaptformer | bias | none | full
-        if cfg.peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
-            self.adapter_dim = add_adaptformer(clip.visual, len(classnames), cfg.adapter_dim)
-        elif cfg.peft == "adaptformer":  # the --peft adaptformer default means bias tuning on ResNets
-            self.peft = "bias"
-            for param in bias_tuning_parameters(clip.visual):
-                param.requires_grad_(True)
-        self._text_cache = None  # (key, F_hat) in eval mode
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.clip.eval()  # frozen: BatchNorm keeps its running statistics even in training
-        self._text_cache = None
-        return self
-
-    def trainable_parts(self):
-        """Everything that trains (step 9), by part."""
-        peft = [p for n, p in self.clip.visual.named_parameters() if ".adapter." in n]
-        if self.peft == "bias":
-            peft = bias_tuning_parameters(self.clip.visual)
-        if self.peft == "full":  # the fine-tuning baseline: every CLIP weight, text tower included
-            peft = list(self.clip.parameters())
-        return {"prompts": [self.prompt_learner.ctx],
-                "gcn": [w for w in (self.gcn.W0, self.gcn.W1, self.gcn.W2) if w.requires_grad],
-                "temperature": [self.logit_scale] if self.logit_scale.requires_grad else [], "peft": peft}
-
-    def no_decay_parameters(self):
-        """Parameters trained without weight decay: the temperature and the adapter scales."""
-        return {self.logit_scale, *(m.scale for m in self.clip.visual.modules() if isinstance(m, AdaptFormer))}
-
-    def trainable_summary(self):
-        """Trainable parameter counts by part, then the frozen rest: one line each."""
-        counts = {k: sum(p.numel() for p in v) for k, v in self.trainable_parts().items()}
-        counts["trainable"] = trainable = sum(counts.values())
-        counts["frozen (CLIP)"] = sum(p.numel() for p in self.parameters()) - trainable
-        label = lambda k: f"peft ({self.peft})" if k == "peft" else k
-        return "\n".join(f"{label(k):<20} {v:>12,}" for k, v in counts.items())
-
-    def clamp_temperature_(self):
-        """Keep t <= ln(100) in the parameter itself (call after each optimizer step): the
-        clamp in forward alone would leave t stuck above the bound with zero gradient."""
-        with torch.no_grad():
-            self.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
-
-    def class_features(self):
-        """F_hat (C, D). In eval mode the prompts are fixed, so it is computed once (SPEC 7), keyed by the
-        parameters' storage and version counters: a state dict load, optimizer step or device move recomputes."""
-        if self.training:
-            return self.gcn(self.prompt_learner())
-        params = [self.prompt_learner.ctx, self.gcn.W0, self.gcn.W1, self.gcn.W2, self.gcn.P]
-        autocast = torch.is_autocast_enabled(self.logit_scale.device.type)
-        key = tuple((p.data_ptr(), p._version) for p in params) + (autocast,)
-        if self._text_cache is None or self._text_cache[0] != key:
-            with torch.no_grad():
-                self._text_cache = (key, self.gcn(self.prompt_learner()))
-        return self._text_cache[1]
-
-    def forward(self, images):
-        v = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # (B, D)
-        F_hat = F.normalize(self.class_features().float(), dim=-1)  # (C, D)
-        t = self.logit_scale.clamp(max=LOGIT_SCALE_MAX)
-        # the head is tiny, so it runs in fp32 even under autocast: logits and loss stay fp32
-        with torch.autocast(v.device.type, enabled=False):
-            return t.exp() * v @ F_hat.T  # (B, C)
-
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                  weights=None):
+    # The global batches of one epoch (drop_last; batch_size is global), each cut to this process's shard.
+    # The order depends only on (seed, epoch), so a resumed run and every DDP process see the same batches;
+    # the extra words keep this stream apart from the augmentation RNG [seed, epoch, index]. With `weights`
+    # (class-aware sampler) an epoch is num_items draws with replacement: as many steps as uniform.
+    rng = np.random.default_rng([seed, epoch, 2**32 - 1, 1])
+    order = rng.permutation(num_items) if weights is None else rng.choice(num_items, num_items, p=weights)
+    steps = num_items // batch_size
+    return [order[i * batch_size:(i + 1) * batch_size][rank::world].tolist() for i in range(steps)]
 
 # -----------------------------------------------------------------------------
-# losses
+# fast paths: every speed switch, and the dispatch to the fused C++/CUDA ops of csrc/
 
-# The DB-focal loss (SPEC 3) is `db_focal_loss` in the fused-op section; here: class-aware weights, ablation losses.
-LOSSES = ("db-focal", "bce", "focal", "asl")
-
-
-def class_aware_weights(class_freq, tau_prime):
-    """class_weight_c = C * softmax_c(-log(n_c) / tau'): rarer classes weigh more, the mean is 1; tau' = inf: all 1."""
-    n = torch.as_tensor(np.asarray(class_freq), dtype=torch.float64)  # (C,)
-    if (n <= 0).any():
-        c = int((n <= 0).nonzero()[0])
-        raise ValueError(f"class {c} has no training image: class-aware weights are undefined")
-    if not tau_prime > 0:
-        raise ValueError(f"tau_prime must be > 0 (or inf to turn re-weighting off), got {tau_prime}")
-    if math.isinf(tau_prime):
-        return torch.ones(len(n), dtype=torch.float32)
-    return (len(n) * torch.softmax(-n.log() / tau_prime, dim=0)).float()  # (C,)
+# Switches that change speed, never a number beyond float rounding (bench.py turns them off for its baselines).
+SHORTEST_TEXT_CONTEXT = True  # prompts run on max(EOT) + 1 positions; False: all 77, as openai/CLIP does
+FUSED_QUICK_GELU = True  # capnet::quick_gelu (one pass, fp32 math) where the extension has a kernel
 
 
-def focal_loss(logits, targets, gamma=2.0):
-    """Plain sigmoid focal loss, mean over B*C: (1 - p_t)^gamma * BCE (ablation)."""
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # (B, C)
-    return ((1 - torch.exp(-bce)) ** gamma * bce).mean()
+def text_positions(x, context_length):
+    """Prompt embeddings (C, L, W), L = max(EOT) + 1; padded to the full context when the switch is off."""
+    return x if SHORTEST_TEXT_CONTEXT else F.pad(x, (0, 0, 0, context_length - x.shape[1]))  # (C, L or 77, W)
 
 
-def asymmetric_loss(logits, targets, gamma_pos=0.0, gamma_neg=4.0, clip=0.05):
-    """ASL (Ridnik et al. 2021): -[y (1-p)^g+ log p + (1-y) p_m^g- log(1-p_m)], p_m = max(p - clip, 0), log clamped
-    at 1e-8 as in their code; mean over B*C like every loss here (their code sums); gradients flow everywhere."""
-    p = torch.sigmoid(logits)  # (B, C)
-    p_m = (p - clip).clamp(min=0)  # (B, C) shifted probability: easy negatives (p <= clip) cost nothing
-    pos = (1 - p) ** gamma_pos * torch.log(p.clamp(min=1e-8))  # (B, C)
-    neg = p_m ** gamma_neg * torch.log((1 - p_m).clamp(min=1e-8))  # (B, C)
-    return -(targets * pos + (1 - targets) * neg).mean()
+def quick_gelu_reference(x):
+    return x * torch.sigmoid(1.702 * x)  # the GELU approximation CLIP was trained with
 
 
-def make_criterion(cfg, class_freq, num_images):
-    """fn(logits (B, C), targets (B, C)) -> scalar, the training loss chosen by cfg.loss."""
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}; expected one of {LOSSES}")
-    if cfg.loss == "bce":
-        return lambda logits, targets: F.binary_cross_entropy_with_logits(logits, targets)
-    if cfg.loss == "focal":
-        return lambda logits, targets: focal_loss(logits, targets, cfg.gamma)
-    if cfg.loss == "asl":
-        return lambda logits, targets: asymmetric_loss(logits, targets, cfg.asl_gamma_pos, cfg.asl_gamma_neg,
-                                                       cfg.asl_clip)
-    freq = torch.as_tensor(np.asarray(class_freq), dtype=torch.float32)  # (C,)
-    weight = class_aware_weights(freq, cfg.tau_prime)  # checks that every class has an image
-    if (freq >= num_images).any():  # the NTR bias needs log(N / n_c - 1) finite
-        c = int((freq >= num_images).nonzero()[0])
-        raise ValueError(f"class {c} is in every training image ({int(freq[c])} of {num_images}): "
-                         f"the DB-focal NTR bias log(N / n - 1) is undefined; use --loss bce or focal")
-
-    # the focal factor is per element (SPEC 3, as Wu et al.); LMPT's released code (dbl.py) takes it
-    # from the batch-mean BCE, one scalar per batch: --method lmpt keeps the elementwise form
-    def criterion(logits, targets):
-        return db_focal_loss(logits, targets, freq.to(logits.device), num_images, alpha=cfg.alpha, beta=cfg.beta,
-                             mu=cfg.mu, kappa=cfg.kappa, lam=cfg.lam, gamma=cfg.gamma, balance=cfg.balance,
-                             class_weight=weight.to(logits.device), backend=cfg.backend)
-    return criterion
+def quick_gelu(x):
+    if FUSED_QUICK_GELU and _use_ext("auto", x.device, "quick_gelu"):
+        return torch.ops.capnet.quick_gelu(x)
+    return quick_gelu_reference(x)
 
 
-# -----------------------------------------------------------------------------
-# metrics
-
-def average_precision(scores, targets):
-    """Per-class average precision -> (C,) float64 tensor; NaN for a class with no positive. Exactly
-    scikit-learn's average_precision_score (one class at a time): AP = sum_k (R_k - R_{k-1}) P_k over the
-    distinct score thresholds, so tied scores enter as one step, with the precision of the whole tie group
-    (no interpolation, no 11-point VOC rule)."""
-    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
-    targets = torch.as_tensor(targets).detach().to("cpu", torch.float64)
-    if scores.ndim != 2 or scores.shape != targets.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and targets {tuple(targets.shape)} must both be (N, C)")
-    if not torch.isfinite(scores).all():
-        raise ValueError("scores contain NaN or inf")
-    if not ((targets == 0) | (targets == 1)).all():
-        raise ValueError("targets must be 0/1")
-    s, order = torch.sort(scores, dim=0, descending=True, stable=True)  # (N, C)
-    y = torch.gather(targets, 0, order)  # (N, C)
-    precision = torch.cumsum(y, 0) / torch.arange(1, len(y) + 1, dtype=torch.float64)[:, None]  # (N, C)
-    # a threshold sits at the last item of each run of tied scores, so rank i takes the precision of the
-    # last rank scoring >= s_i: -s ascends down each column, and searchsorted finds that rank
-    neg = -s.T.contiguous()  # (C, N)
-    group_end = torch.searchsorted(neg, neg, right=True).T - 1  # (N, C)
-    group_precision = torch.gather(precision, 0, group_end)  # (N, C)
-    return (y * group_precision).sum(0) / y.sum(0)  # (C,) each positive adds 1/P of recall; no positive: 0/0 = NaN
+def attention(q, k, v, causal=False):
+    """softmax(q k^T / sqrt(d)) v for (B, H, L, d) heads by SDPA, except bf16 on the CPU, where its flash backward
+    is slower than this matmul form at ViT-B/16's sizes (docs/speed.md)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal and MATMUL_ATTENTION_BF16_CPU:
+        return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # (B, H, L, d)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, d)
 
 
-def lt_map(ap, train_class_freq):
-    """mAP in percent over all classes and the head / medium / tail groups of the train counts. Classes with
-    NaN AP (no positive test image) are left out of every mean and counted in n_nan; a group with none left is NaN."""
-    ap = torch.as_tensor(ap, dtype=torch.float64).cpu()
-    freq = np.asarray(train_class_freq)
-    if ap.ndim != 1 or freq.shape != (ap.shape[0],):
-        raise ValueError(f"ap {tuple(ap.shape)} and train_class_freq {freq.shape} must both be (C,)")
-    valid = ~torch.isnan(ap)
-    groups = np.array([class_group(int(n)) for n in freq])
-
-    def mean(mask):
-        m = valid & torch.from_numpy(mask)
-        return float(ap[m].mean() * 100) if m.any() else float("nan")
-
-    out = {g: mean(groups == g) for g in ("head", "medium", "tail")}
-    return {"total": mean(np.ones(len(freq), bool)), **out, "n_nan": int((~valid).sum())}
-
-# -----------------------------------------------------------------------------
-# fused-op dispatch (pure-torch references beside their dispatchers)
-
-# The DB-focal loss (section 1 step 7) and one GCN propagation (step 4): a readable pure-torch reference
-# each, which is the specification (SPEC 3), and a dispatcher that runs the fused C++/CUDA kernels of
-# csrc/ (torch.ops.capnet.*) for backend "auto" when built with a kernel for the tensor's device, or "ext".
-
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+MATMUL_ATTENTION_BF16_CPU = True  # the matmul form above for bf16 on CPU; False: SDPA everywhere
 
 
-def _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, reduction):
-    # clear errors for bad input; the kernels check the same things in C++
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"db_focal_loss: reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
-    if logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(f"db_focal_loss: logits must be a 2-D (B, C) floating tensor, got "
-                         f"{tuple(logits.shape)} {logits.dtype}")
-    if targets.shape != logits.shape:
-        raise ValueError(f"db_focal_loss: targets shape {tuple(targets.shape)} must equal logits shape "
-                         f"{tuple(logits.shape)}")
-    if ((targets != 0) & (targets != 1)).any():
-        raise ValueError("db_focal_loss: targets must be 0 or 1")
-    C = logits.shape[1]
-    for name, t in (("class_freq", class_freq), ("class_weight", class_weight)):
-        if t is not None and t.shape != (C,):
-            raise ValueError(f"db_focal_loss: {name} must have shape (C,) = ({C},), got {tuple(t.shape)}")
-    bad = ((class_freq <= 0) | (class_freq >= num_images)).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"db_focal_loss: class {bad[0]} has training count {class_freq[bad[0]].item()}; "
-                         f"the DB loss needs 0 < n_c < num_images ({num_images})")
+def hold_frozen_in_bf16(clip):
+    """Under bf16 autocast, hold the frozen GEMM weights in bf16 once (autocast caches only casts of weights that
+    require grad): exactly the tensors autocast rounds (Linear, attention in-projection, ResNet convs after the
+    stem, output projections), so outputs are unchanged; norms, embeddings and trainable parameters stay fp32."""
+    convs = [m for m in clip.visual.modules() if isinstance(m, nn.Conv2d) and m is not clip.visual.conv1]
+    modules = [m for m in clip.modules() if isinstance(m, (nn.Linear, MultiheadAttention))] + convs
+    params = [p for m in modules for p in m.parameters(recurse=False)] + [clip.text_projection]
+    params += [clip.visual.proj] if isinstance(clip.visual, VisionTransformer) else []
+    for p in params:
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
 
 
-def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10.0,
-                            mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, balance=2.0,
-                            class_weight=None, reduction="mean"):
-    """Distribution-balanced focal loss with negative-tolerant regularisation (SPEC 3; Wu et al. 2020, eqs. 3-6,
-    with the focal factor of their released code). logits, targets: (B, C); class_freq: (C,) training counts
-    n_c; num_images: N. Half types are computed in float32."""
-    class_freq = torch.as_tensor(class_freq, device=logits.device)
-    _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, reduction)
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    z = logits.to(dtype)                                   # (B, C); .to never writes to the caller's tensor
-    y = targets.to(dtype)                                  # (B, C) in {0, 1}
-    n = class_freq.to(dtype)                               # (C,)
-    # rebalance: r_bc = (1/n_c) / sum_k y_bk / n_k, w = alpha + sigmoid(beta (r - mu))
-    inv_n = 1.0 / n                                        # (C,)
-    row = (y * inv_n).sum(1, keepdim=True)                 # (B, 1)
-    r = inv_n / row                                        # (B, C), inf on a row with no positive
-    w = torch.where(row > 0, alpha + torch.sigmoid(beta * (r - mu)), alpha + 1.0)  # (B, C); r -> inf limit
-    # negative-tolerant regularisation: class-specific bias, negatives' logits scaled by lam
-    bias = -kappa / lam * torch.log(num_images / n - 1.0)  # (C,)
-    zb = z + bias                                          # (B, C)
-    pos = y > 0
-    z2 = torch.where(pos, zb, lam * zb)                    # (B, C)
-    w2 = torch.where(pos, w, w / lam)                      # (B, C)
-    # focal term on the elementwise BCEWithLogits(z'', y), written out in its stable form:
-    # F.binary_cross_entropy_with_logits takes log(1 + tiny) without log1p, losing a near-zero bce
-    bce = z2.clamp(min=0) - z2 * y + torch.log1p(torch.exp(-z2.abs()))  # (B, C)
-    one_minus_pt = -torch.expm1(-bce)                      # 1 - p_t, p_t = exp(-bce); no cancellation as p_t -> 1
-    loss = balance * one_minus_pt ** gamma * w2 * bce      # (B, C)
-    if class_weight is not None:
-        loss = loss * class_weight.to(dtype)               # (B, C) * (C,)
-    if reduction == "mean":
-        loss = loss.mean()
-    elif reduction == "sum":
-        loss = loss.sum()
-    return loss.to(logits.dtype)
+def autocast(device: torch.device, amp: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
 
-def graph_propagate_reference(adj, x, weight, *, negative_slope=0.2, activation=True):
-    """One GCN propagation step (section 1 step 4): act(adj @ (x @ weight)), act LeakyReLU(negative_slope) or none."""
-    if adj.dim() != 2 or adj.shape[0] != adj.shape[1]:
-        raise ValueError(f"graph_propagate: adj must be square (C, C), got {tuple(adj.shape)}")
-    if x.dim() != 2 or x.shape[0] != adj.shape[0]:
-        raise ValueError(f"graph_propagate: x must be (C, Din) with C = {adj.shape[0]}, got {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"graph_propagate: weight must be (Din, Dout) with Din = {x.shape[1]}, "
-                         f"got {tuple(weight.shape)}")
-    out = adj @ (x @ weight)                               # (C, Dout)
-    return F.leaky_relu(out, negative_slope) if activation else out
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    # master weights, loss and metrics stay fp32; only the forward runs in bf16
+    return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
 
 
 # importing capnet_ext registers torch.ops.capnet.*
 capnet_ext, _EXT_WHY_NOT = None, "disabled by CAPNET_NO_EXT=1"
+
+
 if os.environ.get("CAPNET_NO_EXT") != "1":
     try:  # build_ext --inplace puts it beside this file, which is on sys.path when capnet imports
         import capnet_ext
@@ -1381,8 +1462,13 @@ if os.environ.get("CAPNET_NO_EXT") != "1":
         _EXT_WHY_NOT = "not built"
     except (ImportError, OSError) as e:  # e.g. built against another torch
         _EXT_WHY_NOT = f"import failed: {e}"
+
+
 EXT_AVAILABLE = capnet_ext is not None
+
 EXT_CUDA = EXT_AVAILABLE and bool(getattr(capnet_ext, "WITH_CUDA", False))
+
+
 if not EXT_AVAILABLE:
     print(f"capnet: fused-op extension capnet_ext {_EXT_WHY_NOT}; using the pure-torch path "
           f"(build it with: python setup.py build_ext --inplace)", file=sys.stderr)
@@ -1401,6 +1487,40 @@ def _use_ext(backend, device, op):
     return has_kernel
 
 
+# The DB-focal loss (7) and one GCN propagation (4): their pure-torch references, in the method section, are the
+# specification; these dispatchers run the fused C++/CUDA kernels of csrc/ (torch.ops.capnet.*) for backend
+# "auto" when built with a kernel for the tensor's device, or "ext".
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _reduction_code(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"db_focal_loss: reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
+    return _REDUCTIONS[reduction]
+
+
+def _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, reduction):
+    # clear errors for bad input; the kernels check the same things in C++
+    _reduction_code(reduction)
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"db_focal_loss: logits must be a 2-D (B, C) floating tensor, got "
+                         f"{tuple(logits.shape)} {logits.dtype}")
+    if targets.shape != logits.shape:
+        raise ValueError(f"db_focal_loss: targets shape {tuple(targets.shape)} must equal logits shape "
+                         f"{tuple(logits.shape)}")
+    if ((targets != 0) & (targets != 1)).any():
+        raise ValueError("db_focal_loss: targets must be 0 or 1")
+    C = logits.shape[1]
+    for name, t in (("class_freq", class_freq), ("class_weight", class_weight)):
+        if t is not None and t.shape != (C,):
+            raise ValueError(f"db_focal_loss: {name} must have shape (C,) = ({C},), got {tuple(t.shape)}")
+    bad = ((class_freq <= 0) | (class_freq >= num_images)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"db_focal_loss: class {bad[0]} has training count {class_freq[bad[0]].item()}; "
+                         f"the DB loss needs 0 < n_c < num_images ({num_images})")
+
+
 def db_focal_loss(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10.0, mu=0.2,
                   kappa=0.05, lam=2.0, gamma=2.0, balance=2.0, class_weight=None,
                   reduction="mean", backend="auto"):
@@ -1410,14 +1530,13 @@ def db_focal_loss(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10
         return db_focal_loss_reference(logits, targets, class_freq, num_images, alpha=alpha, beta=beta,
                                        mu=mu, kappa=kappa, lam=lam, gamma=gamma, balance=balance,
                                        class_weight=class_weight, reduction=reduction)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"db_focal_loss: reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
+    code = _reduction_code(reduction)
     class_freq = torch.as_tensor(class_freq, device=logits.device)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _ = torch.ops.capnet.db_focal_loss(
         logits, targets, class_freq, float(num_images), float(alpha), float(beta), float(mu),
         float(kappa), float(lam), float(gamma), float(balance), class_weight,
-        _REDUCTIONS[reduction], compute_grad)
+        code, compute_grad)
     return loss
 
 
@@ -1461,29 +1580,36 @@ if EXT_AVAILABLE:
         for _device in ("cpu", "cuda"):
             torch.library.register_autocast(_op, _device, torch.float32)
 
-
 # -----------------------------------------------------------------------------
-# train
+# runs: config resolution, checkpoints, the training loop, seeds and tables
 
 # The train loop owns runs/<name>/: config.json, log.txt, checkpoint.pt (atomic), results.json, per_class_ap.csv,
 # ap_vs_freq.png. Everything that decides a number is a pure function of (config, seed, epoch, index), so a
-# killed run resumed from its checkpoint reaches the same final numbers as one that never stopped (SPEC 8).
+# killed run resumed from its checkpoint reaches the same final numbers as one that never stopped.
 
 # how to prepare each known dataset: python data_prep.py <these> (printed when data/<name>/dataset.json is missing)
 DATA_PREP_ARGS = {"synthetic-lt": "synthetic-lt", "voc-lt": "voc-lt --voc-root DIR --split img_id.txt",
                   "coco-lt": "coco-lt --coco-root DIR --split img_id.pkl", "nus-wide-lt": "nus-wide-lt --nus-root DIR"}
+
+
 CHOICES = {
     "graph": GRAPH_MODES, "loss": LOSSES, "ctx": ("class", "shared"), "recipe": tuple(RECIPES),
     "optimizer": ("sgd", "adam"), "schedule": ("cosine", "onecycle"),
     "peft": ("adaptformer", "none", "full"), "sampler": ("uniform", "class-aware"), "tte": (1, 5, 10),
     "device": ("auto", "cpu", "cuda"), "amp": ("auto", "bf16", "none"), "backend": ("auto", "ext", "torch"),
 }
+
+
 # fields that may change between a run and its --resume without changing any number
 RESUME_FREE = {"resume", "workers", "log_every", "device", "eval_batch_size", "compile", "seeds", "recipe"}
+
+
 # fields that name an ablation: a non-default value goes into the derived run name
 ABLATION_FIELDS = ("graph", "loss", "peft", "tau_prime", "tte", "n_ctx", "s", "p", "ctx_init", "ctx", "sampler",
                    "scale_min", "prompt_weight_decay", "optimizer", "schedule", "lr", "gcn_lr", "gcn_hidden",
                    "graph_topk", "graph_tau", "temperature_lr_scale")
+
+
 CHECKPOINT_FORMAT = "capnet-checkpoint-1"
 
 
@@ -1610,8 +1736,6 @@ def format_map(m: dict) -> str:
     return " | ".join(f"{g} {f(m[g])}" for g in GROUPS)
 
 
-# ---- distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nothing else changes
-
 def setup_device_and_dist(cfg: Config):
     """-> (device, rank, world). Under torchrun: gloo on CPU, nccl on GPU, one GPU per process."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -1628,28 +1752,6 @@ def barrier(world: int):
     if world > 1:
         torch.distributed.barrier()
 
-
-def sampler_weights(targets, class_freq, power: float = 1.0):
-    # Class-aware re-sampling: image i is drawn with probability proportional to sum_c y_ic n_c^-q. q = 1 is the
-    # per-image marginal of Shen et al.'s (a class uniformly, then one of its images), as in Wu et al. 2020.
-    inv = np.maximum(np.asarray(class_freq, dtype=np.float64), 1) ** -power  # (C,) n_c^-q
-    w = np.asarray(targets, dtype=np.float64) @ inv  # (N,)
-    return w / w.sum()
-
-
-def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                  weights=None):
-    # The global batches of one epoch (drop_last; batch_size is global), each cut to this process's shard.
-    # The order depends only on (seed, epoch), so a resumed run and every DDP process see the same batches;
-    # the extra words keep this stream apart from the augmentation RNG [seed, epoch, index]. With `weights`
-    # (class-aware sampler) an epoch is num_items draws with replacement: as many steps as uniform.
-    rng = np.random.default_rng([seed, epoch, 2**32 - 1, 1])
-    order = rng.permutation(num_items) if weights is None else rng.choice(num_items, num_items, p=weights)
-    steps = num_items // batch_size
-    return [order[i * batch_size:(i + 1) * batch_size][rank::world].tolist() for i in range(steps)]
-
-
-# ---- data and backbone
 
 def load_dataset(cfg: Config, rank: int = 0, world: int = 1, prepare: bool = True) -> "Prepared":
     path = Path(cfg.data_root) / cfg.data / "dataset.json"
@@ -1690,29 +1792,19 @@ def load_backbone(cfg: Config):
         raise RunError(str(e)) from None
 
 
-def build_model(clip, classes, cfg: Config, train_targets, device):
-    # the seed fixes every random init (prompts, adapters): a rebuilt model starts where training did
-    torch.manual_seed(cfg.seed)
-    model = CAPNet(clip, classes, cfg, train_targets).to(device)
-    if use_bf16(cfg, device):  # after the label graph, which is computed in fp32
+def build_model(clip, classes, cfg: Config, train_targets, device="cpu") -> CAPNet:
+    """The label graph (3), then CAPNet as cfg says, seeded by cfg.seed: a rebuilt model starts where training did."""
+    P = build_label_graph(cfg.graph, clip, classes, train_targets, cfg.s, cfg.p, cfg.cooccur_threshold,
+                          cfg.graph_topk, cfg.graph_tau)
+    torch.manual_seed(cfg.seed)  # every random init: prompts, GCN, adapters
+    model = CAPNet(clip, classes, P, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, shared_ctx=cfg.ctx == "shared",
+                   train_gcn=cfg.graph != "none", gcn_hidden=cfg.gcn_hidden, negative_slope=cfg.negative_slope,
+                   peft=cfg.peft, adapter_dim=cfg.adapter_dim, train_temperature=cfg.temperature_lr_scale > 0,
+                   backend=cfg.backend).to(device)
+    if use_bf16(cfg, torch.device(device)):  # after the label graph, which is computed in fp32
         hold_frozen_in_bf16(model.clip)
     return model
 
-
-def hold_frozen_in_bf16(clip):
-    """Under bf16 autocast, hold the frozen GEMM weights in bf16 once (autocast caches only casts of weights that
-    require grad): exactly the tensors autocast rounds (Linear, attention in-projection, ResNet convs after the
-    stem, output projections), so outputs are unchanged; norms, embeddings and trainable parameters stay fp32."""
-    convs = [m for m in clip.visual.modules() if isinstance(m, nn.Conv2d) and m is not clip.visual.conv1]
-    modules = [m for m in clip.modules() if isinstance(m, (nn.Linear, MultiheadAttention))] + convs
-    params = [p for m in modules for p in m.parameters(recurse=False)] + [clip.text_projection]
-    params += [clip.visual.proj] if isinstance(clip.visual, VisionTransformer) else []
-    for p in params:
-        if not p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-
-
-# ---- checkpoints: trainable parameters + optimizer + scheduler + RNG, written atomically
 
 def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, where: str):
     if ckpt["config"]["data"] != data:
@@ -1757,71 +1849,6 @@ def load_trainable(model: nn.Module, state: dict):
                 raise RunError(f"checkpoint parameter {n} has shape {tuple(state[n].shape)}, "
                                f"the model {tuple(params[n].shape)}")
             params[n].copy_(state[n])
-
-
-# ---- schedule: linear warm-up, then cosine to zero (SPEC section 6)
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-ONECYCLE_WARMUP = 0.2  # OneCycleLR's pct_start, as the pre-paper code (other arguments: torch's defaults)
-
-
-def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
-    # Deviation (ours): t trains at lr * temperature_lr_scale. At the full lr the first DB-focal steps, where every
-    # logit starts positive (cosines ~0.25), drive t to 0 and flatten the logits (synthetic-lt: exp(t) 14 -> 0.08,
-    # mAP -10 points); at 1/100 t still adapts (14.0 -> 13.2). --peft full: CLIP trains at lr * clip_lr_scale (ours)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    no_decay = {id(p) for p in model.no_decay_parameters()}  # temperature, adapter scales
-    clip_ids = {id(p) for p in model.clip.parameters()} if cfg.peft == "full" else set()
-    t, ctx = model.logit_scale, model.prompt_learner.ctx
-    own = {id(ctx)} if cfg.prompt_weight_decay >= 0 else set()  # --prompt-weight-decay: the context's own (ours)
-    gcn = {id(p) for p in model.gcn.parameters()} if cfg.gcn_lr > 0 else set()  # --gcn-lr: the GCN's own lr
-    decay = [p for p in trainable if id(p) not in no_decay | clip_ids | own | gcn]  # prompts, GCN, adapters
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": [p for p in trainable if id(p) in no_decay and p is not t], "weight_decay": 0.0}]
-    groups += [{"params": [t], "weight_decay": 0.0, "lr": cfg.lr * cfg.temperature_lr_scale}] if t.requires_grad else []
-    groups += [{"params": [ctx], "weight_decay": cfg.prompt_weight_decay}] if own else []
-    groups += [{"params": [p for p in trainable if id(p) in gcn], "weight_decay": cfg.weight_decay,
-                "lr": cfg.gcn_lr}] if gcn else []
-    if clip_ids:
-        groups.append({"params": [p for p in trainable if id(p) in clip_ids], "weight_decay": cfg.weight_decay,
-                       "lr": cfg.lr * cfg.clip_lr_scale})
-    if cfg.optimizer == "adam":  # torch's Adam adds weight_decay * w to the gradient (L2, not AdamW's decoupled decay)
-        optimizer = torch.optim.Adam(groups, lr=cfg.lr)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":  # each group from its lr / 25 up to its lr, then cosine down to lr / 25e4;
-        # the momentum (SGD) or Adam's beta1 cycles 0.95 -> 0.85 -> 0.95 meanwhile. Deviation: the pre-paper code
-        # fixes 120 epochs x 60 steps whatever the run's length; we fit the cycle to the run
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in optimizer.param_groups],
-                                                        total_steps=max(1, total), pct_start=ONECYCLE_WARMUP)
-        return optimizer, scheduler
-    warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
-    return optimizer, scheduler
-
-
-# ---- scoring a test set (shared by zero-shot, final eval and `eval`)
-
-def autocast(device: torch.device, amp: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
-
-
-def use_bf16(cfg: Config, device: torch.device) -> bool:
-    # master weights, loss and metrics stay fp32; only the forward runs in bf16
-    return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-
-
-def view_logits(forward, images: torch.Tensor) -> torch.Tensor:
-    """images (B, V, 3, S, S) -> logits averaged over the V test-time views (SPEC 1 step 8)."""
-    B, V = images.shape[:2]
-    return forward(images.flatten(0, 1)).float().view(B, V, -1).mean(1)  # (B * V, C) -> (B, C)
 
 
 PROGRESS_SECONDS = 10.0
@@ -1877,7 +1904,19 @@ def zero_shot_forward(clip, classes):
     return forward
 
 
-# ---- the plot: per-class AP against training frequency (Pillow only)
+def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
+    """A few lines about P: the weight that goes to neighbours, and whom the rarest classes borrow from."""
+    P = torch.as_tensor(P, dtype=torch.float64).cpu()
+    C = P.shape[0]
+    off = P - torch.diag(P.diagonal())  # (C, C) neighbour weights only
+    lines = [f"label graph: {C} classes, mean neighbour weight per class {off.sum(1).mean():.3f}, edges > 1/C: "
+             f"{int((off > 1.0 / C).sum())}"]
+    for i in np.argsort(np.asarray(counts), kind="stable")[:min(n_rare, C)]:
+        w, j = off[i].topk(min(n_top, C - 1))
+        nbrs = ", ".join(f"{classnames[k]} {v:.3f}" for v, k in zip(w.tolist(), j.tolist()) if v > 0)
+        lines.append(f"  {classnames[i]} (n={int(counts[i])}): {nbrs or 'no neighbours'}")
+    return "\n".join(lines)
+
 
 def plot_ap_vs_freq(per_class: list, path: Path, title: str):
     """Per-class AP (y, %) against training images (x, log scale) on the tail / medium / head
@@ -1933,9 +1972,7 @@ def write_outputs(run_dir: Path, results: dict):
                     f"{results['config']['data']}: mAP zero-shot {zs['total']:.1f} -> trained {tr['total']:.1f}")
 
 
-# ---- the run
-
-def train(cfg: Config) -> dict:
+def train_run(cfg: Config) -> dict:
     """Train CAPNet per cfg (or once per seed with --seeds) -> results dict (also runs/<name>/results.json)."""
     cfg = resolve_config(cfg)
     if cfg.seeds:
@@ -2053,23 +2090,12 @@ def train(cfg: Config) -> dict:
                                f"(--skip-bad-images); check the data set's images")
             images, targets, _ = batch
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with autocast(device, amp):
-                logits = forward(images)  # (B, C)
-            loss = criterion(logits.float(), targets.float())  # fp32 loss
-            loss_value = loss.detach().clone()
-            if world > 1:
-                torch.distributed.all_reduce(loss_value)
-                loss_value /= world
+            loss_value = train_step(model, criterion, optimizer, scheduler, images, targets, amp, forward)
             if not torch.isfinite(loss_value):
                 kept = (f"the last good checkpoint {ckpt_path} (step {load_checkpoint(ckpt_path)['step']}) is kept"
                         if ckpt_path.exists() else "no checkpoint was written yet")
                 raise RunError(f"non-finite loss ({loss_value.item()}) at step {step + 1}; stopping, {kept}. "
                                f"Try a lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.clamp_temperature_()  # t <= ln(100) (SPEC 1 step 6)
-            scheduler.step()
             step += 1
             if cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
                 rate = (step - s_window) / max(1e-9, time.time() - t_window)
@@ -2119,7 +2145,7 @@ def train_seeds(cfg: Config) -> dict:
             print(f"{run_dir}: finished before, read from results.json", flush=True)
             runs.append(done)
         else:
-            runs.append(train(dataclasses.replace(one, resume=(run_dir / "checkpoint.pt").exists())))
+            runs.append(train_run(dataclasses.replace(one, resume=(run_dir / "checkpoint.pt").exists())))
     summary = {"seeds": seeds, "runs": [f"{cfg.out_dir}/{cfg.name}/seed{s}" for s in seeds], **mean_std(runs)}
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(Path(cfg.out_dir) / cfg.name / "seeds.json", summary)
@@ -2135,8 +2161,6 @@ def mean_std(runs: list, kinds=("zero_shot", "trained")) -> dict:
     stats = lambda v: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
     return {kind: {g: stats(np.array([r[kind][g] for r in runs], dtype=np.float64)) for g in GROUPS} for kind in kinds}
 
-
-# ---- tables: every row of a table trained over --seeds (default 0,1,2), mean +- std per group
 
 TABLES = {  # name: rows, each the train flags it adds to the command line's
     "ablations": ["", "--graph identity", "--graph cooccur", "--loss bce", "--loss focal", "--tau-prime inf",
@@ -2171,7 +2195,6 @@ def run_table(table: str, train_flags: list) -> str:
     write_atomic(path, text)
     print(f"\n{text}wrote {path}")
     return text
-
 
 # -----------------------------------------------------------------------------
 # eval and predict
@@ -2287,7 +2310,6 @@ def info():
         path = cache / os.path.basename(url)
         print(f"  {name:16s} {'present' if path.exists() else 'absent '}  {path}")
 
-
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -2348,7 +2370,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            return train(config_from_args(args))
+            return train_run(config_from_args(args))
         if args.command == "eval":
             return evaluate(args.ckpt, args.tte, args.device, args.out_dir, args.workers, args.skip_bad_images)
         if args.command == "table":

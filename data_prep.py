@@ -947,7 +947,7 @@ class _SynCaptioner:
 
 
 def _syn_to_tensor(images):
-    """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S), as capnet.preprocess gives at size S."""
+    """uint8 (B, S, S, 3) -> normalised float (B, 3, S, S), as capnet's resize, centre crop and to_tensor give at size S."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S)
     mean, std = torch.tensor(capnet.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(capnet.CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -3,12 +3,24 @@ CAPNet: correlation adaptation prompt network for long-tailed multi-label recogn
 
 CLIP with class-specific soft prompts, a three-layer residual GCN over a label graph taken from CLIP's text
 encoder, a distribution-balanced focal loss with class-aware re-weighting, AdaptFormer (ViT) or bias tuning
-(ResNet), and five-crop test-time ensembling. The file reads top to bottom in the order data flows: config,
-tokenizer, CLIP, transforms, data, model, loss, metrics, fused ops, train, eval and predict, CLI. bench.py (speed)
-and data_prep.py (datasets) import it. Choices and assumptions: README.md.
+(ResNet), and five-crop test-time ensembling. The method comes first, in one section; the rest is what it runs
+on. Steps (1)-(9) and the choices with their sources: README.md. bench.py and data_prep.py import this file.
+
+Line map:
+     47  config
+    166  the method
+    699  baselines' losses
+    717  vendored CLIP
+   1158  images
+   1243  data
+   1412  fast paths
+   1597  runs
+   2213  eval and predict
+   2327  CLI
 """
 
 from __future__ import annotations
+
 import argparse
 import dataclasses
 import datetime
@@ -24,6 +36,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -1231,7 +1244,7 @@ def train_augment(img, size, rng, scale=(0.5, 1.0)):
 
 @dataclass
 class Prepared:
-    """A prepared dataset (data/<name>/dataset.json, README "Data format"), validated."""
+    """A prepared dataset (data/<name>/dataset.json, written by data_prep.py), validated."""
     name: str
     classes: list          # class names, index order
     image_root: Path       # absolute folder the relative image paths hang from

@@ -926,16 +926,57 @@ def test_untrained_capnet_is_clip_with_the_learned_prompts(vision):
         torch.testing.assert_close(model(x), zs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("vision", ["vit", "resnet"])
+def test_capnet_head_matches_plain_torch(vision):
+    """model(x) against SPEC 1 steps 4 and 6 written out in plain torch from F_t, P and the image tower,
+    with every GCN weight random (the W2 = 0 start hides both hidden layers and the residual)."""
+    model = tiny_capnet(vision, seed=3)
+    g = torch.Generator().manual_seed(4)
+    W0, W1, W2 = model.gcn.W0, model.gcn.W1, model.gcn.W2
+    with torch.no_grad():
+        for W in (W0, W1, W2):
+            W.copy_(torch.randn(W.shape, generator=g) / math.sqrt(W.shape[0]))
+    x = tiny_images(vision, n=4, seed=5)
+    lrelu = lambda h: torch.where(h > 0, h, 0.2 * h)
+    unit = lambda m: m / m.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        P, F_t = model.gcn.P, model.prompt_learner()
+        H1 = lrelu(P @ F_t @ W0)
+        H2 = lrelu(P @ H1 @ W1)
+        F_hat = F_t + P @ H2 @ W2
+        cos = unit(model.clip.encode_image(x)) @ unit(F_hat).T  # (B, C)
+    # the GCN moves F_hat well away from F_t and off the unit sphere: a dropped residual, layer or
+    # normalisation of F_hat changes the logits by far more than the tolerance below
+    assert (F_hat.norm(dim=-1) - 1).abs().min() > 0.05 and (unit(F_hat) - F_t).norm(dim=-1).min() > 0.05
+    # t = 2: the scale is exp(2) = 7.39, not t; t = 5: exp(5) = 148 is clamped to 100
+    for t, scale in ((2.0, math.exp(2.0)), (5.0, 100.0)):
+        for train in (True, False):  # training recomputes F_hat; eval reads it from the cache
+            model.train(train)
+            with torch.no_grad():
+                model.logit_scale.fill_(t)
+                logits = model(x)
+            assert logits.dtype == torch.float32 and logits.shape == (4, len(TINY_CLASSES))
+            # fp32 through both towers: cosines agree to ~1e-6, logits are at most 100 x that
+            torch.testing.assert_close(logits, scale * cos, rtol=1e-5, atol=1e-4)
+
+
 def test_temperature_is_clamped_at_100():
     model = tiny_capnet("vit")
     x = tiny_images("vit")
     with torch.no_grad():
-        model.logit_scale.fill_(1.0)
-        cos = model(x) / math.e
-        model.logit_scale.fill_(10.0)
-        torch.testing.assert_close(model(x), 100 * cos, rtol=1e-5, atol=1e-5)
-        model.clamp_temperature_()
+        # W2 = 0 at the start, so F_hat = F_t (test_gcn_formula_and_zero_init): the cosines, computed
+        # here without the model's head, are those of the image features and the prompt features
+        v = model.clip.encode_image(x)
+        cos = (v / v.norm(dim=-1, keepdim=True)) @ model.prompt_learner().T  # (B, C)
+        for t, scale in ((1.0, math.e), (math.log(99.0), 99.0), (10.0, 100.0)):
+            model.logit_scale.fill_(t)
+            torch.testing.assert_close(model(x), scale * cos, rtol=1e-5, atol=1e-5)
+    model.clamp_temperature_()  # the parameter itself is held at ln(100) ...
     assert math.isclose(model.logit_scale.item(), math.log(100), rel_tol=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(2.0)
+    model.clamp_temperature_()  # ... and left alone below it
+    assert model.logit_scale.item() == 2.0
 
 
 def test_bf16_autocast_gives_fp32_logits():

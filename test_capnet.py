@@ -359,20 +359,61 @@ def test_train_augment_deterministic_and_flips():
     assert 3 <= sum(flipped) <= 17
 
 
-def test_tte_views():
+def _tte_by_hand(img, size, resized_wh):
+    """The ten test-time views of SPEC 1 step 8 cut by hand with PIL: (H, W, 3) arrays in the order
+    top left, top right, bottom left, bottom right, centre (torchvision's FiveCrop), then the same
+    five mirrored left-right."""
     from PIL import Image
-    img = _image(300, 250)
-    big = np.asarray(img.resize((297, 248), Image.BICUBIC))  # short side 250 -> 248, long int(248 * 300 / 250)
-    five = capnet.tte_views(img, 224, 5)
-    assert five.shape == (5, 3, 224, 224)
-    expected = [big[:224, :224], big[:224, -224:], big[-224:, :224], big[-224:, -224:], big[12:236, 36:260]]
-    for view, crop in zip(five, expected):
-        assert torch.allclose(view, _normalise(crop), atol=1e-6)
-    ten = capnet.tte_views(img, 224, 10)
-    assert torch.equal(ten[:5], five) and torch.equal(ten[5:], five.flip(-1))
-    assert torch.equal(capnet.tte_views(img, 224, 1), five[4:])
+    W, H = resized_wh
+    big = np.asarray(img.resize((W, H), Image.BICUBIC))
+    centre_top, centre_left = round((H - size) / 2), round((W - size) / 2)  # half to even, as torchvision
+    five = [big[:size, :size], big[:size, W - size:], big[H - size:, :size], big[H - size:, W - size:],
+            big[centre_top:centre_top + size, centre_left:centre_left + size]]
+    return five + [v[:, ::-1] for v in five]  # column j <- column size-1-j: a left-right mirror
+
+
+@pytest.mark.parametrize("wh, size, resized_wh", [
+    # 300 x 250 at 224: short side 250 -> 248 = 224 + 24, long side int(248 * 300 / 250) = 297;
+    # crops at rows 0 / 24, columns 0 / 73, centre (12, 36)
+    ((300, 250), 224, (297, 248)),
+    # portrait 40 x 61 at 32: short side -> round(32 * 248 / 224) = 35 (the code keeps the 248/224 margin
+    # at every size), long side int(35 * 61 / 40) = 53; centre row (53 - 32) / 2 = 10.5 -> 10, column 1.5 -> 2
+    ((40, 61), 32, (35, 53)),
+])
+def test_tte_views_are_the_crops_made_by_hand(wh, size, resized_wh):
+    img = _image(*wh, seed=7)  # random pixels: every crop, mirror and order differs from every other
+    by_hand = [_normalise(np.ascontiguousarray(v)) for v in _tte_by_hand(img, size, resized_wh)]
+    for n_views, expected in ((1, by_hand[4:5]), (5, by_hand[:5]), (10, by_hand)):
+        views = capnet.tte_views(img, size, n_views)
+        assert views.shape == (n_views, 3, size, size)
+        for k, (view, crop) in enumerate(zip(views, expected)):
+            torch.testing.assert_close(view, crop, rtol=0, atol=1e-6, msg=f"{n_views} views: view {k}")
     with pytest.raises(ValueError, match="n_views"):
-        capnet.tte_views(img, 224, 3)
+        capnet.tte_views(img, size, 3)
+
+
+def test_view_logits_average_each_images_views():
+    # 2 images x V views; forward gives every view its own logits (a nonlinear function of the pixels),
+    # so the mean differs from the max, from any single view and from a mean across images
+    g = torch.Generator().manual_seed(8)
+    weight = torch.randn(3 * 4 * 4, 3, generator=g)
+    forward = lambda x: torch.tanh(x.flatten(1) @ weight) * 5  # (N, 3)
+    for V in (1, 5, 10):
+        images = torch.randn(2, V, 3, 4, 4, generator=g)
+        per_view = [[forward(images[b, v:v + 1])[0] for v in range(V)] for b in range(2)]
+        expected = torch.stack([sum(views) / V for views in per_view])  # (2, 3): mean over each image's views
+        got = capnet.view_logits(forward, images)
+        assert got.shape == (2, 3) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        if V > 1:  # the cases a max or one view would pass are not these
+            assert all((torch.stack(views).max(0).values - expected[b]).abs().max() > 0.1 and
+                       min((view - expected[b]).abs().max() for view in views) > 0.1
+                       for b, views in enumerate(per_view))
+    # a forward in bf16 (autocast) is averaged in float32: |logit| <= 5 is rounded once, by at most
+    # 2^-9 of 5, and the mean of such errors is no larger
+    half = capnet.view_logits(lambda x: forward(x).bfloat16(), images)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, expected, rtol=0, atol=5 * 2 ** -9)
 
 
 def test_load_rgb_errors_name_the_file(tmp_path):

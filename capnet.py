@@ -9,14 +9,14 @@ on. Steps (1)-(9) and the choices with their sources: README.md. bench.py and da
 Line map:
      47  config
     166  the method
-    699  baselines' losses
-    717  vendored CLIP
-   1158  images
-   1243  data
-   1412  fast paths
-   1597  runs
-   2213  eval and predict
-   2327  CLI
+    689  baselines' losses
+    707  vendored CLIP
+   1148  images
+   1231  data
+   1400  fast paths
+   1578  runs
+   2195  eval and predict
+   2309  CLI
 """
 
 from __future__ import annotations
@@ -433,14 +433,6 @@ class CAPNet(nn.Module):
         """Parameters trained without weight decay: the temperature and the adapter scales."""
         return {self.logit_scale, *(m.scale for m in self.clip.visual.modules() if isinstance(m, AdaptFormer))}
 
-    def trainable_summary(self):
-        """Trainable parameter counts by part, then the frozen rest: one line each."""
-        counts = {k: sum(p.numel() for p in v) for k, v in self.trainable_parts().items()}
-        counts["trainable"] = trainable = sum(counts.values())
-        counts["frozen (CLIP)"] = sum(p.numel() for p in self.parameters()) - trainable
-        label = lambda k: f"peft ({self.peft})" if k == "peft" else k
-        return "\n".join(f"{label(k):<20} {v:>12,}" for k, v in counts.items())
-
     def clamp_temperature_(self):
         """Keep t <= ln(100) in the parameter itself (call after each optimizer step): the
         clamp in forward alone would leave t stuck above the bound with zero gradient."""
@@ -575,8 +567,6 @@ def view_logits(forward, images: torch.Tensor) -> torch.Tensor:
 # Class statistics are always taken from the train split. Group rule of the
 # VOC-LT / COCO-LT papers: head n >= 100, medium 20 <= n < 100, tail n < 20.
 HEAD_MIN = 100
-
-
 TAIL_MIN = 20
 
 GROUPS = ("total", "head", "medium", "tail")  # the mAP columns of every report
@@ -1162,8 +1152,6 @@ def load_clip(name_or_path, device="cpu", download_root=None):
 # Normalize) on PIL images, whose BICUBIC resize antialiases when shrinking.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-
-
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 MAX_ASPECT = 10  # longest side / shortest side that reaches the resize (VOC and COCO stay below)
@@ -1466,8 +1454,6 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 
 # importing capnet_ext registers torch.ops.capnet.*
 capnet_ext, _EXT_WHY_NOT = None, "disabled by CAPNET_NO_EXT=1"
-
-
 if os.environ.get("CAPNET_NO_EXT") != "1":
     try:  # build_ext --inplace puts it beside this file, which is on sys.path when capnet imports
         import capnet_ext
@@ -1475,13 +1461,8 @@ if os.environ.get("CAPNET_NO_EXT") != "1":
         _EXT_WHY_NOT = "not built"
     except (ImportError, OSError) as e:  # e.g. built against another torch
         _EXT_WHY_NOT = f"import failed: {e}"
-
-
 EXT_AVAILABLE = capnet_ext is not None
-
 EXT_CUDA = EXT_AVAILABLE and bool(getattr(capnet_ext, "WITH_CUDA", False))
-
-
 if not EXT_AVAILABLE:
     print(f"capnet: fused-op extension capnet_ext {_EXT_WHY_NOT}; using the pure-torch path "
           f"(build it with: python setup.py build_ext --inplace)", file=sys.stderr)
@@ -1603,26 +1584,18 @@ if EXT_AVAILABLE:
 # how to prepare each known dataset: python data_prep.py <these> (printed when data/<name>/dataset.json is missing)
 DATA_PREP_ARGS = {"synthetic-lt": "synthetic-lt", "voc-lt": "voc-lt --voc-root DIR --split img_id.txt",
                   "coco-lt": "coco-lt --coco-root DIR --split img_id.pkl", "nus-wide-lt": "nus-wide-lt --nus-root DIR"}
-
-
 CHOICES = {
     "graph": GRAPH_MODES, "loss": LOSSES, "ctx": ("class", "shared"), "recipe": tuple(RECIPES),
     "optimizer": ("sgd", "adam"), "schedule": ("cosine", "onecycle"),
     "peft": ("adaptformer", "none", "full"), "sampler": ("uniform", "class-aware"), "tte": (1, 5, 10),
     "device": ("auto", "cpu", "cuda"), "amp": ("auto", "bf16", "none"), "backend": ("auto", "ext", "torch"),
 }
-
-
 # fields that may change between a run and its --resume without changing any number
 RESUME_FREE = {"resume", "workers", "log_every", "device", "eval_batch_size", "compile", "seeds", "recipe"}
-
-
 # fields that name an ablation: a non-default value goes into the derived run name
 ABLATION_FIELDS = ("graph", "loss", "peft", "tau_prime", "tte", "n_ctx", "s", "p", "ctx_init", "ctx", "sampler",
                    "scale_min", "prompt_weight_decay", "optimizer", "schedule", "lr", "gcn_lr", "gcn_hidden",
                    "graph_topk", "graph_tau", "temperature_lr_scale")
-
-
 CHECKPOINT_FORMAT = "capnet-checkpoint-1"
 
 
@@ -1931,6 +1904,15 @@ def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
     return "\n".join(lines)
 
 
+def trainable_summary(model: CAPNet) -> str:
+    """Trainable parameter counts by part, then the frozen rest: one line each."""
+    counts = {k: sum(p.numel() for p in v) for k, v in model.trainable_parts().items()}
+    counts["trainable"] = trainable = sum(counts.values())
+    counts["frozen (CLIP)"] = sum(p.numel() for p in model.parameters()) - trainable
+    label = lambda k: f"peft ({model.peft})" if k == "peft" else k
+    return "\n".join(f"{label(k):<20} {v:>12,}" for k, v in counts.items())
+
+
 def plot_ap_vs_freq(per_class: list, path: Path, title: str):
     """Per-class AP (y, %) against training images (x, log scale) on the tail / medium / head
     bands: zero-shot (grey ring) joined to trained (orange dot)."""
@@ -2043,7 +2025,7 @@ def train_run(cfg: Config) -> dict:
             + f"  [{time.time() - t0:.1f}s]")
 
     model = build_model(clip, classes, cfg, train_targets, device)
-    log(graph_stats(model.gcn.P, classes, counts) + "\ntrainable parameters:\n" + model.trainable_summary())
+    log(graph_stats(model.gcn.P, classes, counts) + "\ntrainable parameters:\n" + trainable_summary(model))
 
     train_set = MultiLabelDataset(prepared.train, prepared.image_root, C, cfg.input_size, mode="train",
                                   scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)

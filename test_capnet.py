@@ -1107,6 +1107,15 @@ def test_eval_caches_the_text_side():
         model.prompt_learner.ctx.add_(0.5)  # an in-place change (an optimizer step, a load)
     f3 = model.class_features()
     assert f3 is not f2 and not torch.allclose(f3, f2)
+    # a change to any one input of F_hat alone (prompts, each GCN weight, the graph) is seen
+    for name, param in (("ctx", model.prompt_learner.ctx), ("W0", model.gcn.W0), ("W1", model.gcn.W1),
+                        ("W2", model.gcn.W2), ("P", model.gcn.P)):
+        before = model.class_features()
+        with torch.no_grad():
+            param.mul_(1.5)
+        after = model.class_features()
+        assert not torch.allclose(after, before), name
+        torch.testing.assert_close(after, model.gcn(model.prompt_learner()), rtol=0, atol=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["gcn.W2"].zero_()
     model.load_state_dict(state)

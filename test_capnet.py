@@ -418,7 +418,7 @@ def test_view_logits_average_each_images_views():
         got = capnet.view_logits(forward, images)
         assert got.shape == (2, 3) and got.dtype == torch.float32
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-        if V > 1:  # the cases a max or one view would pass are not these
+        if V > 1:  # in every image a max over the views, and each single view, is > 0.1 away from the mean
             assert all((torch.stack(views).max(0).values - expected[b]).abs().max() > 0.1 and
                        min((view - expected[b]).abs().max() for view in views) > 0.1
                        for b, views in enumerate(per_view))
@@ -983,6 +983,28 @@ def test_prompt_weight_decay_puts_the_context_in_its_own_group():
     assert capnet.config_from_args(capnet.build_parser().parse_args(["train"])).prompt_weight_decay == 0.02
 
 
+def test_optimizer_groups_by_hand():
+    """SPEC 6: SGD, momentum 0.9, lr 0.01, weight decay 5e-4 except on the temperature and the adapter scales;
+    the temperature at lr * temperature_lr_scale (ours). Each trainable parameter, looked up by name."""
+    model = tiny_capnet("vit")
+    cfg = tiny_cfg(lr=0.01, weight_decay=5e-4, momentum=0.9, temperature_lr_scale=0.01)
+    optimizer, _ = capnet.build_optimizer(model, cfg, steps_per_epoch=4)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(group_of) == sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)  # each once
+    for name, param in trainable.items():
+        if name == "logit_scale":
+            expected = (0.01 * 0.01, 0.0)
+        elif name.endswith(".adapter.scale"):
+            expected = (0.01, 0.0)
+        else:  # prompts, GCN, the adapters' LayerNorm, Down and Up
+            expected = (0.01, 5e-4)
+        g = group_of[id(param)]
+        assert (g["initial_lr"], g["weight_decay"], g["momentum"], g["nesterov"]) == (*expected, 0.9, False), name
+    assert sum(n.endswith(".adapter.scale") for n in trainable) == 2  # one per block
+
+
 def test_resnet_batchnorm_statistics_stay_frozen_in_training():
     model = tiny_capnet("resnet").train()
     bn = model.clip.visual.bn1
@@ -1132,6 +1154,15 @@ def test_eval_caches_the_text_side():
         model.prompt_learner.ctx.add_(0.5)  # an in-place change (an optimizer step, a load)
     f3 = model.class_features()
     assert f3 is not f2 and not torch.allclose(f3, f2)
+    # a change to any one input of F_hat alone (prompts, each GCN weight, the graph) is seen
+    for name, param in (("ctx", model.prompt_learner.ctx), ("W0", model.gcn.W0), ("W1", model.gcn.W1),
+                        ("W2", model.gcn.W2), ("P", model.gcn.P)):
+        before = model.class_features()
+        with torch.no_grad():
+            param.mul_(1.5)
+        after = model.class_features()
+        assert not torch.allclose(after, before), name
+        torch.testing.assert_close(after, model.gcn(model.prompt_learner()), rtol=0, atol=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["gcn.W2"].zero_()
     model.load_state_dict(state)
@@ -2655,6 +2686,26 @@ def test_schedule_and_batches_are_pure_functions():
     assert [sorted(x + y) for x, y in zip(*shards)] == [sorted(b) for b in a]  # DDP shards = global batch
 
 
+def test_build_optimizer_schedule_steps_by_hand():
+    """build_optimizer's scheduler: warm-up over warmup_epochs * steps_per_epoch steps (lr (s + 1) / W), then
+    cosine to zero over the remaining steps of epochs * steps_per_epoch, for every group alike."""
+    model = tiny_capnet("vit")
+    cases = [(1.0, 4), (0.5, 2), (0.0, 0)]  # warm-up epochs -> steps, at 4 steps per epoch
+    for warmup_epochs, W in cases:
+        cfg = tiny_cfg(lr=0.01, epochs=3, warmup_epochs=warmup_epochs, temperature_lr_scale=0.01)
+        optimizer, scheduler = capnet.build_optimizer(model, cfg, steps_per_epoch=4)
+        prompts, = [g for g in optimizer.param_groups if any(p is model.prompt_learner.ctx for p in g["params"])]
+        temperature, = [g for g in optimizer.param_groups if any(p is model.logit_scale for p in g["params"])]
+        total = 3 * 4
+        for step in range(total):
+            factor = (step + 1) / W if step < W else 0.5 * (1 + math.cos(math.pi * (step - W) / (total - W)))
+            assert prompts["lr"] == pytest.approx(0.01 * factor, abs=1e-12), (warmup_epochs, step)
+            assert temperature["lr"] == pytest.approx(0.01 * 0.01 * factor, abs=1e-14), (warmup_epochs, step)
+            optimizer.step()  # no gradients: nothing moves, but the scheduler wants a step first
+            scheduler.step()
+        assert prompts["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to zero at the end
+
+
 def test_class_aware_sampler_moves_toward_uniform_and_is_pure():
     rng = np.random.default_rng(0)
     N = 400
@@ -2747,6 +2798,19 @@ def test_train_writes_every_output(trained, tiny):
         assert (220, 90, 20) in {px for _, px in im.convert("RGB").getcolors(1 << 16)}  # trained markers drawn
     rows = (run / "per_class_ap.csv").read_text().splitlines()
     assert rows[0] == "name,train_count,group,ap_zero_shot,ap" and len(rows) == 5
+
+
+def test_train_loop_keeps_the_temperature_at_most_ln_100(tiny, tmp_path):
+    # a backbone whose logit scale starts above the bound (t = 5, exp(t) = 148): the forward clamp alone gives
+    # t a zero gradient, so t stays at 5 unless the loop clamps the parameter after the optimizer steps
+    sd = torch.load(tiny["clip"], weights_only=True)
+    sd["logit_scale"] = torch.tensor(5.0)
+    torch.save(sd, tmp_path / "hot.pt")
+    args = tiny_args(tiny, tmp_path, "hot", "--epochs", "1")
+    args[args.index("--clip") + 1] = str(tmp_path / "hot.pt")
+    capnet.main(args)
+    t = torch.load(tmp_path / "hot" / "checkpoint.pt", weights_only=True)["model"]["logit_scale"]
+    assert math.log(100) - 0.5 < float(t) <= math.log(100) + 1e-6  # held at the bound, then trained at lr / 100
 
 
 def test_eval_rebuilds_from_checkpoint(trained, capsys):
@@ -3184,11 +3248,11 @@ def _sdpa_fused_kernel_on_cpu():
     # SDPA picks a fused kernel (flash attention on CPU) where it has one, else the math path it is
     # compared with below; asked for the fused kernels only, it raises where none applies
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    q = torch.randn(2, 2, 5, 32)  # the bench model's heads: width 64, 2 heads
+    q_text, q_image = torch.randn(2, 2, 5, 32), torch.randn(2, 1, 5, 64)  # the bench model's heads
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            F.scaled_dot_product_attention(q, q, q, is_causal=True)
-            F.scaled_dot_product_attention(q, q, q)
+            F.scaled_dot_product_attention(q_text, q_text, q_text, is_causal=True)
+            F.scaled_dot_product_attention(q_image, q_image, q_image)
         return True
     except RuntimeError:
         return False

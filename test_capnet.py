@@ -373,7 +373,7 @@ def test_train_augment_deterministic_and_flips():
 
 
 def _tte_by_hand(img, size, resized_wh):
-    """The ten test-time views of SPEC 1 step 8 cut by hand with PIL: (H, W, 3) arrays in the order
+    """The ten test-time views of method step (8) cut by hand with PIL: (H, W, 3) arrays in the order
     top left, top right, bottom left, bottom right, centre (torchvision's FiveCrop), then the same
     five mirrored left-right."""
     from PIL import Image
@@ -984,7 +984,7 @@ def test_prompt_weight_decay_puts_the_context_in_its_own_group():
 
 
 def test_optimizer_groups_by_hand():
-    """SPEC 6: SGD, momentum 0.9, lr 0.01, weight decay 5e-4 except on the temperature and the adapter scales;
+    """Our recipe (README, choices): SGD, momentum 0.9, lr 0.01, weight decay 5e-4 except on the temperature and the adapter scales;
     the temperature at lr * temperature_lr_scale (ours). Each trainable parameter, looked up by name."""
     model = tiny_capnet("vit")
     cfg = tiny_cfg(lr=0.01, weight_decay=5e-4, momentum=0.9, temperature_lr_scale=0.01)
@@ -1038,7 +1038,7 @@ def test_untrained_capnet_is_clip_with_the_learned_prompts(vision):
 
 @pytest.mark.parametrize("vision", ["vit", "resnet"])
 def test_capnet_head_matches_plain_torch(vision):
-    """model(x) against SPEC 1 steps 4 and 6 written out in plain torch from F_t, P and the image tower,
+    """model(x) against method steps (4) and (6) written out in plain torch from F_t, P and the image tower,
     with every GCN weight random (the W2 = 0 start hides both hidden layers and the residual)."""
     model = tiny_capnet(vision, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -1127,7 +1127,7 @@ def test_bf16_autocast_gradients_close_to_fp32(vision):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             logits = model(x)
-        criterion(logits.float(), y).backward()  # the trainer's loss: fp32 (SPEC 6)
+        criterion(logits.float(), y).backward()  # the trainer's loss: fp32
         grads[bf16] = {k: torch.cat([p.grad.flatten() for p in ps]) for k, ps in parts.items()}
     assert set(grads[True]) == {"prompts", "gcn", "temperature", "peft"} and len(grads[True]["peft"]) > 0
     for k, want in grads[False].items():
@@ -1201,7 +1201,7 @@ def test_capnet_trains_on_random_data_with_decreasing_loss():
 
 def db_focal_by_hand(z, y, n, N, alpha=0.1, beta=10.0, mu=0.2, kappa=0.05, lam=2.0, gamma=2.0,
                      balance=2.0, cw=None):
-    """SPEC 3, element by element in plain Python floats (reduction none)."""
+    """Method step (7), element by element in plain Python floats (reduction none)."""
     out = []
     for zb, yb in zip(z, y):
         row_sum = sum(yk / nk for yk, nk in zip(yb, n))
@@ -1454,7 +1454,7 @@ def test_db_focal_ext_large_logits_finite(device, dtype, rtol):
 
 @needs_ext
 def test_db_focal_ext_rows_without_positives_use_alpha_plus_one():
-    # with no positive label in the whole batch every weight is alpha + 1 (SPEC section 3)
+    # with no positive label in the whole batch every weight is alpha + 1 (the r -> inf limit)
     z = torch.randn(4, 6, dtype=torch.float64)
     y = torch.zeros(4, 6, dtype=torch.float64)
     n = torch.tensor([5.0, 9, 20, 40, 80, 3], dtype=torch.float64)
@@ -1814,7 +1814,7 @@ def test_import_without_extension_says_so_once():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_kernels_compile_with_plain_nvcc(tmp_path):
-    # the .cu is torch-free, so the CUDA kernels cannot rot on GPU-less machines (SPEC section 4)
+    # the .cu is torch-free, so the CUDA kernels cannot rot on GPU-less machines
     r = subprocess.run(["nvcc", "-c", "-O3", str(REPO / "csrc" / "capnet_kernels.cu"), "-o", str(tmp_path / "k.o")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -2798,6 +2798,27 @@ def test_train_writes_every_output(trained, tiny):
         assert (220, 90, 20) in {px for _, px in im.convert("RGB").getcolors(1 << 16)}  # trained markers drawn
     rows = (run / "per_class_ap.csv").read_text().splitlines()
     assert rows[0] == "name,train_count,group,ap_zero_shot,ap" and len(rows) == 5
+
+
+def test_train_step_moves_clamps_and_stops_on_a_non_finite_loss():
+    model = tiny_capnet("vit", graph="text").train()
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)  # above ln 100: only the clamp after the step brings it back
+    cfg = tiny_cfg(lr=0.05, epochs=1)
+    optimizer, scheduler = capnet.build_optimizer(model, cfg, steps_per_epoch=2)
+    criterion = capnet.make_criterion(cfg, TINY_COUNTS, 200)
+    images, targets = tiny_images("vit", n=4), torch.tensor(tiny_targets(n=4))
+    ctx = model.prompt_learner.ctx.detach().clone()
+    loss = capnet.train_step(model, criterion, optimizer, scheduler, images, targets)
+    assert torch.isfinite(loss) and loss.ndim == 0
+    assert not torch.equal(model.prompt_learner.ctx, ctx)  # the optimizer stepped
+    assert model.logit_scale.item() == pytest.approx(math.log(100), abs=1e-6)  # clamped in the parameter
+    assert scheduler.last_epoch == 1
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    nan = lambda logits, y: logits.sum() * float("nan")
+    assert torch.isnan(capnet.train_step(model, nan, optimizer, scheduler, images, targets))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)  # nothing moved
+    assert scheduler.last_epoch == 1
 
 
 def test_train_loop_keeps_the_temperature_at_most_ln_100(tiny, tmp_path):

@@ -15,8 +15,8 @@ Line map:
    1231  data
    1400  fast paths
    1578  runs
-   2195  eval and predict
-   2309  CLI
+   2201  eval and predict
+   2315  CLI
 """
 
 from __future__ import annotations
@@ -1722,15 +1722,21 @@ def format_map(m: dict) -> str:
     return " | ".join(f"{g} {f(m[g])}" for g in GROUPS)
 
 
+def pick_device(cfg: Config) -> torch.device:
+    """This process's GPU (LOCAL_RANK under torchrun) unless --device cpu or there is none (resolve_config
+    refused --device cuda without one); else the CPU."""
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+
+
 def setup_device_and_dist(cfg: Config):
     """-> (device, rank, world). Under torchrun: gloo on CPU, nccl on GPU, one GPU per process."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()  # resolve_config refused cuda without one
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    device = pick_device(cfg)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, rank, world
 
 
@@ -2206,7 +2212,7 @@ def load_for_inference(ckpt_path, device: str = "auto", **overrides):
         raise RunError(f"checkpoint config has fields this capnet.py does not know: {', '.join(unknown)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     cfg = resolve_config(Config(**{**ckpt["config"], "device": device, "resume": False, **given}))
-    dev = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    dev = pick_device(cfg)
     clip = load_backbone(cfg).to(dev)
     check_checkpoint(ckpt, cfg.data, ckpt["classes"], clip.source, f"checkpoint {ckpt_path}")
     model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["train_targets"].float().numpy(), dev)

@@ -1,5 +1,5 @@
 """
-bench.py: the speed harness of CAPNet (SPEC section 7).
+bench.py: the speed harness of CAPNet (results and targets: docs/speed.md).
 
     python bench.py [--quick] [--json out.json]
 
@@ -279,7 +279,7 @@ def _bench_train_rows(model, train_targets, tag, batch, variants, device, warmup
         opt.zero_grad(set_to_none=True)
         with _attention_context(sdpa), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits = model(images)  # (B, C)
-        criteria[fused](logits.float(), targets).backward()  # loss in fp32 (SPEC 6)
+        criteria[fused](logits.float(), targets).backward()  # loss in fp32, as in training
         opt.step()
         return logits.detach().float()
     fns = {v: functools.partial(step, *TRAIN_VARIANTS[v]) for v in variants}
@@ -423,7 +423,7 @@ def _bench_machine(device, quick):
 
 
 def bench(quick=False, json_path=None):
-    """Measured speed-ups of every fast path, side by side (SPEC 7). Returns
+    """Measured speed-ups of every fast path, side by side (docs/speed.md). Returns
     {"machine": {...}, "rows": [...]} and prints a table; with json_path also writes it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     machine = _bench_machine(device, quick)

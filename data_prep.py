@@ -1,6 +1,6 @@
 """
 Data preparation for CAPNet: raw VOC / COCO / NUS-WIDE releases and list files to the
-prepared format `data/<name>/dataset.json` (SPEC section 5), and the embedded synthetic
+prepared format `data/<name>/dataset.json` (read by capnet.load_prepared), and the embedded synthetic
 long-tailed world with its small pretrained CLIP.
 
     python data_prep.py synthetic-lt
@@ -441,7 +441,7 @@ def _make_split_items(pool, num_classes, name, seed, alpha=None, warn=True):
 # -----------------------------------------------------------------------------
 # synthetic-lt: procedurally drawn scenes and a small contrastively pretrained CLIP
 #
-# The embedded default (SPEC section 5): a miniature of the real long-tailed multi-label
+# The embedded default (docs/synthetic-lt.md): a miniature of the real long-tailed multi-label
 # problem (VOC-LT / COCO-LT with a web-trained CLIP), built so that each part of CAPNet has
 # a job. Each image is a scene: a sky (day or night) above a ground (grass, water, sand or
 # snow) with 1-5 objects drawn as small icons; where an object can appear depends on the

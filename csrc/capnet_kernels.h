@@ -12,7 +12,7 @@ namespace capnet_cuda {
 // Element types the launchers accept; half types are computed in float32.
 enum class Dtype : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3 };
 
-// DB-focal loss forward (see capnet.py db_focal_loss_reference, SPEC section 3), one block per row.
+// DB-focal loss forward (see capnet.py db_focal_loss_reference, method step (7)), one block per row.
 // logits, targets: (B, C) row-major of `dtype`; class_freq, class_weight: (C,) of the accumulation
 // type (double for f64, else float); class_weight may be null (all ones).
 // Writes loss_rows (B,) partial sums in the accumulation type when reduction != 0, else loss (B, C);

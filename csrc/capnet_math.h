@@ -2,7 +2,7 @@
 // CUDA kernels. Torch-free, so capnet_kernels.cu can include it under plain `nvcc -c`.
 //
 // DB-focal loss, per element (b, c), with y in {0, 1}, inv_n = 1 / n_c, row_sum = sum_k y_bk / n_k
-// (SPEC section 3; the specification is capnet.py `db_focal_loss_reference`):
+// (method step (7); the specification is capnet.py `db_focal_loss_reference`):
 //   r   = inv_n / row_sum,  w = alpha + sigmoid(beta (r - mu))      (w = alpha + 1 if row_sum = 0)
 //   z'  = z + bias_c,  z'' = z' if y else lam z',  w' = w if y else w / lam
 //   bce = BCEWithLogits(z'', y),  p_t = exp(-bce)

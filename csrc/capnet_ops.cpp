@@ -1,7 +1,7 @@
 // capnet_ops.cpp: schemas, input checks and CPU kernels of the two fused ops of CAPNet.
 //
 // capnet::db_focal_loss -- distribution-balanced focal loss with negative-tolerant
-//   regularisation (SPEC section 3; specification: capnet.py `db_focal_loss_reference`):
+//   regularisation (method step (7); specification: capnet.py `db_focal_loss_reference`):
 //     w_bc = alpha + sigmoid(beta ((1/n_c) / sum_k y_bk / n_k - mu))   (alpha + 1 if no positive)
 //     z' = z + bias_c, bias_c = -kappa / lam log(N / n_c - 1); z'' = z' (y = 1) or lam z' (y = 0)
 //     loss = balance (1 - p_t)^gamma w' bce(z'', y) cw_c, p_t = exp(-bce), w' = w or w / lam

@@ -422,11 +422,11 @@ class CAPNet(nn.Module):
 
     def trainable_parts(self):
         """Everything that trains (requires_grad), by part; "peft" is CLIP's share (all of it with --peft full)."""
+        part_of = {"prompt_learner": "prompts", "gcn": "gcn", "logit_scale": "temperature"}  # the rest: CLIP's
         parts = {"prompts": [], "gcn": [], "temperature": [], "peft": []}
         for name, p in self.named_parameters():
             if p.requires_grad:
-                part = name.split(".")[0].replace("prompt_learner", "prompts").replace("logit_scale", "temperature")
-                parts[part if part in parts else "peft"].append(p)
+                parts[part_of.get(name.split(".")[0], "peft")].append(p)
         return parts
 
     def no_decay_parameters(self):

@@ -282,17 +282,6 @@ def text_graph(S, s=10.0, p=0.2, topk=0, tau=0.0):
     return torch.softmax((A / tau).masked_fill(~keep, float("-inf")), dim=1)  # (C, C)
 
 
-def cooccur_graph(targets, p, threshold=0.4):
-    """ML-GCN: P(j|i) = n_ij / n_i from the training labels, >= threshold an edge, rows normalised; (1 - p) I + p A."""
-    Y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)  # (N, C)
-    n_ij = Y.T @ Y  # (C, C) co-occurrence counts
-    n_i = n_ij.diagonal().clamp(min=1)  # a class with no image has no edge (0 / 1 = 0)
-    B = (n_ij / n_i[:, None] >= threshold).double()  # (C, C) P(j | i) >= threshold
-    B.fill_diagonal_(0)  # the self-loop is added by the (1 - p) I term
-    A = B / B.sum(dim=1, keepdim=True).clamp(min=1)  # rows of 1s / degree, or all zero
-    return reweight_graph(A, p)
-
-
 def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, threshold=0.4, topk=0, tau=0.0):
     """The propagation matrix P (C, C), float32 on the CPU, rows summing to 1."""
     if mode == "text":  # S = G G^T: the cosine similarities of the g_c
@@ -332,13 +321,7 @@ class GCN(nn.Module):
 
 def graph_propagate_reference(adj, x, weight, *, negative_slope=0.2, activation=True):
     """(4) One GCN propagation: act(adj @ (x @ weight)), act LeakyReLU(negative_slope) or none."""
-    if adj.dim() != 2 or adj.shape[0] != adj.shape[1]:
-        raise ValueError(f"graph_propagate: adj must be square (C, C), got {tuple(adj.shape)}")
-    if x.dim() != 2 or x.shape[0] != adj.shape[0]:
-        raise ValueError(f"graph_propagate: x must be (C, Din) with C = {adj.shape[0]}, got {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"graph_propagate: weight must be (Din, Dout) with Din = {x.shape[1]}, "
-                         f"got {tuple(weight.shape)}")
+    _check_propagate_args(adj, x, weight)
     out = adj @ (x @ weight)                               # (C, Dout)
     return F.leaky_relu(out, negative_slope) if activation else out
 
@@ -429,10 +412,6 @@ class CAPNet(nn.Module):
                 parts[part_of.get(name.split(".")[0], "peft")].append(p)
         return parts
 
-    def no_decay_parameters(self):
-        """Parameters trained without weight decay: the temperature and the adapter scales."""
-        return {self.logit_scale, *(m.scale for m in self.clip.visual.modules() if isinstance(m, AdaptFormer))}
-
     def clamp_temperature_(self):
         """Keep t <= ln(100) in the parameter itself (call after each optimizer step): the
         clamp in forward alone would leave t stuck above the bound with zero gradient."""
@@ -440,17 +419,8 @@ class CAPNet(nn.Module):
             self.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
 
     def class_features(self):
-        """F_hat (C, D). In eval mode the prompts are fixed, so it is computed once, keyed by the
-        parameters' storage and version counters: a state dict load, optimizer step or device move recomputes."""
-        if self.training:
-            return self.gcn(self.prompt_learner())
-        params = [self.prompt_learner.ctx, self.gcn.W0, self.gcn.W1, self.gcn.W2, self.gcn.P]
-        autocast = torch.is_autocast_enabled(self.logit_scale.device.type)
-        key = tuple((p.data_ptr(), p._version) for p in params) + (autocast,)
-        if self._text_cache is None or self._text_cache[0] != key:
-            with torch.no_grad():
-                self._text_cache = (key, self.gcn(self.prompt_learner()))
-        return self._text_cache[1]
+        """F_hat = GCN(F_t) (C, D), (2)-(4); fixed in eval mode, so computed once there (fast paths)."""
+        return self.gcn(self.prompt_learner()) if self.training else cached_class_features(self)
 
     def forward(self, images):
         v = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # (B, D)
@@ -619,51 +589,24 @@ def lt_map(ap, train_class_freq):
     return {"total": mean(np.ones(len(freq), bool)), **out, "n_nan": int((~valid).sum())}
 
 
-ONECYCLE_WARMUP = 0.2  # OneCycleLR's pct_start, as the pre-paper code (other arguments: torch's defaults)
-
-
-def build_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
-    # Deviation (ours): t trains at lr * temperature_lr_scale. At the full lr the first DB-focal steps, where every
-    # logit starts positive (cosines ~0.25), drive t to 0 and flatten the logits (synthetic-lt: exp(t) 14 -> 0.08,
-    # mAP -10 points); at 1/100 t still adapts (14.0 -> 13.2). --peft full: CLIP trains at lr * clip_lr_scale (ours)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    no_decay = {id(p) for p in model.no_decay_parameters()}  # temperature, adapter scales
-    clip_ids = {id(p) for p in model.clip.parameters()} if cfg.peft == "full" else set()
-    t, ctx = model.logit_scale, model.prompt_learner.ctx
-    own = {id(ctx)} if cfg.prompt_weight_decay >= 0 else set()  # --prompt-weight-decay: the context's own (ours)
-    gcn = {id(p) for p in model.gcn.parameters()} if cfg.gcn_lr > 0 else set()  # --gcn-lr: the GCN's own lr
-    decay = [p for p in trainable if id(p) not in no_decay | clip_ids | own | gcn]  # prompts, GCN, adapters
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": [p for p in trainable if id(p) in no_decay and p is not t], "weight_decay": 0.0}]
-    groups += [{"params": [t], "weight_decay": 0.0, "lr": cfg.lr * cfg.temperature_lr_scale}] if t.requires_grad else []
-    groups += [{"params": [ctx], "weight_decay": cfg.prompt_weight_decay}] if own else []
-    groups += [{"params": [p for p in trainable if id(p) in gcn], "weight_decay": cfg.weight_decay,
-                "lr": cfg.gcn_lr}] if gcn else []
-    if clip_ids:
-        groups.append({"params": [p for p in trainable if id(p) in clip_ids], "weight_decay": cfg.weight_decay,
-                       "lr": cfg.lr * cfg.clip_lr_scale})
+def build_optimizer(model: CAPNet, cfg: Config) -> torch.optim.Optimizer:
+    """(9) One parameter group per trainable part, each with its peak lr and weight decay (none on the temperature
+    and the adapter scales s_a). Deviation (ours): t trains at lr * temperature_lr_scale. At the full lr the first
+    DB-focal steps, where every logit starts positive, drive t to 0 and flatten the logits (docs/synthetic-lt.md).
+    --peft full: CLIP's own weights train at lr * clip_lr_scale (ours)."""
+    parts = model.trainable_parts()
+    scales = {id(m.scale) for m in model.clip.modules() if isinstance(m, AdaptFormer)}  # s_a
+    prompt_decay = cfg.prompt_weight_decay if cfg.prompt_weight_decay >= 0 else cfg.weight_decay
+    groups = [{"params": parts["prompts"], "weight_decay": prompt_decay},
+              {"params": parts["gcn"], "lr": cfg.gcn_lr or cfg.lr},
+              {"params": [p for p in parts["peft"] if id(p) not in scales],
+               "lr": cfg.lr * cfg.clip_lr_scale if cfg.peft == "full" else cfg.lr},
+              {"params": [p for p in parts["peft"] if id(p) in scales], "weight_decay": 0.0},
+              {"params": parts["temperature"], "lr": cfg.lr * cfg.temperature_lr_scale, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # e.g. t frozen, no GCN, no adapters
     if cfg.optimizer == "adam":  # torch's Adam adds weight_decay * w to the gradient (L2, not AdamW's decoupled decay)
-        optimizer = torch.optim.Adam(groups, lr=cfg.lr)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":  # each group from its lr / 25 up to its lr, then cosine down to lr / 25e4;
-        # the momentum (SGD) or Adam's beta1 cycles 0.95 -> 0.85 -> 0.95 meanwhile. Deviation: the pre-paper code
-        # fixes 120 epochs x 60 steps whatever the run's length; we fit the cycle to the run
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in optimizer.param_groups],
-                                                        total_steps=max(1, total), pct_start=ONECYCLE_WARMUP)
-        return optimizer, scheduler
-    warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
-    return optimizer, scheduler
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Our schedule: linear warm-up to the peak lr, then cosine to zero."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def train_step(model, criterion, optimizer, scheduler, images, targets, amp=False, forward=None):
@@ -686,7 +629,18 @@ def train_step(model, criterion, optimizer, scheduler, images, targets, amp=Fals
     return loss_value
 
 # -----------------------------------------------------------------------------
-# baselines' losses (the --loss ablations)
+# ablations and baselines: the co-occurrence graph (--graph cooccur), plain focal loss and ASL (--loss)
+
+def cooccur_graph(targets, p, threshold=0.4):
+    """ML-GCN: P(j|i) = n_ij / n_i from the training labels, >= threshold an edge, rows normalised; (1 - p) I + p A."""
+    Y = torch.as_tensor(np.asarray(targets), dtype=torch.float64)  # (N, C)
+    n_ij = Y.T @ Y  # (C, C) co-occurrence counts
+    n_i = n_ij.diagonal().clamp(min=1)  # a class with no image has no edge (0 / 1 = 0)
+    B = (n_ij / n_i[:, None] >= threshold).double()  # (C, C) P(j | i) >= threshold
+    B.fill_diagonal_(0)  # the self-loop is added by the (1 - p) I term
+    A = B / B.sum(dim=1, keepdim=True).clamp(min=1)  # rows of 1s / degree, or all zero
+    return reweight_graph(A, p)
+
 
 def focal_loss(logits, targets, gamma=2.0):
     """Plain sigmoid focal loss, mean over B*C: (1 - p_t)^gamma * BCE (ablation)."""
@@ -728,8 +682,6 @@ class SimpleTokenizer:
         vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
         self.encoder = {tok: i for i, tok in enumerate(vocab)}
-        self.decoder = {i: tok for tok, i in self.encoder.items()}
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {"<|startoftext|>": ["<|startoftext|>"], "<|endoftext|>": ["<|endoftext|>"]}
         self.spaces = regex.compile(r"\s+")
@@ -1443,6 +1395,18 @@ def hold_frozen_in_bf16(clip):
             p.data = p.data.to(torch.bfloat16)
 
 
+def cached_class_features(model):
+    """F_hat in eval mode, where the prompts are fixed: computed once, keyed by the parameters' storage and version
+    counters (a state dict load, optimizer step or device move recomputes it) and the autocast state."""
+    params = [model.prompt_learner.ctx, model.gcn.W0, model.gcn.W1, model.gcn.W2, model.gcn.P]
+    autocast = torch.is_autocast_enabled(model.logit_scale.device.type)
+    key = tuple((p.data_ptr(), p._version) for p in params) + (autocast,)
+    if model._text_cache is None or model._text_cache[0] != key:
+        with torch.no_grad():
+            model._text_cache = (key, model.gcn(model.prompt_learner()))
+    return model._text_cache[1]
+
+
 def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
@@ -1515,6 +1479,16 @@ def _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, 
                          f"the DB loss needs 0 < n_c < num_images ({num_images})")
 
 
+def _check_propagate_args(adj, x, weight):
+    if adj.dim() != 2 or adj.shape[0] != adj.shape[1]:
+        raise ValueError(f"graph_propagate: adj must be square (C, C), got {tuple(adj.shape)}")
+    if x.dim() != 2 or x.shape[0] != adj.shape[0]:
+        raise ValueError(f"graph_propagate: x must be (C, Din) with C = {adj.shape[0]}, got {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"graph_propagate: weight must be (Din, Dout) with Din = {x.shape[1]}, "
+                         f"got {tuple(weight.shape)}")
+
+
 def db_focal_loss(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10.0, mu=0.2,
                   kappa=0.05, lam=2.0, gamma=2.0, balance=2.0, class_weight=None,
                   reduction="mean", backend="auto"):
@@ -1545,31 +1519,10 @@ def graph_propagate(adj, x, weight, *, negative_slope=0.2, activation=True, back
     return out
 
 
-# Autograd of these ops and of capnet::quick_gelu is registered in C++ (a Python round trip cost as much as the
-# fused loss); their fake (meta) kernels, which torch.compile and torch.library.opcheck trace, are here.
+# Autograd and the meta (fake) kernels that torch.compile and torch.library.opcheck trace are registered in C++
+# (csrc/capnet_ops.cpp). Under autocast the kernels' inner ATen GEMMs would be autocast again and return bf16
+# (then the next GCN layer fails its dtype check): the ops take float32 inputs and run outside it.
 if EXT_AVAILABLE:
-    @torch.library.register_fake("capnet::db_focal_loss")
-    def _db_focal_loss_fake(logits, targets, class_freq, num_images, alpha, beta, mu, kappa, lam,
-                            gamma, balance, class_weight, reduction, compute_grad):
-        loss = logits.new_empty(logits.shape if reduction == 0 else ())
-        return loss, logits.new_empty(logits.shape if compute_grad else (0,))
-
-    @torch.library.register_fake("capnet::graph_propagate")
-    def _graph_propagate_fake(adj, x, weight, negative_slope, activation):
-        return x.new_empty(x.shape[0], weight.shape[1]), x.new_empty(x.shape[0], weight.shape[1])
-
-    @torch.library.register_fake("capnet::graph_propagate_backward")
-    def _graph_propagate_backward_fake(grad_out, adj, x, weight, h, out, negative_slope, activation,
-                                       output_mask):
-        shapes = (adj.shape, x.shape, weight.shape)
-        return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
-
-    # QuickGELU has no autocast rule (bf16 in, bf16 out); both its ops return a tensor shaped as x, the last input
-    for _op in ("capnet::quick_gelu", "capnet::quick_gelu_backward"):
-        torch.library.register_fake(_op)(lambda *args: args[-1].new_empty(args[-1].shape))
-
-    # under autocast the kernels' inner ATen GEMMs would be autocast again and return bf16 (then
-    # the next GCN layer fails its dtype check): the ops take float32 inputs and run outside it
     for _op in ("capnet::db_focal_loss", "capnet::graph_propagate"):
         for _device in ("cpu", "cuda"):
             torch.library.register_autocast(_op, _device, torch.float32)
@@ -1796,6 +1749,29 @@ def build_model(clip, classes, cfg: Config, train_targets, device="cpu") -> CAPN
     if use_bf16(cfg, torch.device(device)):  # after the label graph, which is computed in fp32
         hold_frozen_in_bf16(model.clip)
     return model
+
+
+ONECYCLE_WARMUP = 0.2  # OneCycleLR's pct_start, as the pre-paper code (other arguments: torch's defaults)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+    """The lr schedule over epochs * steps_per_epoch steps, stepped once per training step."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":  # each group from its lr / 25 up to its lr, then cosine down to lr / 25e4;
+        # the momentum (SGD) or Adam's beta1 cycles 0.95 -> 0.85 -> 0.95 meanwhile. Deviation: the pre-paper code
+        # fixes 120 epochs x 60 steps whatever the run's length; we fit the cycle to the run
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=max(1, total), pct_start=ONECYCLE_WARMUP)
+    warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Our schedule: linear warm-up to the peak lr, then cosine to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, where: str):
@@ -2040,11 +2016,15 @@ def train_run(cfg: Config) -> dict:
         raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
     total_steps = cfg.epochs * steps_per_epoch
     weights = sampler_weights(train_targets, counts, cfg.sampler_power) if cfg.sampler == "class-aware" else None
-    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     criterion = make_criterion(cfg, counts, len(prepared.train))
     step = 0
     if ckpt is not None:
         load_trainable(model, ckpt["model"])
+        if len(ckpt["optimizer"]["param_groups"]) != len(optimizer.param_groups):  # a checkpoint of older code
+            raise RunError(f"--resume {run_dir}: the checkpoint's optimizer has other parameter groups than this "
+                           f"capnet.py builds; evaluate it with `capnet.py eval`, or train a new run")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -2314,12 +2294,6 @@ def info():
 # -----------------------------------------------------------------------------
 # CLI
 
-def parse_bool(text: str) -> bool:
-    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("1", "true", "yes", "on")
-
-
 def config_from_args(args) -> Config:
     """Preset of --data, then of --method, then every flag given on the command line."""
     cfg = preset_config(args.data or Config.data, getattr(args, "method", None) or "capnet", args.recipe or "")
@@ -2333,15 +2307,14 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", allow_abbrev=False, help="train (default: the embedded synthetic-lt)")
     p.add_argument("--method", choices=sorted(METHODS), help="a preset of flags (README: Methods and baselines)")
-    # one strict --key value flag per Config field (underscores become dashes); bools also as bare flags
-    kinds = {"int": int, "float": float, "str": str, "bool": parse_bool}
+    # one strict --key value flag per Config field (underscores become dashes); a bool is --key / --no-key
+    kinds = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
-        kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
         flag = "--" + f.name.replace("_", "-")
-        if kind is parse_bool:
-            p.add_argument(flag, type=kind, nargs="?", const=True, default=None, metavar="true|false")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            p.add_argument(flag, type=kind, default=None, metavar=f.type.upper() if kind is not str else "TEXT")
+            p.add_argument(flag, type=kinds[f.type], default=None, metavar=f.type.upper() if f.type != "str" else "TEXT")
     ev = sub.add_parser("eval", allow_abbrev=False, help="evaluate a checkpoint on its dataset's test set")
     ev.add_argument("--ckpt", default=None, help="default: the latest runs/**/checkpoint.pt")
     ev.add_argument("--workers", type=int, default=None)
@@ -2366,8 +2339,6 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the harness left this file: it imports capnet, never the reverse
-        sys.exit("capnet.py bench moved to its own script: python bench.py [--quick] [--json FILE]")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":

@@ -574,8 +574,8 @@ at::Tensor quick_gelu_backward_cpu(const at::Tensor& grad, const at::Tensor& x) 
 // ---------------------------------------------------------------------------- autograd (any device)
 // C++ autograd Functions (not torch.library's Python register_autograd): the Python round trip
 // cost about 0.1 ms per forward + backward, as much as the fused loss kernel itself at B=256, C=80.
-// Both redispatch to the ops below autograd, so torch.compile traces them with the fake kernels
-// registered in capnet.py.
+// Both redispatch to the ops below autograd, so torch.compile traces them with the meta kernels
+// below.
 
 namespace {
 
@@ -696,6 +696,44 @@ at::Tensor quick_gelu_autograd(const at::Tensor& x) { return QuickGeluFunction::
 
 }  // namespace
 
+// ---------------------------------------------------------------------------- meta (shapes only)
+// Output shapes and dtypes without computing anything: torch.compile traces the ops through these
+// (as fake kernels), and torch.library.opcheck compares them with the CPU and CUDA kernels.
+
+namespace {
+
+at::Tensor empty_or_none(const at::Tensor& like, at::IntArrayRef shape, bool keep) {
+  return keep ? like.new_empty(shape) : like.new_empty({0});
+}
+
+std::tuple<at::Tensor, at::Tensor> db_focal_loss_meta(
+    const at::Tensor& logits, const at::Tensor&, const at::Tensor&, double, double, double,
+    double, double, double, double, double, const c10::optional<at::Tensor>&, int64_t reduction,
+    bool compute_grad) {
+  const at::Tensor loss = reduction == 0 ? logits.new_empty(logits.sizes()) : logits.new_empty({});
+  return {loss, empty_or_none(logits, logits.sizes(), compute_grad)};
+}
+
+std::tuple<at::Tensor, at::Tensor> graph_propagate_meta(const at::Tensor&, const at::Tensor& x,
+                                                        const at::Tensor& weight, double, bool) {
+  return {x.new_empty({x.size(0), weight.size(1)}), x.new_empty({x.size(0), weight.size(1)})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> graph_propagate_backward_meta(
+    const at::Tensor&, const at::Tensor& adj, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor&, const at::Tensor&, double, bool, std::array<bool, 3> mask) {
+  return {empty_or_none(x, adj.sizes(), mask[0]), empty_or_none(x, x.sizes(), mask[1]),
+          empty_or_none(x, weight.sizes(), mask[2])};
+}
+
+at::Tensor quick_gelu_meta(const at::Tensor& x) { return x.new_empty(x.sizes()); }
+
+at::Tensor quick_gelu_backward_meta(const at::Tensor&, const at::Tensor& x) {
+  return x.new_empty(x.sizes());
+}
+
+}  // namespace
+
 TORCH_LIBRARY(capnet, m) {
   m.def(
       "db_focal_loss(Tensor logits, Tensor targets, Tensor class_freq, float num_images, "
@@ -718,6 +756,14 @@ TORCH_LIBRARY_IMPL(capnet, CPU, m) {
   m.impl("graph_propagate_backward", &graph_propagate_backward_cpu);
   m.impl("quick_gelu", &quick_gelu_cpu);
   m.impl("quick_gelu_backward", &quick_gelu_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(capnet, Meta, m) {
+  m.impl("db_focal_loss", &db_focal_loss_meta);
+  m.impl("graph_propagate", &graph_propagate_meta);
+  m.impl("graph_propagate_backward", &graph_propagate_backward_meta);
+  m.impl("quick_gelu", &quick_gelu_meta);
+  m.impl("quick_gelu_backward", &quick_gelu_backward_meta);
 }
 
 TORCH_LIBRARY_IMPL(capnet, Autograd, m) {

@@ -75,9 +75,6 @@ class Config:
     gamma: float = 2.0                # gamma, focal exponent
     balance: float = 2.0              # overall loss scale of the DB-focal term
     tau_prime: float = 4.0            # tau', class-aware re-weighting temperature (inf = off)
-    asl_gamma_pos: float = 0.0        # ASL gamma+, focusing on positives (Ridnik et al. 2021)
-    asl_gamma_neg: float = 4.0        # ASL gamma-, focusing on negatives
-    asl_clip: float = 0.05            # ASL probability margin m: negatives use max(p - m, 0)
     # (8) test-time ensembling
     tte: int = 5                      # test-time views: 1 | 5 | 10
     # optimisation
@@ -186,8 +183,7 @@ class PromptLearner(nn.Module):
         init_ids = bpe.encode(ctx_init) if ctx_init else []
         M = len(init_ids) if ctx_init else n_ctx
         if M < 1:
-            raise ValueError(f"ctx_init {ctx_init!r} has no tokens" if ctx_init else
-                             f"n_ctx must be at least 1, got {n_ctx}")
+            raise ValueError(f"the context needs a token: n_ctx {n_ctx}, ctx_init {ctx_init!r}")
         rows = []
         for name in classnames:
             name_ids = bpe.encode(name.replace("_", " ") + ".")
@@ -433,12 +429,7 @@ class CAPNet(nn.Module):
 
 def class_aware_weights(class_freq, tau_prime):
     """class_weight_c = C * softmax_c(-log(n_c) / tau'): rarer classes weigh more, the mean is 1; tau' = inf: all 1."""
-    n = torch.as_tensor(np.asarray(class_freq), dtype=torch.float64)  # (C,)
-    if (n <= 0).any():
-        c = int((n <= 0).nonzero()[0])
-        raise ValueError(f"class {c} has no training image: class-aware weights are undefined")
-    if not tau_prime > 0:
-        raise ValueError(f"tau_prime must be > 0 (or inf to turn re-weighting off), got {tau_prime}")
+    n = torch.as_tensor(np.asarray(class_freq), dtype=torch.float64)  # (C,) every n_c > 0 (load_prepared)
     if math.isinf(tau_prime):
         return torch.ones(len(n), dtype=torch.float32)
     return (len(n) * torch.softmax(-n.log() / tau_prime, dim=0)).float()  # (C,)
@@ -493,11 +484,10 @@ def make_criterion(cfg, class_freq, num_images):
     if cfg.loss == "focal":
         return lambda logits, targets: focal_loss(logits, targets, cfg.gamma)
     if cfg.loss == "asl":
-        return lambda logits, targets: asymmetric_loss(logits, targets, cfg.asl_gamma_pos, cfg.asl_gamma_neg,
-                                                       cfg.asl_clip)
+        return asymmetric_loss  # at its paper's settings: gamma+ 0, gamma- 4, margin 0.05
     freq = torch.as_tensor(np.asarray(class_freq), dtype=torch.float32)  # (C,)
-    weight = class_aware_weights(freq, cfg.tau_prime)  # checks that every class has an image
-    if (freq >= num_images).any():  # the NTR bias needs log(N / n_c - 1) finite
+    weight = class_aware_weights(freq, cfg.tau_prime)
+    if (freq >= num_images).any():  # the NTR bias needs log(N / n_c - 1) finite; checked here, before any step
         c = int((freq >= num_images).nonzero()[0])
         raise ValueError(f"class {c} is in every training image ({int(freq[c])} of {num_images}): "
                          f"the DB-focal NTR bias log(N / n - 1) is undefined; use --loss bce or focal")
@@ -1009,10 +999,6 @@ KNOWN_MODELS = {
 }
 
 
-def available_models():
-    return list(KNOWN_MODELS)
-
-
 def clip_cache_dir(download_root=None):
     return Path(download_root or "~/.cache/clip").expanduser()
 
@@ -1075,7 +1061,7 @@ def load_clip(name_or_path, device="cpu", download_root=None):
         sha = _sha256(path)
     else:
         raise FileNotFoundError(f"CLIP model '{name_or_path}' is neither a file nor a known model "
-                                f"name ({', '.join(available_models())})")
+                                f"name ({', '.join(KNOWN_MODELS)})")
     try:
         if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
             import warnings
@@ -1288,8 +1274,6 @@ class MultiLabelDataset(torch.utils.data.Dataset):
 
     def __init__(self, items, image_root, num_classes, size, mode="train", n_views=5,
                  scale_min=0.5, seed=0, skip_bad=False):
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
         self.items, self.image_root = list(items), Path(image_root)
         self.targets = multihot(self.items, num_classes)  # (N, C)
         self.size, self.mode, self.n_views = size, mode, n_views
@@ -1615,7 +1599,6 @@ def to_jsonable(x):
         return {k: to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [to_jsonable(v) for v in x]
-
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
@@ -1658,12 +1641,8 @@ def versions() -> dict:
 
 
 def format_config(cfg: Config) -> str:
-    lines = [""]
-    for item in (f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()):
-        if lines[-1] and len(lines[-1]) + len(item) > 100:
-            lines.append("")
-        lines[-1] += item + "  "
-    return "\n".join("  " + line.rstrip() for line in lines)
+    items = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()]
+    return "\n".join("  " + "  ".join(items[i:i + 6]) for i in range(0, len(items), 6))  # six fields a line
 
 
 def format_duration(seconds: float) -> str:
@@ -1774,9 +1753,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def check_checkpoint(ckpt: dict, data: str, classes: list, clip_source: dict, where: str):
-    if ckpt["config"]["data"] != data:
-        raise RunError(f"{where}: checkpoint was trained on dataset {ckpt['config']['data']!r}, not {data!r}")
+def check_checkpoint(ckpt: dict, classes: list, clip_source: dict, where: str):
+    """The checkpoint's class list and backbone against these (its dataset is a config field: check_same_config)."""
     old, new = list(ckpt["classes"]), list(classes)
     if old != new:
         diff = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(old, new)) if a != b][:3]
@@ -1979,8 +1957,8 @@ def train_run(cfg: Config) -> dict:
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
-        check_checkpoint(ckpt, cfg.data, classes, clip.source, f"--resume {run_dir}")
         check_same_config(ckpt["config"], cfg, f"--resume {run_dir}: the checkpoint's config")
+        check_checkpoint(ckpt, classes, clip.source, f"--resume {run_dir}")
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -2194,7 +2172,7 @@ def load_for_inference(ckpt_path, device: str = "auto", **overrides):
     cfg = resolve_config(Config(**{**ckpt["config"], "device": device, "resume": False, **given}))
     dev = pick_device(cfg)
     clip = load_backbone(cfg).to(dev)
-    check_checkpoint(ckpt, cfg.data, ckpt["classes"], clip.source, f"checkpoint {ckpt_path}")
+    check_checkpoint(ckpt, ckpt["classes"], clip.source, f"checkpoint {ckpt_path}")
     model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["train_targets"].float().numpy(), dev)
     load_trainable(model, ckpt["model"])
     return model.eval(), cfg, ckpt, dev
@@ -2212,7 +2190,7 @@ def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_d
     model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte=tte, workers=workers,
                                                skip_bad_images=skip_bad or None)
     prepared = load_dataset(cfg, prepare=False)
-    check_checkpoint(ckpt, cfg.data, prepared.classes, ckpt["clip"], f"checkpoint {ckpt_path} vs {cfg.data_root}/{cfg.data}")
+    check_checkpoint(ckpt, prepared.classes, ckpt["clip"], f"checkpoint {ckpt_path} vs {cfg.data_root}/{cfg.data}")
     counts = ckpt["class_counts"].numpy()
     if not np.array_equal(counts, class_counts(prepared.train, len(prepared.classes))):
         raise RunError(f"checkpoint {ckpt_path}: the training set of {cfg.data_root}/{cfg.data} changed since "

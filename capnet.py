@@ -8,15 +8,15 @@ on. Steps (1)-(9) and the choices with their sources: README.md. bench.py and da
 
 Line map:
      47  config
-    166  the method
-    689  baselines' losses
-    707  vendored CLIP
-   1148  images
-   1231  data
-   1400  fast paths
-   1578  runs
-   2201  eval and predict
-   2315  CLI
+    155  the method
+    610  ablations and baselines
+    639  vendored CLIP
+   1068  images
+   1151  data
+   1318  fast paths
+   1493  runs
+   2113  eval and predict
+   2227  CLI
 """
 
 from __future__ import annotations
@@ -58,9 +58,7 @@ class Config:
     p: float = 0.2                    # p, neighbour weight in P = (1 - p) I + p A
     graph_topk: int = 0               # k: keep each class's k most similar classes, itself included (0 = all)
     graph_tau: float = 0.0            # T > 0: the pre-paper code's text graph, softmax(P / T) over kept entries
-    cooccur_threshold: float = 0.4    # ML-GCN binarisation threshold of P(j|i) (graph=cooccur)
     gcn_hidden: int = 0               # width of the GCN's two hidden layers (0 = D)
-    negative_slope: float = 0.2       # LeakyReLU slope between GCN layers
     # (5) PEFT
     peft: str = "adaptformer"         # adaptformer (ViT) / bias tuning (ResNet) | none | full (all of CLIP)
     adapter_dim: int = 0              # r, AdaptFormer bottleneck (0 = LIFT rule)
@@ -115,18 +113,18 @@ class Config:
     ckpt_every: int = 0               # extra checkpoint every this many steps (0: end of each epoch only)
 
 
-# per-benchmark presets: only what differs from the Config defaults
+# per-benchmark presets: only what differs from the Config defaults. The real benchmarks (and custom data) train
+# the authors' recipe by default (README "Choices and assumptions": why); the synthetic world keeps ours
 PRESETS = {
     # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, 10 minutes on 2 CPU cores;
     # step 0 is exactly zero-shot. Prompt weight decay 0.02 (ours; GCN, adapters 5e-4): at 5e-4 the prompts memorise
-    # rare classes' few images (docs/synthetic-lt.md)
+    # rare classes' few images; our recipe passes this world's bars (docs/synthetic-lt.md)
     "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, prompt_weight_decay=0.02, workers=0,
-                         ctx_init="a photo of a"),
+                         ctx_init="a photo of a", recipe="ours"),
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),
     "coco-lt": dict(clip="ViT-B/16"),
     "nus-wide-lt": dict(clip="ViT-B/16"),
 }
-
 
 # --recipe presets, laid over the data preset before --method. "authors": the choices of the public pre-paper code
 # (github.com/Wang-zuozheng/qusi, commit 6d575b5; we infer, not know, that it is the authors') wherever they
@@ -140,12 +138,6 @@ RECIPES = {
                 "synthetic-lt": dict(gcn_hidden=384),  # 4 D, as 2048 is to ViT-B/16's D = 512 (a miniature)
                 "nus-wide-lt": dict(epochs=60)},  # NUS-WIDE: no setting in that code; COCO-LT's (assumed)
 }
-
-
-# the real benchmarks train the authors' recipe by default (README "Choices and assumptions": why); the
-# synthetic world keeps ours, which passes its bars (docs/synthetic-lt.md)
-DEFAULT_RECIPE = {"synthetic-lt": "ours"}
-
 
 # --method presets: flags only, laid over the data preset; any flag given still wins. One protocol for
 # all (README "Methods and baselines"): sigmoid scores, last epoch, CLIP statistics, same schedule and TTE
@@ -270,8 +262,7 @@ def text_graph(S, s=10.0, p=0.2, topk=0, tau=0.0):
     keep = topk_mask(S, topk)  # (C, C)
     if tau == 0:
         logits = (s * S).masked_fill(eye | ~keep, float("-inf"))  # (C, C)
-        has_neighbour = (keep & ~eye).any(dim=1, keepdim=True)  # (C, 1) one class, or k = 1: none
-        A = torch.where(has_neighbour, torch.softmax(logits.masked_fill(~has_neighbour, 0), dim=1), 0.0)
+        A = torch.softmax(logits, dim=1).nan_to_num(0.0)  # (C, C); a class without neighbour (C = 1, k = 1): 0
         return reweight_graph(A, p)
     A = torch.where(keep & ~eye, S, 0.0)  # (C, C)
     A = p * A / A.sum(dim=1, keepdim=True).clamp(min=1e-12) + (1 - p) * eye.to(S.dtype)  # (C, C) rows sum to 1
@@ -371,16 +362,14 @@ class CAPNet(nn.Module):
     """logits z_c = exp(t) * cos(normalize(E_I(x)), F_hat_c), F_hat = GCN(PromptLearner()); P is the label graph."""
 
     def __init__(self, clip, classnames, P, *, n_ctx=16, ctx_init="", shared_ctx=False, train_gcn=True, gcn_hidden=0,
-                 negative_slope=0.2, peft="adaptformer", adapter_dim=0, train_temperature=True, backend="auto"):
+                 peft="adaptformer", adapter_dim=0, train_temperature=True, backend="auto"):
         super().__init__()
-        if len(classnames) == 0:
-            raise ValueError("CAPNet needs at least one class")
         if peft not in ("adaptformer", "none", "full"):
             raise ValueError(f"unknown peft {peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
         self.clip = clip.eval().requires_grad_(peft == "full")  # frozen (1) unless fully fine-tuned
         self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init, shared_ctx)
-        self.gcn = GCN(clip.embed_dim, P, negative_slope, backend, gcn_hidden).to(clip.token_embedding.weight.device)
+        self.gcn = GCN(clip.embed_dim, P, backend=backend, hidden=gcn_hidden).to(clip.token_embedding.weight.device)
         self.gcn.requires_grad_(train_gcn)  # False (graph none: CoOp, LMPT): W2 = 0 stays, so F_hat = F_t exactly
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
         self.logit_scale.requires_grad_(train_temperature)  # False: t frozen, as in the pre-paper code
@@ -396,7 +385,6 @@ class CAPNet(nn.Module):
     def train(self, mode=True):
         super().train(mode)
         self.clip.eval()  # frozen: BatchNorm keeps its running statistics even in training
-        self._text_cache = None
         return self
 
     def trainable_parts(self):
@@ -653,8 +641,6 @@ def asymmetric_loss(logits, targets, gamma_pos=0.0, gamma_neg=4.0, clip=0.05):
 # Byte-level BPE exactly as OpenAI CLIP's SimpleTokenizer (same clean-up, regex and merges), re-implemented
 # here. The merges file bpe_simple_vocab_16e6.txt.gz (MIT, OpenAI) is vendored at the repository root.
 BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
-
-
 SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>
 
 
@@ -949,12 +935,10 @@ class CLIP(nn.Module):
         return x[torch.arange(len(x), device=x.device), eot_index] @ self.text_projection  # (n, D)
 
 
-_NOT_PARAMETERS = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's archives
-
-
 def build_clip(state_dict):
     """OpenAI-layout state dict -> CLIP in fp32, eval mode; sizes read from tensor shapes, 64 dims per head."""
-    sd = {k: v for k, v in state_dict.items() if k not in _NOT_PARAMETERS}
+    ints = ("input_resolution", "context_length", "vocab_size")  # not parameters: ints in OpenAI's archives
+    sd = {k: v for k, v in state_dict.items() if k not in ints}
     for key in ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight",
                 "visual.conv1.weight"):
         if key not in sd:
@@ -983,8 +967,6 @@ def build_clip(state_dict):
 
 
 _OPENAI_URL = "https://openaipublic.azureedge.net/clip/models"
-
-
 # name -> url; the second-to-last path component is the file's SHA-256, as OpenAI publishes it
 KNOWN_MODELS = {
     "RN50": f"{_OPENAI_URL}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
@@ -1338,6 +1320,7 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: 
 # Switches that change speed, never a number beyond float rounding (bench.py turns them off for its baselines).
 SHORTEST_TEXT_CONTEXT = True  # prompts run on max(EOT) + 1 positions; False: all 77, as openai/CLIP does
 FUSED_QUICK_GELU = True  # capnet::quick_gelu (one pass, fp32 math) where the extension has a kernel
+MATMUL_ATTENTION_BF16_CPU = True  # attention() in the matmul form for bf16 on CPU; False: SDPA everywhere
 
 
 def text_positions(x, context_length):
@@ -1361,9 +1344,6 @@ def attention(q, k, v, causal=False):
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal and MATMUL_ATTENTION_BF16_CPU:
         return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # (B, H, L, d)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, d)
-
-
-MATMUL_ATTENTION_BF16_CPU = True  # the matmul form above for bf16 on CPU; False: SDPA everywhere
 
 
 def hold_frozen_in_bf16(clip):
@@ -1433,13 +1413,11 @@ def _use_ext(backend, device, op):
 # specification; these dispatchers run the fused C++/CUDA kernels of csrc/ (torch.ops.capnet.*) for backend
 # "auto" when built with a kernel for the tensor's device, or "ext".
 
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-
 def _reduction_code(reduction):
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"db_focal_loss: reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
-    return _REDUCTIONS[reduction]
+    codes = {"none": 0, "mean": 1, "sum": 2}  # the kernel's
+    if reduction not in codes:
+        raise ValueError(f"db_focal_loss: reduction must be one of {list(codes)}, got {reduction!r}")
+    return codes[reduction]
 
 
 def _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, reduction):
@@ -1543,11 +1521,12 @@ class RunError(RuntimeError):
 def preset_config(data: str, method: str = "capnet", recipe: str = "") -> Config:
     """The data preset, then the recipe's flags (common, then this data's), then the method's."""
     # an unknown name is a custom dataset prepared with `data_prep.py lists`: a real dataset
-    recipe = recipe or DEFAULT_RECIPE.get(data, "authors")
+    preset = PRESETS.get(data, dict(clip="ViT-B/16"))
+    recipe = recipe or preset.get("recipe", "authors")
     if recipe not in RECIPES:
         raise ValueError(f"--recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
-    flags = {**PRESETS.get(data, dict(clip="ViT-B/16")), **RECIPES[recipe]["*"], **RECIPES[recipe].get(data, {})}
-    return Config(**{**flags, **METHODS[method]}, data=data, recipe=recipe)
+    flags = {**preset, **RECIPES[recipe]["*"], **RECIPES[recipe].get(data, {}), **METHODS[method], "recipe": recipe}
+    return Config(**flags, data=data)
 
 
 def run_name(cfg: Config) -> str:
@@ -1655,8 +1634,7 @@ def format_map(m: dict) -> str:
 
 
 def pick_device(cfg: Config) -> torch.device:
-    """This process's GPU (LOCAL_RANK under torchrun) unless --device cpu or there is none (resolve_config
-    refused --device cuda without one); else the CPU."""
+    """This process's GPU (LOCAL_RANK under torchrun) unless --device cpu or there is none; else the CPU."""
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
 
@@ -1718,11 +1696,11 @@ def load_backbone(cfg: Config):
 
 def build_model(clip, classes, cfg: Config, train_targets, device="cpu") -> CAPNet:
     """The label graph (3), then CAPNet as cfg says, seeded by cfg.seed: a rebuilt model starts where training did."""
-    P = build_label_graph(cfg.graph, clip, classes, train_targets, cfg.s, cfg.p, cfg.cooccur_threshold,
-                          cfg.graph_topk, cfg.graph_tau)
+    P = build_label_graph(cfg.graph, clip, classes, train_targets, s=cfg.s, p=cfg.p, topk=cfg.graph_topk,
+                          tau=cfg.graph_tau)
     torch.manual_seed(cfg.seed)  # every random init: prompts, GCN, adapters
     model = CAPNet(clip, classes, P, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, shared_ctx=cfg.ctx == "shared",
-                   train_gcn=cfg.graph != "none", gcn_hidden=cfg.gcn_hidden, negative_slope=cfg.negative_slope,
+                   train_gcn=cfg.graph != "none", gcn_hidden=cfg.gcn_hidden,
                    peft=cfg.peft, adapter_dim=cfg.adapter_dim, train_temperature=cfg.temperature_lr_scale > 0,
                    backend=cfg.backend).to(device)
     if use_bf16(cfg, torch.device(device)):  # after the label graph, which is computed in fp32
@@ -1730,17 +1708,14 @@ def build_model(clip, classes, cfg: Config, train_targets, device="cpu") -> CAPN
     return model
 
 
-ONECYCLE_WARMUP = 0.2  # OneCycleLR's pct_start, as the pre-paper code (other arguments: torch's defaults)
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
     """The lr schedule over epochs * steps_per_epoch steps, stepped once per training step."""
     total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":  # each group from its lr / 25 up to its lr, then cosine down to lr / 25e4;
-        # the momentum (SGD) or Adam's beta1 cycles 0.95 -> 0.85 -> 0.95 meanwhile. Deviation: the pre-paper code
-        # fixes 120 epochs x 60 steps whatever the run's length; we fit the cycle to the run
+    if cfg.schedule == "onecycle":  # as the pre-paper code: 20% of the steps from each group's lr / 25 up to its lr,
+        # then cosine down to lr / 25e4; the momentum (SGD) or Adam's beta1 cycles 0.95 -> 0.85 -> 0.95 meanwhile.
+        # Deviation: that code fixes 120 epochs x 60 steps whatever the run's length; we fit the cycle to the run
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in optimizer.param_groups],
-                                                   total_steps=max(1, total), pct_start=ONECYCLE_WARMUP)
+                                                   total_steps=max(1, total), pct_start=0.2)
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
 
@@ -1789,11 +1764,8 @@ def load_trainable(model: nn.Module, state: dict):
     if missing or unexpected:
         raise RunError(f"checkpoint parameters do not fit this model (missing: {missing[:5]}, "
                        f"unexpected: {unexpected[:5]}); was it trained with other --peft/--n-ctx/--adapter-dim?")
-    with torch.no_grad():
+    with torch.no_grad():  # same config and classes (checked), so the same shapes
         for n in expected:
-            if params[n].shape != state[n].shape:
-                raise RunError(f"checkpoint parameter {n} has shape {tuple(state[n].shape)}, "
-                               f"the model {tuple(params[n].shape)}")
             params[n].copy_(state[n])
 
 
@@ -1843,25 +1815,7 @@ def zero_shot_forward(clip, classes):
     """Plain CLIP with "a photo of a {name}." (no prompts, no GCN, no PEFT): the baseline."""
     text = zero_shot_text_features(clip, classes).float()  # (C, D), normalised
     scale = clip.logit_scale.exp().float()
-
-    def forward(images):
-        v = F.normalize(clip.encode_image(images).float(), dim=-1)  # (B, D)
-        return scale * v @ text.t()  # (B, C)
-    return forward
-
-
-def graph_stats(P, classnames, counts, n_rare=5, n_top=3):
-    """A few lines about P: the weight that goes to neighbours, and whom the rarest classes borrow from."""
-    P = torch.as_tensor(P, dtype=torch.float64).cpu()
-    C = P.shape[0]
-    off = P - torch.diag(P.diagonal())  # (C, C) neighbour weights only
-    lines = [f"label graph: {C} classes, mean neighbour weight per class {off.sum(1).mean():.3f}, edges > 1/C: "
-             f"{int((off > 1.0 / C).sum())}"]
-    for i in np.argsort(np.asarray(counts), kind="stable")[:min(n_rare, C)]:
-        w, j = off[i].topk(min(n_top, C - 1))
-        nbrs = ", ".join(f"{classnames[k]} {v:.3f}" for v, k in zip(w.tolist(), j.tolist()) if v > 0)
-        lines.append(f"  {classnames[i]} (n={int(counts[i])}): {nbrs or 'no neighbours'}")
-    return "\n".join(lines)
+    return lambda images: scale * F.normalize(clip.encode_image(images).float(), dim=-1) @ text.t()  # (B, C)
 
 
 def trainable_summary(model: CAPNet) -> str:
@@ -1985,7 +1939,7 @@ def train_run(cfg: Config) -> dict:
             + f"  [{time.time() - t0:.1f}s]")
 
     model = build_model(clip, classes, cfg, train_targets, device)
-    log(graph_stats(model.gcn.P, classes, counts) + "\ntrainable parameters:\n" + trainable_summary(model))
+    log("trainable parameters:\n" + trainable_summary(model))
 
     train_set = MultiLabelDataset(prepared.train, prepared.image_root, C, cfg.input_size, mode="train",
                                   scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)

@@ -828,17 +828,6 @@ def test_graph_none_is_no_gcn():
     assert len(tiny_capnet(graph="identity").trainable_parts()["gcn"]) == 3
 
 
-def test_graph_stats_names_rarest_classes():
-    P = torch.tensor([[0.8, 0.15, 0.05], [0.1, 0.8, 0.1], [0.02, 0.18, 0.8]])
-    text = capnet.graph_stats(P, ["head", "mid", "rare"], np.array([100, 30, 3]))
-    assert "mean neighbour weight per class 0.200" in text
-    lines = text.splitlines()
-    assert lines[1].startswith("  rare (n=3): mid 0.180, head 0.020")
-    assert lines[2].startswith("  mid (n=30)")
-    model = tiny_capnet("vit", graph="identity")
-    assert "potted_plant (n=5): no neighbours" in capnet.graph_stats(model.gcn.P, model.classnames, TINY_COUNTS)
-
-
 # GCN
 
 def test_gcn_formula_and_zero_init():
@@ -2585,8 +2574,7 @@ def test_cli_flags_are_generated_from_config_and_strict(capsys):
         ["train", "--data", "voc-lt", "--tau-prime", "inf", "--epochs", "3", "--compile", "--no-resume"]))
     assert cfg.data == "voc-lt" and cfg.mu == 0.3 and cfg.lam == 5.0 and cfg.clip == "ViT-B/16"  # preset
     assert cfg.tau_prime == float("inf") and cfg.epochs == 3 and cfg.compile is True and cfg.resume is False
-    assert capnet.config_from_args(parser.parse_args(["train"])) == capnet.Config(**capnet.PRESETS["synthetic-lt"],
-                                                                                 recipe="ours")
+    assert capnet.config_from_args(parser.parse_args(["train"])) == capnet.Config(**capnet.PRESETS["synthetic-lt"])
     for argv, named in ((["train", "--epochz", "3"], "--epochz"), (["train", "--epochs", "x"], "--epochs"),
                         (["train", "--compile=maybe"], "--compile"), (["train", "--epoch", "3"], "--epoch")):
         with pytest.raises(SystemExit) as e:

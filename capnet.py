@@ -1047,8 +1047,8 @@ def load_clip(name_or_path, device="cpu", download_root=None):
     try:
         if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
             import warnings
-            with warnings.catch_warnings():  # torch.jit is deprecated, but it is OpenAI's format
-                warnings.simplefilter("ignore", DeprecationWarning)
+            with warnings.catch_warnings():  # torch.jit is deprecated (Deprecation- or FutureWarning by torch
+                warnings.simplefilter("ignore")  # version), but it is OpenAI's format
                 sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)

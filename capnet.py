@@ -2121,7 +2121,7 @@ def load_for_inference(ckpt_path, device: str = "auto", **overrides):
     ckpt = load_checkpoint(ckpt_path)
     unknown = sorted(set(ckpt["config"]) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
-        raise RunError(f"checkpoint config has fields this capnet.py does not know: {', '.join(unknown)}")
+        raise RunError(f"checkpoint of another capnet.py version: its config has fields {', '.join(unknown)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     cfg = resolve_config(Config(**{**ckpt["config"], "device": device, "resume": False, **given}))
     dev = pick_device(cfg)

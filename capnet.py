@@ -9,14 +9,14 @@ on. Steps (1)-(9) and the choices with their sources: README.md. bench.py and da
 Line map:
      47  config
     155  the method
-    610  ablations and baselines
-    639  vendored CLIP
-   1068  images
-   1151  data
-   1318  fast paths
-   1493  runs
-   2113  eval and predict
-   2227  CLI
+    611  ablations and baselines
+    640  vendored CLIP
+   1069  images
+   1152  data
+   1319  fast paths
+   1494  runs
+   2114  eval and predict
+   2228  CLI
 """
 
 from __future__ import annotations
@@ -570,7 +570,8 @@ def lt_map(ap, train_class_freq):
 def build_optimizer(model: CAPNet, cfg: Config) -> torch.optim.Optimizer:
     """(9) One parameter group per trainable part, each with its peak lr and weight decay (none on the temperature
     and the adapter scales s_a). Deviation (ours): t trains at lr * temperature_lr_scale. At the full lr the first
-    DB-focal steps, where every logit starts positive, drive t to 0 and flatten the logits (docs/synthetic-lt.md).
+    DB-focal steps, where every logit starts positive, drive exp(t) down and flatten the logits (docs/synthetic-lt.md,
+    "The temperature's learning rate").
     --peft full: CLIP's own weights train at lr * clip_lr_scale (ours)."""
     parts = model.trainable_parts()
     scales = {id(m.scale) for m in model.clip.modules() if isinstance(m, AdaptFormer)}  # s_a

@@ -153,17 +153,17 @@ def _bench_model(layout, n_classes, device):
     # class names put it, which is what truncation depends on
     classnames = [f"thing {i}" for i in range(n_classes)]
     model = capnet.build_model(clip, classnames, Config(seed=0), train_targets)
-    return model.to(device), train_targets
+    return capnet.install_fast_paths(model.to(device)), train_targets
 
 
 def _set_fast_paths(model, truncate=True, fused=True, new=True):
-    # switches of the model's fast paths (attention: see _attention_context). new: the
-    # elementwise and bf16 paths (fused QuickGELU, bf16 matmul attention on CPU); the third, the
-    # bf16-held frozen weights, is switched by _BF16Weights
-    capnet.SHORTEST_TEXT_CONTEXT = truncate  # False: all 77 positions, as openai/CLIP runs it
+    # switches of the model's fast paths (attention: see _attention_context), through capnet's one
+    # installer. fused: the GCN propagation (the loss: by its criterion); new: the elementwise and bf16
+    # paths (fused QuickGELU, bf16 matmul attention on CPU); the third, the bf16-held frozen weights,
+    # is switched by _BF16Weights
+    capnet.install_fast_paths(model, backend="auto" if new else "torch", shortest_text_context=truncate,
+                              matmul_attention_bf16_cpu=new)
     model.gcn.backend = "auto" if fused else "torch"
-    capnet.MATMUL_ATTENTION_BF16_CPU = new
-    capnet.FUSED_QUICK_GELU = new
 
 
 class _BF16Weights:
@@ -354,12 +354,12 @@ def _bench_eval_bf16_row(model, tag, batch, n_views, device, warmup, repeats, ge
 
 
 def _bench_attention_bf16_row(batch, heads, n, d, device, warmup, repeats):
-    # one attention layer, fwd+bwd in bf16: SDPA (flash on CPU) vs capnet.attention (matmuls on CPU)
+    # one attention layer, fwd+bwd in bf16: SDPA (flash on CPU) vs capnet.matmul_attention
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(batch, heads, n, d, generator=g).to(device, torch.bfloat16).requires_grad_()
                for _ in range(3))
     sdpa = _fwd_bwd(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v), q, k, v)
-    ours = _fwd_bwd(lambda q, k, v: capnet.attention(q, k, v), q, k, v)
+    ours = _fwd_bwd(capnet.matmul_attention, q, k, v)
     return _compare("attention_bf16_ours_vs_sdpa", sdpa, ours, device, warmup, repeats,
                     f"fwd+bwd, B={batch}, {heads} heads, L={n}, d={d}; diff: bf16 rounding")
 

@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,7 @@ class PromptLearner(nn.Module):
     and M is its token count (CoOp's convention; `n_ctx` is ignored), so the untrained prompts read exactly
     "a photo of a {name}." With `shared` (CoOp) one (M, W) context serves every class, not a (C, M, W) one."""
 
-    def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False):
+    def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False, generator=None):
         super().__init__()
         # a reference, not a submodule: the frozen CLIP is registered once, under CAPNet.clip
         object.__setattr__(self, "clip", clip)
@@ -195,8 +196,8 @@ class PromptLearner(nn.Module):
                 init = clip.token_embedding(torch.tensor(init_ids, device=device)).float()  # (M, W)
                 ctx = init.expand(shape).clone()  # (C, M, W), or (M, W) shared
             else:
-                ctx = torch.randn(shape, device=device) * 0.02  # (C, M, W), or (M, W) shared
-        self.n_ctx = M
+                ctx = torch.randn(shape, generator=generator).to(device) * 0.02  # (C, M, W), or (M, W) shared
+        self.n_ctx, self.full_context = M, False
         self.ctx = nn.Parameter(ctx)  # (C, M, W), or (M, W) shared
         # frozen pieces, rebuilt from CLIP on load, so not saved in checkpoints
         self.register_buffer("token_ids", token_ids, persistent=False)  # (C, L)
@@ -211,7 +212,9 @@ class PromptLearner(nn.Module):
         return torch.cat([self.prefix, ctx, self.suffix], dim=1).to(dtype)  # (C, L, W)
 
     def forward(self):
-        x = text_positions(self.embeddings(), self.clip.context_length)  # (C, L, W), L = max(EOT) + 1 (fast paths)
+        x = self.embeddings()  # (C, L, W), L = max(EOT) + 1
+        if self.full_context:  # a fast path off (bench's baseline): all 77 positions, as openai/CLIP runs them
+            x = F.pad(x, (0, 0, 0, self.clip.context_length - x.shape[1]))  # (C, 77, W)
         # short_context=False: no data-dependent cut (int(eot.max())), so torch.compile sees one graph
         x = self.clip.encode_text_embeddings(x, self.eot_index, short_context=False)  # (C, D)
         return F.normalize(x.float(), dim=-1)  # (C, D) F_t, method (2)
@@ -289,13 +292,13 @@ class GCN(nn.Module):
     """(4) Three-layer residual GCN: H1 = LeakyReLU(P F_t W0), H2 = LeakyReLU(P H1 W1),
     F_hat = F_t + P H2 W2. W2 starts at zero, so the untrained GCN is the identity on F_t."""
 
-    def __init__(self, dim, P, negative_slope=0.2, backend="auto", hidden=0):
+    def __init__(self, dim, P, negative_slope=0.2, backend="auto", hidden=0, generator=None):
         super().__init__()
         H = hidden or dim  # the pre-paper code: D -> 2048 -> 2048 -> D
         self.register_buffer("P", torch.as_tensor(P, dtype=torch.float32).clone())  # (C, C)
         # our choice: W ~ N(0, 1/fan_in) keeps the feature norm roughly constant layer to layer
-        self.W0 = nn.Parameter(torch.randn(dim, H) / math.sqrt(dim))  # (D, H)
-        self.W1 = nn.Parameter(torch.randn(H, H) / math.sqrt(H))  # (H, H)
+        self.W0 = nn.Parameter(torch.randn(dim, H, generator=generator) / math.sqrt(dim))  # (D, H)
+        self.W1 = nn.Parameter(torch.randn(H, H, generator=generator) / math.sqrt(H))  # (H, H)
         self.W2 = nn.Parameter(torch.zeros(H, dim))  # (H, D) zero: F_hat = F_t at the start
         self.negative_slope, self.backend = negative_slope, backend
 
@@ -323,11 +326,14 @@ def adapter_bottleneck(num_classes, num_layers):
 class AdaptFormer(nn.Module):
     """s_a * Up(ReLU(Down(LN_a(h)))), run in parallel with a block's MLP."""
 
-    def __init__(self, width, r):
+    def __init__(self, width, r, generator=None):
         super().__init__()
         self.ln = nn.LayerNorm(width)  # LN_a
-        self.down = nn.Linear(width, r)
-        self.up = nn.Linear(r, width)
+        self.down = nn.utils.skip_init(nn.Linear, width, r)  # nn.Linear's init, drawn from the model's generator:
+        bound = 1 / math.sqrt(width)  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+        nn.init.uniform_(self.down.weight, -bound, bound, generator=generator)
+        nn.init.uniform_(self.down.bias, -bound, bound, generator=generator)
+        self.up = nn.utils.skip_init(nn.Linear, r, width)
         nn.init.zeros_(self.up.weight)  # zero: the adapted tower starts as the frozen one
         nn.init.zeros_(self.up.bias)
         self.scale = nn.Parameter(torch.ones(()))  # s_a
@@ -336,14 +342,29 @@ class AdaptFormer(nn.Module):
         return self.scale * self.up(F.relu(self.down(self.ln(h))))
 
 
-def add_adaptformer(visual, num_classes, adapter_dim=0):
-    """Put an AdaptFormer (`block.adapter`) beside the MLP of every block of a ViT image tower, in place -> r."""
+class AdaptedBlock(nn.Module):
+    """A ViT block of OpenAI's with an AdaptFormer in parallel with its MLP: h = x + Attn(LN_1(x)),
+    out = h + MLP(LN_2(h)) + s_a * Up(ReLU(Down(LN_a(h)))). It holds the block's own modules under their own
+    names, so OpenAI's weights keep their names (their checkpoints still load) and only `adapter` is new."""
+
+    def __init__(self, block, adapter):
+        super().__init__()
+        self.attn, self.ln_1, self.mlp, self.ln_2, self.causal = block.attn, block.ln_1, block.mlp, block.ln_2, block.causal
+        self.adapter = adapter
+
+    def forward(self, x):
+        h = x + self.attn(self.ln_1(x), causal=self.causal)  # the residual stream after attention
+        return h + self.mlp(self.ln_2(h)) + self.adapter(h)
+
+
+def add_adaptformer(visual, num_classes, adapter_dim=0, generator=None):
+    """Turn every block of a ViT image tower into an AdaptedBlock, in place -> the bottleneck r."""
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"AdaptFormer needs a ViT image tower, got {type(visual).__name__}")
     blocks, ref = visual.transformer.resblocks, visual.conv1.weight
     r = adapter_dim if adapter_dim > 0 else adapter_bottleneck(num_classes, len(blocks))
-    for block in blocks:
-        block.adapter = AdaptFormer(ref.shape[0], r).to(device=ref.device, dtype=ref.dtype)
+    for i, block in enumerate(blocks):
+        blocks[i] = AdaptedBlock(block, AdaptFormer(ref.shape[0], r, generator).to(device=ref.device, dtype=ref.dtype))
     return r
 
 
@@ -362,20 +383,22 @@ class CAPNet(nn.Module):
     """logits z_c = exp(t) * cos(normalize(E_I(x)), F_hat_c), F_hat = GCN(PromptLearner()); P is the label graph."""
 
     def __init__(self, clip, classnames, P, *, n_ctx=16, ctx_init="", shared_ctx=False, train_gcn=True, gcn_hidden=0,
-                 peft="adaptformer", adapter_dim=0, train_temperature=True, backend="auto"):
+                 peft="adaptformer", adapter_dim=0, train_temperature=True, backend="auto", seed=0):
         super().__init__()
         if peft not in ("adaptformer", "none", "full"):
             raise ValueError(f"unknown peft {peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
         self.clip = clip.eval().requires_grad_(peft == "full")  # frozen (1) unless fully fine-tuned
-        self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init, shared_ctx)
-        self.gcn = GCN(clip.embed_dim, P, backend=backend, hidden=gcn_hidden).to(clip.token_embedding.weight.device)
+        g = torch.Generator().manual_seed(seed)  # every random init (prompts, GCN, adapters); the global RNG is left alone
+        self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init, shared_ctx, generator=g)
+        self.gcn = GCN(clip.embed_dim, P, backend=backend, hidden=gcn_hidden, generator=g)
+        self.gcn.to(clip.token_embedding.weight.device)
         self.gcn.requires_grad_(train_gcn)  # False (graph none: CoOp, LMPT): W2 = 0 stays, so F_hat = F_t exactly
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().float().clone())  # t
         self.logit_scale.requires_grad_(train_temperature)  # False: t frozen, as in the pre-paper code
         self.peft, self.adapter_dim = peft, 0  # adaptformer | bias | none | full
         if peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
-            self.adapter_dim = add_adaptformer(clip.visual, len(classnames), adapter_dim)
+            self.adapter_dim = add_adaptformer(clip.visual, len(classnames), adapter_dim, generator=g)
         elif peft == "adaptformer":  # the --peft adaptformer default means bias tuning on ResNets
             self.peft = "bias"
             for param in bias_tuning_parameters(clip.visual):
@@ -407,12 +430,16 @@ class CAPNet(nn.Module):
         return self.gcn(self.prompt_learner()) if self.training else cached_class_features(self)
 
     def forward(self, images):
-        v = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # (B, D)
-        F_hat = F.normalize(self.class_features().float(), dim=-1)  # (C, D)
-        t = self.logit_scale.clamp(max=LOGIT_SCALE_MAX)
-        # the head is tiny, so it runs in fp32 even under autocast: logits and loss stay fp32
-        with torch.autocast(v.device.type, enabled=False):
-            return t.exp() * v @ F_hat.T  # (B, C)
+        return cosine_logits(self.clip.encode_image(images), self.class_features(), self.logit_scale)  # (B, C)
+
+
+def cosine_logits(image_features, class_features, t):
+    """(6) z_bc = exp(t) * cos(v_b, F_c), t clamped to ln(100): CAPNet's head, and plain CLIP's for zero-shot.
+    The head is tiny, so it runs in fp32 even under autocast: logits and loss stay fp32."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        v = F.normalize(image_features.float(), dim=-1)  # (B, D)
+        F_hat = F.normalize(class_features.float(), dim=-1)  # (C, D)
+        return t.float().clamp(max=LOGIT_SCALE_MAX).exp() * v @ F_hat.T  # (B, C)
 
 
 def class_aware_weights(class_freq, tau_prime):
@@ -825,7 +852,7 @@ class ModifiedResNet(nn.Module):
 
 class QuickGELU(nn.Module):
     def forward(self, x):
-        return quick_gelu(x)  # x * sigmoid(1.702 x), fused where the extension has a kernel (fast paths)
+        return x * torch.sigmoid(1.702 * x)
 
 
 class MultiheadAttention(nn.Module):
@@ -842,8 +869,11 @@ class MultiheadAttention(nn.Module):
     def forward(self, x, causal=False):
         B, L, W = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, L, W)
-        out = attention(_heads(q, self.n_head), _heads(k, self.n_head), _heads(v, self.n_head), causal)  # (B, H, L, W/H)
+        out = self.attend(_heads(q, self.n_head), _heads(k, self.n_head), _heads(v, self.n_head), causal)  # (B, H, L, W/H)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, W))
+
+    def attend(self, q, k, v, causal):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, W/H)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -855,12 +885,10 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d_model, d_model * 4), gelu=QuickGELU(),
                                              c_proj=nn.Linear(d_model * 4, d_model)))
         self.ln_2 = nn.LayerNorm(d_model)
-        self.adapter = None  # an AdaptFormer beside the MLP, set by add_adaptformer (method (5))
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x), causal=self.causal)  # h, the residual stream after attention
-        out = x + self.mlp(self.ln_2(x))
-        return out if self.adapter is None else out + self.adapter(x)
+        x = x + self.attn(self.ln_1(x), causal=self.causal)
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -1316,35 +1344,65 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: 
     return [order[i * batch_size:(i + 1) * batch_size][rank::world].tolist() for i in range(steps)]
 
 # -----------------------------------------------------------------------------
-# fast paths: every speed switch, and the dispatch to the fused C++/CUDA ops of csrc/
+# fast paths: every speed switch, the dispatch to the fused C++/CUDA ops of csrc/, and their first-use check
 
-# Switches that change speed, never a number beyond float rounding (bench.py turns them off for its baselines).
-SHORTEST_TEXT_CONTEXT = True  # prompts run on max(EOT) + 1 positions; False: all 77, as openai/CLIP does
-FUSED_QUICK_GELU = True  # capnet::quick_gelu (one pass, fp32 math) where the extension has a kernel
-MATMUL_ATTENTION_BF16_CPU = True  # attention() in the matmul form for bf16 on CPU; False: SDPA everywhere
-
-
-def text_positions(x, context_length):
-    """Prompt embeddings (C, L, W), L = max(EOT) + 1; padded to the full context when the switch is off."""
-    return x if SHORTEST_TEXT_CONTEXT else F.pad(x, (0, 0, 0, context_length - x.shape[1]))  # (C, L or 77, W)
-
-
-def quick_gelu_reference(x):
-    return x * torch.sigmoid(1.702 * x)  # the GELU approximation CLIP was trained with
-
-
-def quick_gelu(x):
-    if FUSED_QUICK_GELU and _use_ext("auto", x.device, "quick_gelu"):
-        return torch.ops.capnet.quick_gelu(x)
-    return quick_gelu_reference(x)
+# importing capnet_ext registers torch.ops.capnet.*
+capnet_ext, _EXT_WHY_NOT = None, "disabled by CAPNET_NO_EXT=1"
+if os.environ.get("CAPNET_NO_EXT") != "1":
+    try:  # build_ext --inplace puts it beside this file, which is on sys.path when capnet imports
+        import capnet_ext
+    except ModuleNotFoundError:
+        _EXT_WHY_NOT = "not built"
+    except (ImportError, OSError) as e:  # e.g. built against another torch
+        _EXT_WHY_NOT = f"import failed: {e}"
+EXT_AVAILABLE = capnet_ext is not None
+EXT_CUDA = EXT_AVAILABLE and bool(getattr(capnet_ext, "WITH_CUDA", False))
+BUILD_HINT = "python setup.py build_ext --inplace"
+FUSED_OPS = ("db_focal_loss", "graph_propagate", "quick_gelu")
 
 
-def attention(q, k, v, causal=False):
-    """softmax(q k^T / sqrt(d)) v for (B, H, L, d) heads by SDPA, except bf16 on the CPU, where its flash backward
-    is slower than this matmul form at ViT-B/16's sizes (docs/speed.md)."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal and MATMUL_ATTENTION_BF16_CPU:
-        return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # (B, H, L, d)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, d)
+def install_fast_paths(model, backend="auto", shortest_text_context=True, matmul_attention_bf16_cpu=True):
+    """Set every speed switch of a CAPNet or a bare CLIP, in place -> model. None changes a number beyond float
+    rounding (bench.py times each against its baseline). backend (auto | ext | torch): the fused QuickGELU and GCN
+    propagation (the loss takes cfg.backend itself); shortest_text_context: the prompts run on max(EOT) + 1
+    positions, not all 77; matmul_attention_bf16_cpu: bf16 attention on the CPU in the matmul form, not by SDPA."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) in (QuickGELU, FusedQuickGELU):
+                setattr(module, name, FusedQuickGELU(backend))
+        if type(module) in (MultiheadAttention, MatmulAttentionBF16CPU):  # no state of its own: the weights stay
+            module.__class__ = MatmulAttentionBF16CPU if matmul_attention_bf16_cpu else MultiheadAttention
+        if isinstance(module, PromptLearner):
+            module.full_context = not shortest_text_context
+        if isinstance(module, GCN):
+            module.backend = backend
+    return model
+
+
+class FusedQuickGELU(QuickGELU):
+    """QuickGELU by the quick_gelu dispatcher: capnet::quick_gelu (one pass, float32 math, rounded once to the input's
+    dtype) or, with backend torch, the reference."""
+
+    def __init__(self, backend="auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x):
+        return quick_gelu(x, backend=self.backend)
+
+
+def matmul_attention(q, k, v):
+    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # (B, H, L, d)
+
+
+class MatmulAttentionBF16CPU(MultiheadAttention):
+    """SDPA, but for bf16 on the CPU, where its flash backward is slower than the matmul form at ViT-B/16's sizes
+    (docs/speed.md)."""
+
+    def attend(self, q, k, v, causal):
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal:
+            return matmul_attention(q, k, v)  # (B, H, L, d)
+        return super().attend(q, k, v, causal)
 
 
 def hold_frozen_in_bf16(clip):
@@ -1381,22 +1439,6 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
 
 
-# importing capnet_ext registers torch.ops.capnet.*
-capnet_ext, _EXT_WHY_NOT = None, "disabled by CAPNET_NO_EXT=1"
-if os.environ.get("CAPNET_NO_EXT") != "1":
-    try:  # build_ext --inplace puts it beside this file, which is on sys.path when capnet imports
-        import capnet_ext
-    except ModuleNotFoundError:
-        _EXT_WHY_NOT = "not built"
-    except (ImportError, OSError) as e:  # e.g. built against another torch
-        _EXT_WHY_NOT = f"import failed: {e}"
-EXT_AVAILABLE = capnet_ext is not None
-EXT_CUDA = EXT_AVAILABLE and bool(getattr(capnet_ext, "WITH_CUDA", False))
-if not EXT_AVAILABLE:
-    print(f"capnet: fused-op extension capnet_ext {_EXT_WHY_NOT}; using the pure-torch path "
-          f"(build it with: python setup.py build_ext --inplace)", file=sys.stderr)
-
-
 def _use_ext(backend, device, op):
     if backend == "torch":
         return False
@@ -1404,15 +1446,94 @@ def _use_ext(backend, device, op):
         raise ValueError(f"{op}: backend must be 'auto', 'ext' or 'torch', got {backend!r}")
     has_kernel = EXT_AVAILABLE and (device.type == "cpu" or (device.type == "cuda" and EXT_CUDA))
     if backend == "ext" and not has_kernel:
-        why = _EXT_WHY_NOT if not EXT_AVAILABLE else f"it was built without kernels for {device.type}"
-        raise RuntimeError(f"{op}: backend='ext' but capnet_ext cannot run here ({why}); "
-                           f"build it with: python setup.py build_ext --inplace, or use backend='torch'")
+        raise RuntimeError(f"{op}: backend='ext' but capnet_ext cannot run here ({_why_no_kernel(device)}); "
+                           f"build it with: {BUILD_HINT}, or use backend='torch'")
     return has_kernel
 
 
-# The DB-focal loss (7) and one GCN propagation (4): their pure-torch references, in the method section, are the
-# specification; these dispatchers run the fused C++/CUDA kernels of csrc/ (torch.ops.capnet.*) for backend
-# "auto" when built with a kernel for the tensor's device, or "ext".
+def _why_no_kernel(device):
+    return f"extension {_EXT_WHY_NOT}" if not EXT_AVAILABLE else f"extension built without {device.type} kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message):
+    print(message, file=sys.stderr)
+
+
+# First-use check. Kernels that no test here could run (the CUDA ones above all) check themselves where they run: the
+# first time an op's kernel serves a (device type, dtype) in this process, its reference runs on the same inputs, and
+# values and gradients are compared at the tests' tolerance. A mismatch warns once and hands that (op, device type,
+# dtype) to the reference for the rest of the process: never a wrong model trained quietly.
+FIRST_USE = {}  # (op, device type, dtype) -> None (the kernel matched its reference) or the mismatch, in words
+OPS_RAN = {}  # (op, device type, dtype) -> what served it last: "extension, verified" or "reference (why)"
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+TINY = {dtype: torch.finfo(dtype).smallest_normal for dtype in RTOL}  # below it a half type has no relative precision
+WIDEN = {"db_focal_loss", "quick_gelu"}  # kernels with float32 math for half inputs: checked against fp32 references
+
+
+def run_fused(op, backend, kernel, reference, inputs, covered=True, check_on=None):
+    """kernel(*inputs) where the extension has a kernel for the inputs' device that passed its first-use check there,
+    else reference(*inputs). inputs: the tensors the op is differentiated by (kernel and reference bind the rest);
+    covered=False: the kernel cannot compute this call; check_on() -> the inputs of the first-use check if not these."""
+    x = inputs[0]
+    key = (op, x.device.type, str(x.dtype).removeprefix("torch."))
+    use_kernel = _use_ext(backend, x.device, op) and covered
+    traced = torch.compiler.is_compiling() or x.device.type == "meta" or isinstance(x, torch._subclasses.FakeTensor)
+    if use_kernel and key not in FIRST_USE and not traced:
+        FIRST_USE[key] = compare_with_reference(kernel, reference, check_on() if check_on else inputs, op in WIDEN)
+        if FIRST_USE[key]:
+            warnings.warn(f"capnet: the extension's {op} on {key[1]} {key[2]} does not match its pure-torch reference "
+                          f"({FIRST_USE[key]}); the reference runs it there for the rest of this process")
+    use_kernel = use_kernel and not FIRST_USE.get(key)
+    if not traced:
+        why = ("--backend torch" if backend == "torch" else _why_no_kernel(x.device) if not _use_ext(backend, x.device, op)
+               else f"extension mismatch: {FIRST_USE[key]}" if FIRST_USE.get(key) else "the kernel does not cover this call")
+        OPS_RAN[key] = "extension, verified" if use_kernel else f"reference ({why})"
+        if not EXT_AVAILABLE and backend == "auto":
+            _say_once(f"capnet: fused-op extension capnet_ext {_EXT_WHY_NOT}; using the pure-torch path "
+                      f"(build it with: {BUILD_HINT})")
+    return kernel(*inputs) if use_kernel else reference(*inputs)
+
+
+def compare_with_reference(kernel, reference, inputs, widen=False):
+    """None if kernel and reference agree on inputs, in value and in the gradient of each input (a seeded random
+    upstream gradient), within RTOL of the inputs' dtype times the reference's largest magnitude (+ TINY); else the
+    largest error, in words. widen: for half types the reference runs on the inputs in float32, the exact value
+    the kernel rounds once; otherwise in their dtype (GEMMs round in it on both sides)."""
+    dtype, device = inputs[0].dtype, inputs[0].device
+    wide = torch.float32 if widen and dtype in (torch.bfloat16, torch.float16) else dtype
+    results = []
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        for fn, as_dtype in ((kernel, dtype), (reference, wide)):
+            leaves = [t.detach().to(as_dtype).clone().requires_grad_() for t in inputs]
+            out = fn(*leaves)
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            upstream = upstream.to(device, dtype).to(out.dtype)  # the same rounded values for both
+            grads = torch.autograd.grad(out, leaves, upstream, allow_unused=True)
+            results.append([out.detach()] + [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)])
+    worst, where = 0.0, "value"
+    for i, (got, want) in enumerate(zip(*results)):
+        got, want = got.double(), want.double()
+        if got.shape != want.shape or not torch.equal(got.isnan(), want.isnan()):
+            return f"{'value' if i == 0 else f'gradient of input {i - 1}'}: shape or NaN pattern differs"
+        ok = ~want.isnan()
+        scale = want[ok].abs().max().item() if ok.any() else 0.0
+        err = ((got - want)[ok].abs().max().item() if ok.any() else 0.0) / max(scale, TINY[dtype] / RTOL[dtype])
+        if err > worst:
+            worst, where = err, "value" if i == 0 else f"gradient of input {i - 1}"
+    return None if worst <= RTOL[dtype] else f"largest error {worst:.2e} of the {where} (tolerance {RTOL[dtype]:.0e})"
+
+
+def ops_report() -> dict:
+    """{op: what ran it on each device and dtype so far}, e.g. "extension, verified on cpu float32": the run's log and
+    results.json say what served each fused op, not what was asked for."""
+    return {op: "; ".join(f"{how} on {dev} {dtype}" for (o, dev, dtype), how in sorted(OPS_RAN.items()) if o == op)
+            or "not run" for op in FUSED_OPS}
+
+
+# The DB-focal loss (7), one GCN propagation (4) and QuickGELU: their pure-torch references are the specification;
+# these dispatchers run the fused C++/CUDA kernels of csrc/ (torch.ops.capnet.*) for backend "auto" when built with a
+# kernel for the tensor's device (and it passed its first-use check), or "ext".
 
 def _reduction_code(reduction):
     codes = {"none": 0, "mean": 1, "sum": 2}  # the kernel's
@@ -1452,34 +1573,60 @@ def _check_propagate_args(adj, x, weight):
                          f"got {tuple(weight.shape)}")
 
 
+def db_focal_pair(targets, class_freq, num_images, class_weight=None, reduction="mean", **kw):
+    """(kernel, reference), each logits -> db_focal_loss with the rest bound (kw: alpha ... balance)."""
+    code = _reduction_code(reduction)
+    params = [float(kw.get(k, v)) for k, v in (("alpha", 0.1), ("beta", 10.0), ("mu", 0.2), ("kappa", 0.05),
+                                               ("lam", 2.0), ("gamma", 2.0), ("balance", 2.0))]  # the schema's order
+
+    def kernel(logits):
+        grad = torch.is_grad_enabled() and logits.requires_grad
+        return torch.ops.capnet.db_focal_loss(logits, targets, class_freq, float(num_images), *params, class_weight,
+                                              code, grad)[0]
+
+    def reference(logits):
+        return db_focal_loss_reference(logits, targets, class_freq, num_images, class_weight=class_weight,
+                                       reduction=reduction, **kw)
+    return kernel, reference
+
+
 def db_focal_loss(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10.0, mu=0.2,
                   kappa=0.05, lam=2.0, gamma=2.0, balance=2.0, class_weight=None,
                   reduction="mean", backend="auto"):
     """db_focal_loss_reference, fused: one pass per row computes the loss and its gradient."""
-    # the kernel differentiates w.r.t. logits only: a trainable class_weight takes the reference
-    if (class_weight is not None and class_weight.requires_grad) or not _use_ext(backend, logits.device, "db_focal_loss"):
-        return db_focal_loss_reference(logits, targets, class_freq, num_images, alpha=alpha, beta=beta,
-                                       mu=mu, kappa=kappa, lam=lam, gamma=gamma, balance=balance,
-                                       class_weight=class_weight, reduction=reduction)
-    code = _reduction_code(reduction)
     class_freq = torch.as_tensor(class_freq, device=logits.device)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = torch.ops.capnet.db_focal_loss(
-        logits, targets, class_freq, float(num_images), float(alpha), float(beta), float(mu),
-        float(kappa), float(lam), float(gamma), float(balance), class_weight,
-        code, compute_grad)
-    return loss
+    kernel, reference = db_focal_pair(targets, class_freq, num_images, class_weight, reduction, alpha=alpha,
+                                      beta=beta, mu=mu, kappa=kappa, lam=lam, gamma=gamma, balance=balance)
+    # the kernel differentiates w.r.t. logits only: a trainable class_weight takes the reference
+    covered = class_weight is None or not class_weight.requires_grad
+    return run_fused("db_focal_loss", backend, kernel, reference, [logits], covered)
+
+
+def propagate_pair(negative_slope=0.2, activation=True):
+    """(kernel, reference), each (adj, x, weight) -> graph_propagate."""
+    kernel = lambda adj, x, w: torch.ops.capnet.graph_propagate(adj, x, w, float(negative_slope), bool(activation))[0]
+    reference = lambda adj, x, w: graph_propagate_reference(adj, x, w, negative_slope=negative_slope,
+                                                            activation=activation)
+    return kernel, reference
 
 
 def graph_propagate(adj, x, weight, *, negative_slope=0.2, activation=True, backend="auto"):
     """graph_propagate_reference, fused: ATen GEMMs with the LeakyReLU in the epilogue."""
-    # the kernel's backward reads the activation's sign from its output, exact for slope >= 0
-    if negative_slope < 0 or not _use_ext(backend, x.device, "graph_propagate"):
-        if negative_slope < 0 and backend == "ext":
-            raise RuntimeError(f"graph_propagate: backend='ext' needs negative_slope >= 0, got {negative_slope}")
-        return graph_propagate_reference(adj, x, weight, negative_slope=negative_slope, activation=activation)
-    out, _ = torch.ops.capnet.graph_propagate(adj, x, weight, float(negative_slope), bool(activation))
-    return out
+    if negative_slope < 0 and backend == "ext":  # its backward reads the activation's sign from its output
+        raise RuntimeError(f"graph_propagate: backend='ext' needs negative_slope >= 0, got {negative_slope}")
+    kernel, reference = propagate_pair(negative_slope, activation)
+    return run_fused("graph_propagate", backend, kernel, reference, [adj, x, weight], covered=negative_slope >= 0)
+
+
+def quick_gelu_reference(x):
+    return x * torch.sigmoid(1.702 * x)  # OpenAI's QuickGELU: the GELU approximation CLIP was trained with
+
+
+def quick_gelu(x, *, backend="auto"):
+    """quick_gelu_reference, fused: one pass, float32 math, rounded once to x's dtype (float64: double math)."""
+    kernel = lambda t: torch.ops.capnet.quick_gelu(t)
+    sample = lambda: [x.detach().flatten()[:1 << 16]]  # elementwise: a slice checks it at a fraction of the cost
+    return run_fused("quick_gelu", backend, kernel, quick_gelu_reference, [x], check_on=sample)
 
 
 # Autograd and the meta (fake) kernels that torch.compile and torch.library.opcheck trace are registered in C++
@@ -1690,20 +1837,19 @@ def make_loader(dataset, cfg: Config, **kwargs):
 def load_backbone(cfg: Config):
     """The frozen CLIP named by cfg.clip (load_clip names a missing file); never a toy model for a real dataset."""
     try:
-        return load_clip(cfg.clip)
+        return install_fast_paths(load_clip(cfg.clip), cfg.backend)
     except RuntimeError as e:  # offline without the file, truncated or foreign file: the message says which
         raise RunError(str(e)) from None
 
 
 def build_model(clip, classes, cfg: Config, train_targets, device="cpu") -> CAPNet:
-    """The label graph (3), then CAPNet as cfg says, seeded by cfg.seed: a rebuilt model starts where training did."""
+    """The label graph (3), then CAPNet as cfg says, initialised from cfg.seed: a rebuilt model starts where training did."""
     P = build_label_graph(cfg.graph, clip, classes, train_targets, s=cfg.s, p=cfg.p, topk=cfg.graph_topk,
                           tau=cfg.graph_tau)
-    torch.manual_seed(cfg.seed)  # every random init: prompts, GCN, adapters
     model = CAPNet(clip, classes, P, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, shared_ctx=cfg.ctx == "shared",
                    train_gcn=cfg.graph != "none", gcn_hidden=cfg.gcn_hidden,
                    peft=cfg.peft, adapter_dim=cfg.adapter_dim, train_temperature=cfg.temperature_lr_scale > 0,
-                   backend=cfg.backend).to(device)
+                   backend=cfg.backend, seed=cfg.seed).to(device)
     if use_bf16(cfg, torch.device(device)):  # after the label graph, which is computed in fp32
         hold_frozen_in_bf16(model.clip)
     return model
@@ -1813,10 +1959,9 @@ def score_dataset(forward, dataset, cfg: Config, device, amp: bool, rank: int = 
 
 
 def zero_shot_forward(clip, classes):
-    """Plain CLIP with "a photo of a {name}." (no prompts, no GCN, no PEFT): the baseline."""
-    text = zero_shot_text_features(clip, classes).float()  # (C, D), normalised
-    scale = clip.logit_scale.exp().float()
-    return lambda images: scale * F.normalize(clip.encode_image(images).float(), dim=-1) @ text.t()  # (B, C)
+    """Plain CLIP with "a photo of a {name}." (no prompts, no GCN, no PEFT): the baseline, through CAPNet's head."""
+    text = zero_shot_text_features(clip, classes)  # (C, D)
+    return lambda images: cosine_logits(clip.encode_image(images), text, clip.logit_scale.detach())  # (B, C)
 
 
 def trainable_summary(model: CAPNet) -> str:
@@ -1922,9 +2067,9 @@ def train_run(cfg: Config) -> dict:
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     log("config:\n" + format_config(cfg) + f"\ndataset {prepared.name}: {len(prepared.train)} train / "
         f"{len(prepared.test)} test images\n" + format_class_stats(classes, counts))
-    backend = cfg.backend if cfg.backend != "auto" else ("ext" if EXT_AVAILABLE else "torch")
     ddp = f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else ""
-    log(f"fused ops: {'capnet_ext extension' if backend == 'ext' else 'pure torch reference'}\n"
+    log(f"fused ops: --backend {cfg.backend}, extension {'built' if EXT_AVAILABLE else _EXT_WHY_NOT}"
+        f"{' with CUDA kernels' if EXT_CUDA else ''} (each kernel is checked against its reference on first use)\n"
         f"device {device}, {'bf16 autocast' if amp else 'fp32'}, {world} process(es){ddp}\n"
         f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
         f"input {cfg.input_size}")
@@ -2029,11 +2174,12 @@ def train_run(cfg: Config) -> dict:
     results = {"zero_shot": lt_map(ap_zero_shot, counts), "trained": lt_map(ap, counts),
                "per_class": per_class_rows(classes, counts, ap_zero_shot, ap), "config": dataclasses.asdict(cfg),
                "seed": cfg.seed, "versions": versions(), "steps": total_steps, "world_size": world,
-               "backend": backend, "dataset": {"name": prepared.name, "train_images": len(prepared.train),
+               "fused_ops": ops_report(), "dataset": {"name": prepared.name, "train_images": len(prepared.train),
                                                "test_images": len(prepared.test), "source": prepared.source},
                "clip": dict(clip.source), "wall_seconds": time.time() - start}
     log(f"trained mAP (tte {cfg.tte}):  " + format_map(results["trained"]) + f"  [{time.time() - t0:.1f}s]")
     log(f"zero-shot mAP (tte {cfg.tte}): " + format_map(results["zero_shot"]))
+    log("fused ops ran as: " + "; ".join(f"{op}: {how}" for op, how in results["fused_ops"].items()))
     if cfg.skip_bad_images:  # counted per read: a bad train image counts once per epoch in this process
         results["bad_images"] = {"train_reads": train_set.bad_count, "test": test_set.bad_count}
         log(f"skipped unreadable images: {train_set.bad_count} train reads, {test_set.bad_count} test images")
@@ -2224,6 +2370,126 @@ def info():
         path = cache / os.path.basename(url)
         print(f"  {name:16s} {'present' if path.exists() else 'absent '}  {path}")
 
+
+# `capnet.py check`: the code that cannot be tested on the developers' machines (CUDA kernels, bf16 on a GPU, nccl)
+# checked where it runs, against the pure-torch references, before a long run trusts it
+CHECK_C, CHECK_B = (1, 20, 80, 1000), (1, 32, 257)  # classes (VOC ... ImageNet-size heads) and batch sizes
+CHECK_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # what every op accepts
+
+
+def check_cases(op, device, dtype):
+    """(kernel, reference, inputs) of op over every C and B, contiguous and not, on device in dtype."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    for C, B, transposed in [(C, B, t) for C in CHECK_C for B in CHECK_B for t in (False, True)]:
+        put = lambda t: (t.T.contiguous().T if transposed else t).to(device, dtype)  # transposed: column-major
+        if op == "db_focal_loss":
+            y = (torch.rand(B, C, generator=g) < 0.3).to(device, dtype)  # (B, C)
+            n = torch.randint(1, 300, (C,), generator=g).double().to(device)  # (C,)
+            kernel, reference = db_focal_pair(y, n, 400, class_aware_weights(n.cpu(), 4.0).to(device, dtype))
+            yield kernel, reference, [put(rand(B, C) * 5)]
+        elif op == "graph_propagate":
+            kernel, reference = propagate_pair(0.2, activation=C % 2 == 0)
+            adj = torch.softmax(rand(C, C), dim=1)  # (C, C) rows summing to 1, like P
+            yield kernel, reference, [put(adj), put(rand(C, B)), put(rand(B, 48) / B ** 0.5)]
+        else:
+            yield torch.ops.capnet.quick_gelu, quick_gelu_reference, [put(rand(B, C) * 4)]
+
+
+def check_ops(device):
+    """One row per (op, dtype): every case's worst error against the reference."""
+    rows = []
+    for op in FUSED_OPS:
+        for dtype in CHECK_DTYPES:
+            errors = [compare_with_reference(*case, widen=op in WIDEN) for case in check_cases(op, device, dtype)]
+            bad = [e for e in errors if e]
+            detail = f"{len(errors)} cases, forward and backward, tolerance {RTOL[dtype]:.0e}" + (f": {bad[0]}" if bad else "")
+            rows.append((str(device), f"{op} {str(dtype).removeprefix('torch.')}", detail, not bad))
+    return rows
+
+
+def tiny_random_clip(seed=0):
+    """A small ViT CLIP with random weights in OpenAI's layout, at logit scale 100."""
+    with torch.device("meta"):
+        shapes = CLIP(32, 32, 2, 64, 8, 77, 49408, 64, 1, 2).state_dict()  # D 32, 32 px, patch 8, width 64, 2 + 2 blocks
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.05 + (".ln" in k or k.startswith("ln")) * k.endswith("weight")
+          for k, v in shapes.items()}  # LayerNorm gains near 1, the rest small
+    sd["logit_scale"] = torch.tensor(LOGIT_SCALE_MAX)
+    return build_clip(sd)
+
+
+def check_train_step(device):
+    """One CAPNet train step of a tiny CLIP on device in fp32 and under bf16 autocast, from the same start: the
+    losses and the parameter updates must agree within bf16's rounding."""
+    classes, counts = ["cat", "dog", "race car", "palm tree", "boat"], [40, 25, 6, 12, 3]
+    g = torch.Generator().manual_seed(1)
+    images, targets = torch.randn(8, 3, 32, 32, generator=g).to(device), (torch.rand(8, 5, generator=g) < 0.4).float().to(device)
+    out = []
+    for amp in (False, True):
+        clip = install_fast_paths(tiny_random_clip().to(device))
+        model = CAPNet(clip, classes, build_label_graph("text", clip, classes, None), ctx_init="a photo of a").to(device)
+        optimizer = build_optimizer(model, Config(optimizer="sgd", lr=0.01))
+        start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        loss = train_step(model, make_criterion(Config(), counts, 50), optimizer,
+                          torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), images, targets, amp)
+        step = torch.cat([(p.detach() - s).flatten() for p, s in zip([p for p in model.parameters() if p.requires_grad], start)])
+        out.append((loss.item(), step))
+    (loss32, step32), (loss16, step16) = out
+    rel, cos = abs(loss16 - loss32) / abs(loss32), F.cosine_similarity(step16, step32, dim=0).item()
+    ok = rel <= 0.02 and cos >= 0.99 and math.isfinite(loss16)
+    return str(device), "train step bf16 vs fp32", f"loss {loss32:.4f} vs {loss16:.4f} ({rel:.1%}, tolerance 2%), update cosine {cos:.4f} (>= 0.99)", ok
+
+
+def _all_reduce_worker(rank, world, port, device_type):
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    x = torch.full((1000,), rank + 1.0, device=device)
+    torch.distributed.all_reduce(x)
+    torch.distributed.destroy_process_group()
+    if not torch.equal(x.cpu(), torch.full((1000,), world * (world + 1) / 2)):
+        raise RuntimeError(f"rank {rank}: all-reduce gave {x[:3].tolist()}..., expected {world * (world + 1) / 2}")
+
+
+def check_all_reduce(device_type):
+    """An all-reduce over the DDP backend of the device type: gloo over 2 CPU processes, nccl over 2 GPUs (1 if there is one)."""
+    import socket
+    world = 2 if device_type == "cpu" or torch.cuda.device_count() > 1 else 1
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    what = f"all-reduce, {'gloo' if device_type == 'cpu' else 'nccl'}, {world} processes"
+    try:
+        torch.multiprocessing.spawn(_all_reduce_worker, (world, port, device_type), nprocs=world)
+        return device_type, what, "sum of 1..world on every process", True
+    except Exception as e:
+        return device_type, what, f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}", False
+
+
+def check(devices=None, all_reduce=True) -> list:
+    """`capnet.py check`: per device (the CPU and every CUDA device), whether the extension has kernels for it, each
+    fused op forward and backward against its reference, a tiny train step bf16 vs fp32, and an all-reduce over the
+    DDP backend. Prints one table -> the failed rows (none: everything passed)."""
+    devices = devices or ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    rows = []
+    for device in map(torch.device, devices):
+        has = EXT_AVAILABLE and (device.type == "cpu" or EXT_CUDA)
+        rows.append((str(device), "extension", f"built, kernels for cpu{' and cuda' if EXT_CUDA else ''}" if has
+                     else f"{_why_no_kernel(device)}: the pure-torch path runs ({BUILD_HINT})", has))
+        rows += check_ops(device) if has else []
+        rows.append(check_train_step(device))
+        if all_reduce and device.index in (None, 0):
+            rows.append(check_all_reduce(device.type))
+    width = max(len(r[1]) for r in rows)
+    print(f"{'device':8s} {'check':{width}s} {'result':6s} detail")
+    for device, what, detail, ok in rows:
+        print(f"{device:8s} {what:{width}s} {'ok' if ok else 'FAILED':6s} {detail}")
+    failed = [r for r in rows if not r[3]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} checks passed" + "".join(f"\nFAILED: {r[0]} {r[1]}: {r[2]}" for r in failed))
+    return failed
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -2267,6 +2533,7 @@ def build_parser():
     t.add_argument("table", choices=sorted(TABLES))
     t.add_argument("train_flags", nargs=argparse.REMAINDER, help="train flags for every row, e.g. --data voc-lt")
     sub.add_parser("info", help="versions, device, extension, CLIP models present")
+    sub.add_parser("check", help="the fused ops against their references, bf16 vs fp32, DDP, on every device")
     return parser
 
 
@@ -2283,6 +2550,8 @@ def main(argv=None):
         if args.command == "predict":
             rows = predict(args.ckpt, args.images, args.threshold, args.top_k, args.tte, args.device, args.json, args.batch_size)
             return sys.exit(1) if any("error" in r for r in rows) else rows  # scripts notice an unreadable file
+        if args.command == "check":
+            return sys.exit(1) if check() else None
         return info()
     except (RunError, ValueError, OSError) as e:  # OSError: missing files, unreadable images
         # user errors: the message says what to do; CAPNET_DEBUG=1 shows the traceback

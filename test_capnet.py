@@ -1690,7 +1690,7 @@ def test_quick_gelu_fused_clip_mlp_on_off_agree(monkeypatch):
         x = torch.randn(2, 9, 64, dtype=dtype)
         res = []
         for fused in (True, False):
-            monkeypatch.setattr(capnet, "FUSED_QUICK_GELU", fused)
+            capnet.install_fast_paths(block, backend="auto" if fused else "torch")
             block.zero_grad(set_to_none=True)
             z = x.clone().requires_grad_()
             y = block(z)
@@ -1708,7 +1708,7 @@ def test_quick_gelu_fused_clip_mlp_on_off_agree(monkeypatch):
     images = tiny_images("vit")
     res = {}
     for fused, bf16 in ((True, False), (False, False), (True, True), (False, True)):
-        monkeypatch.setattr(capnet, "FUSED_QUICK_GELU", fused)
+        capnet.install_fast_paths(model.clip, backend="auto" if fused else "torch")
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             logits = model(images)
@@ -1797,6 +1797,126 @@ def test_import_without_extension_says_so_once():
     assert r.stdout.split() == ["False", "3.0"]
     lines = [l for l in r.stderr.splitlines() if "capnet_ext" in l]
     assert len(lines) == 1 and "pure-torch path" in lines[0] and "python setup.py build_ext --inplace" in lines[0]
+
+# first-use check and `capnet.py check`: a wrong kernel is injected here, in the test, by replacing the op that the
+# dispatchers call (torch.ops.capnet.<op>) with the real one made 1% wrong in value (and so in gradient)
+
+@pytest.fixture
+def fresh_first_use(monkeypatch):
+    monkeypatch.setattr(capnet, "FIRST_USE", {})
+    monkeypatch.setattr(capnet, "OPS_RAN", {})
+
+
+def _inject_wrong_kernels(monkeypatch, *ops):
+    for op in ops:
+        real = getattr(torch.ops.capnet, op)
+        if op == "quick_gelu":
+            monkeypatch.setattr(torch.ops.capnet, op, lambda x, real=real: real(x) * 1.01)
+        else:  # (out, saved) ops: the output 1% off
+            monkeypatch.setattr(torch.ops.capnet, op, lambda *a, real=real: (real(*a)[0] * 1.01, real(*a)[1]))
+
+
+def _three_op_calls(dtype=torch.float32):
+    logits, targets, counts, N, weight = _db_case(6, 5, dtype, "cpu", seed=71)
+    adj, x, w = _graph_case(5, 4, 3, dtype, "cpu", seed=72)
+    return {"db_focal_loss": lambda backend: capnet.db_focal_loss(logits, targets, counts, N, class_weight=weight,
+                                                                  backend=backend),
+            "graph_propagate": lambda backend: capnet.graph_propagate(adj, x, w, backend=backend),
+            "quick_gelu": lambda backend: capnet.quick_gelu(x, backend=backend)}
+
+
+@needs_ext
+def test_first_use_check_verifies_each_op_once_per_device_and_dtype(fresh_first_use, monkeypatch):
+    checks = []
+    real_compare = capnet.compare_with_reference
+    monkeypatch.setattr(capnet, "compare_with_reference", lambda *a, **k: checks.append(1) or real_compare(*a, **k))
+    for dtype in (torch.float32, torch.float64):
+        for _ in range(2):
+            for op, call in _three_op_calls(dtype).items():
+                call("auto")
+    assert len(checks) == 6  # 3 ops x 2 dtypes, the second call of each not checked again
+    assert all(v is None for v in capnet.FIRST_USE.values()) and len(capnet.FIRST_USE) == 6
+    report = capnet.ops_report()
+    assert report["quick_gelu"] == "extension, verified on cpu float32; extension, verified on cpu float64"
+    _three_op_calls()["db_focal_loss"]("torch")
+    assert "reference (--backend torch) on cpu float32" in capnet.ops_report()["db_focal_loss"]
+
+
+@needs_ext
+@pytest.mark.parametrize("op", capnet.FUSED_OPS)
+def test_wrong_kernel_warns_once_and_the_dispatcher_returns_the_reference(fresh_first_use, monkeypatch, op):
+    _inject_wrong_kernels(monkeypatch, op)
+    call = _three_op_calls()[op]
+    with pytest.warns(UserWarning, match=rf"{op} on cpu float32 does not match its pure-torch reference"):
+        first = call("auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per op, device and dtype
+        again = call("auto")
+    assert re.match(r"reference \(extension mismatch: largest error 1\.0\de-02 of the ", capnet.ops_report()[op])
+    reference = call("torch")
+    assert torch.equal(first, reference) and torch.equal(again, reference)
+    other = [o for o in capnet.FUSED_OPS if o != op][0]  # the others keep their kernels
+    _three_op_calls()[other]("auto")
+    assert capnet.ops_report()[other] == "extension, verified on cpu float32"
+
+
+@needs_ext
+def test_run_with_wrong_kernels_falls_back_and_ends_bit_equal_to_backend_torch(tiny, fresh_first_use, monkeypatch,
+                                                                               tmp_path):
+    capnet.main(tiny_args(tiny, tmp_path, "torch", "--epochs", "1", "--backend", "torch"))
+    capnet.OPS_RAN.clear()
+    _inject_wrong_kernels(monkeypatch, *capnet.FUSED_OPS)
+    with pytest.warns(UserWarning, match="does not match its pure-torch reference") as caught:
+        results = capnet.main(tiny_args(tiny, tmp_path, "wrong", "--epochs", "1"))
+    assert sorted({m for op in capnet.FUSED_OPS for w in caught if op in (m := str(w.message))}) == sorted(
+        {str(w.message) for w in caught})  # one warning per op: all three named, nothing else
+    assert len(caught) == 3
+    for op in capnet.FUSED_OPS:
+        assert results["fused_ops"][op].startswith("reference (extension mismatch")
+        assert op in (tmp_path / "wrong" / "log.txt").read_text().split("fused ops ran as:")[1]
+    same = (tmp_path / "torch" / "per_class_ap.csv").read_bytes() == (tmp_path / "wrong" / "per_class_ap.csv").read_bytes()
+    assert same
+    torch_results = json.loads((tmp_path / "torch" / "results.json").read_text())
+    assert all(how.startswith("reference (--backend torch)") for how in torch_results["fused_ops"].values())
+
+
+@needs_ext
+def test_check_passes_here_and_exits_1_naming_a_wrong_kernel(monkeypatch, capsys):
+    assert capnet.check(all_reduce=False) == []
+    out = capsys.readouterr().out
+    assert "db_focal_loss float16" in out and "train step bf16 vs fp32" in out and "FAILED" not in out
+    _inject_wrong_kernels(monkeypatch, "graph_propagate")
+    failed = capnet.check(all_reduce=False)
+    assert {row[1] for row in failed} == {f"graph_propagate {d}" for d in ("float64", "float32", "bfloat16", "float16")}
+    assert "FAILED: cpu graph_propagate float32: 24 cases" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        capnet.main(["check"])
+    assert e.value.code == 1 and "FAILED: cpu graph_propagate float64" in capsys.readouterr().out
+
+
+def test_check_all_reduce_over_gloo_in_two_processes():
+    device, what, detail, ok = capnet.check_all_reduce("cpu")
+    assert ok, detail
+    assert what == "all-reduce, gloo, 2 processes"
+
+
+def test_check_train_step_catches_a_wrong_bf16_forward(monkeypatch):
+    assert capnet.check_train_step(torch.device("cpu"))[3]
+    real = capnet.cosine_logits  # under autocast only: logits 10% off, as a broken bf16 path would give
+    monkeypatch.setattr(capnet, "cosine_logits",
+                        lambda v, f, t: real(v, f, t) * (1.1 if torch.is_autocast_enabled("cpu") else 1.0))
+    device, what, detail, ok = capnet.check_train_step(torch.device("cpu"))
+    assert not ok and "tolerance 2%" in detail
+
+
+def test_import_capnet_prints_nothing_and_leaves_the_global_rng_alone():
+    code = ("import torch; torch.manual_seed(5); a = torch.rand(1); torch.manual_seed(5); import capnet; "
+            "m = capnet.build_model(capnet.tiny_random_clip(), ['cat', 'dog'], capnet.Config(ctx_init=''), None); "
+            "print(torch.equal(torch.rand(1), a))")
+    for env in ({}, {"CAPNET_NO_EXT": "1"}):
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, **env), capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout == "True\n" and r.stderr == "", r.stderr
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -3359,10 +3479,17 @@ def test_bf16_matmul_attention_matches_sdpa():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 197, 64, generator=g) for _ in range(3))
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    fast = capnet.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    fast = capnet.matmul_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert fast.dtype == torch.bfloat16
     assert (fast.double() - exact).abs().max() < 0.03  # bf16 inputs: ~3 significant digits
-    torch.testing.assert_close(capnet.attention(q, k, v), exact.float(), rtol=1e-5, atol=1e-5)  # fp32: SDPA
+    # installed, an attention module takes the matmul form for bf16 on the CPU only; fp32 and causal stay SDPA's
+    attn = capnet.install_fast_paths(capnet.MultiheadAttention(64 * 3, 3))
+    assert type(attn) is capnet.MatmulAttentionBF16CPU
+    assert torch.equal(attn.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), False), fast)
+    assert torch.equal(attn.attend(q, k, v, False), F.scaled_dot_product_attention(q, k, v))
+    assert torch.equal(attn.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), True),
+                       F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True))
+    assert type(capnet.install_fast_paths(attn, matmul_attention_bf16_cpu=False)) is capnet.MultiheadAttention
 
 
 def test_train_forward_compiles_as_one_graph(bench_model):

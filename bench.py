@@ -2,6 +2,7 @@
 bench.py: the speed harness of CAPNet (results and targets: docs/speed.md).
 
     python bench.py [--quick] [--json out.json]
+    python bench.py --check      (also `python capnet.py check`: correctness on every device, no timing)
 
 Every row times a baseline and a fast path side by side in this one process: warm-up first,
 then rounds that alternate the variants (so a load spike on the shared machine hits both),
@@ -9,10 +10,13 @@ and the median over rounds. ratio = baseline_ms / fast_ms; max_abs_diff compares
 --quick runs the same code on toy layouts in seconds (the test suite does).
 """
 import argparse
+import datetime
 import functools
 import json
 import math
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -493,11 +497,131 @@ def format_bench(result):
     return "\n".join(lines)
 
 
+# --check: no timing. The code that cannot be tested on the developers' machines (CUDA kernels, bf16 on a GPU, nccl)
+# checked where it runs, against the pure-torch references, before a long run trusts it (`capnet.py check` runs this)
+CHECK_C, CHECK_B = (1, 20, 80, 1000), (1, 32, 257)  # classes (one ... an ImageNet-size head) and batch sizes
+CHECK_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # every op accepts each
+
+
+def check_cases(op, device, dtype):
+    """(kernel, reference, inputs) of op over every C and B, contiguous and not, on device in dtype."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    for C, B, transposed in [(C, B, t) for C in CHECK_C for B in CHECK_B for t in (False, True)]:
+        put = lambda t: (t.T.contiguous().T if transposed else t).to(device, dtype)  # transposed: column-major
+        if op == "db_focal_loss":
+            y = (torch.rand(B, C, generator=g) < 0.3).to(device, dtype)  # (B, C)
+            n = torch.randint(1, 300, (C,), generator=g).double()  # (C,)
+            weight = class_aware_weights(n, 4.0).to(device, dtype)
+            kernel, reference = capnet.db_focal_pair(y, n.to(device), 400, weight)
+            yield kernel, reference, [put(rand(B, C) * 5)]
+        elif op == "graph_propagate":
+            kernel, reference = capnet.propagate_pair(0.2, activation=C % 2 == 0)
+            adj = torch.softmax(rand(C, C), dim=1)  # (C, C) rows summing to 1, like P
+            yield kernel, reference, [put(adj), put(rand(C, B)), put(rand(B, 48) / B ** 0.5)]
+        else:
+            yield torch.ops.capnet.quick_gelu, capnet.quick_gelu_reference, [put(rand(B, C) * 4)]
+
+
+def check_ops(device):
+    """One row per (op, dtype): every case forward and backward against the reference, at the first-use check's
+    tolerance."""
+    rows = []
+    for op in capnet.FUSED_OPS:
+        for dtype in CHECK_DTYPES:
+            cases = list(check_cases(op, device, dtype))
+            bad = [e for e in (capnet.compare_with_reference(*c, widen=op in capnet.WIDEN) for c in cases) if e]
+            detail = f"{len(cases)} cases, forward and backward, tolerance {capnet.RTOL[dtype]:.0e}"
+            rows.append((str(device), f"{op} {str(dtype).removeprefix('torch.')}",
+                         detail + (f": {bad[0]}" if bad else ""), not bad))
+    return rows
+
+
+def check_train_step(device):
+    """One CAPNet train step of a tiny random CLIP on device in fp32 and under bf16 autocast, from the same start:
+    the losses and the parameter updates must agree within bf16's rounding."""
+    classes, counts = ["cat", "dog", "race car", "palm tree", "boat"], [40, 25, 6, 12, 3]
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, 32, 32, generator=g).to(device)
+    targets = (torch.rand(8, 5, generator=g) < 0.4).float().to(device)
+    out = []
+    for amp in (False, True):
+        clip = capnet.install_fast_paths(_bench_clip(BENCH_TINY_VIT, device))
+        model = capnet.build_model(clip, classes, Config(ctx_init="a photo of a"), None, device)
+        optimizer = capnet.build_optimizer(model, Config(lr=0.01))
+        params = [p for p in model.parameters() if p.requires_grad]
+        start = [p.detach().clone() for p in params]
+        loss = capnet.train_step(model, make_criterion(Config(), counts, 50), optimizer,
+                                 torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), images, targets, amp)
+        out.append((loss.item(), torch.cat([(p.detach() - s).flatten() for p, s in zip(params, start)])))
+    (loss32, step32), (loss16, step16) = out
+    rel = abs(loss16 - loss32) / abs(loss32)
+    cos = torch.nn.functional.cosine_similarity(step16, step32, dim=0).item()
+    detail = f"loss {loss32:.4f} vs {loss16:.4f} ({rel:.1%}, tolerance 2%), update cosine {cos:.4f} (>= 0.99)"
+    return str(device), "train step bf16 vs fp32", detail, rel <= 0.02 and cos >= 0.99
+
+
+def _all_reduce_worker(rank, world, port, device_type):
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=60))
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    x = torch.full((1000,), rank + 1.0, device=device)
+    torch.distributed.all_reduce(x)
+    torch.distributed.destroy_process_group()
+    if not torch.equal(x.cpu(), torch.full((1000,), world * (world + 1) / 2)):
+        raise RuntimeError(f"rank {rank}: all-reduce gave {x[:3].tolist()}..., expected {world * (world + 1) / 2}")
+
+
+def check_all_reduce(device_type):
+    """An all-reduce over the device type's DDP backend: gloo over 2 CPU processes; nccl over 2 GPUs (1 if one)."""
+    world = 2 if device_type == "cpu" or torch.cuda.device_count() > 1 else 1
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    what = f"all-reduce, {'gloo' if device_type == 'cpu' else 'nccl'}, {world} processes"
+    try:
+        torch.multiprocessing.spawn(_all_reduce_worker, (world, port, device_type), nprocs=world)
+        return device_type, what, "every process holds the sum", True
+    except Exception as e:
+        return device_type, what, f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}", False
+
+
+def check(devices=None, all_reduce=True) -> list:
+    """Per device (the CPU and every CUDA device): whether the extension has kernels for it, each fused op forward
+    and backward against its reference, a tiny train step bf16 vs fp32, an all-reduce over the DDP backend. Prints
+    one table -> the failed rows (none: everything passed)."""
+    devices = devices or ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    rows = []
+    for device in map(torch.device, devices):
+        has = EXT_AVAILABLE and (device.type == "cpu" or capnet.EXT_CUDA)
+        built = f"built, kernels for cpu{' and cuda' if capnet.EXT_CUDA else ''}"
+        rows.append((str(device), "extension", built if has else f"{capnet._why_no_kernel(device)}: the pure-torch "
+                     f"path runs ({capnet.BUILD_HINT})", has))
+        rows += check_ops(device) if has else []
+        rows.append(check_train_step(device))
+        if all_reduce and device.index in (None, 0):
+            rows.append(check_all_reduce(device.type))
+    width = max(len(r[1]) for r in rows)
+    print(f"{'device':8s} {'check':{width}s} {'result':6s} detail")
+    for device, what, detail, ok in rows:
+        print(f"{device:8s} {what:{width}s} {'ok' if ok else 'FAILED':6s} {detail}")
+    failed = [r for r in rows if not r[3]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} checks passed" +
+          "".join(f"\nFAILED: {r[0]} {r[1]}: {r[2]}" for r in failed), flush=True)
+    return failed
+
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="bench.py", description="measured speed-ups of CAPNet's fast paths")
     parser.add_argument("--quick", action="store_true", help="toy layouts, seconds (what the tests run)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    parser.add_argument("--check", action="store_true", help="no timing: the fused ops, a bf16 step and DDP checked "
+                        "against their references on every device; exit 1 naming each failure")
     args = parser.parse_args(argv)
+    if args.check:
+        sys.exit(1 if check() else 0)
     bench(quick=args.quick, json_path=args.json)
 
 

@@ -2371,125 +2371,6 @@ def info():
         print(f"  {name:16s} {'present' if path.exists() else 'absent '}  {path}")
 
 
-# `capnet.py check`: the code that cannot be tested on the developers' machines (CUDA kernels, bf16 on a GPU, nccl)
-# checked where it runs, against the pure-torch references, before a long run trusts it
-CHECK_C, CHECK_B = (1, 20, 80, 1000), (1, 32, 257)  # classes (VOC ... ImageNet-size heads) and batch sizes
-CHECK_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # what every op accepts
-
-
-def check_cases(op, device, dtype):
-    """(kernel, reference, inputs) of op over every C and B, contiguous and not, on device in dtype."""
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
-    for C, B, transposed in [(C, B, t) for C in CHECK_C for B in CHECK_B for t in (False, True)]:
-        put = lambda t: (t.T.contiguous().T if transposed else t).to(device, dtype)  # transposed: column-major
-        if op == "db_focal_loss":
-            y = (torch.rand(B, C, generator=g) < 0.3).to(device, dtype)  # (B, C)
-            n = torch.randint(1, 300, (C,), generator=g).double().to(device)  # (C,)
-            kernel, reference = db_focal_pair(y, n, 400, class_aware_weights(n.cpu(), 4.0).to(device, dtype))
-            yield kernel, reference, [put(rand(B, C) * 5)]
-        elif op == "graph_propagate":
-            kernel, reference = propagate_pair(0.2, activation=C % 2 == 0)
-            adj = torch.softmax(rand(C, C), dim=1)  # (C, C) rows summing to 1, like P
-            yield kernel, reference, [put(adj), put(rand(C, B)), put(rand(B, 48) / B ** 0.5)]
-        else:
-            yield torch.ops.capnet.quick_gelu, quick_gelu_reference, [put(rand(B, C) * 4)]
-
-
-def check_ops(device):
-    """One row per (op, dtype): every case's worst error against the reference."""
-    rows = []
-    for op in FUSED_OPS:
-        for dtype in CHECK_DTYPES:
-            errors = [compare_with_reference(*case, widen=op in WIDEN) for case in check_cases(op, device, dtype)]
-            bad = [e for e in errors if e]
-            detail = f"{len(errors)} cases, forward and backward, tolerance {RTOL[dtype]:.0e}" + (f": {bad[0]}" if bad else "")
-            rows.append((str(device), f"{op} {str(dtype).removeprefix('torch.')}", detail, not bad))
-    return rows
-
-
-def tiny_random_clip(seed=0):
-    """A small ViT CLIP with random weights in OpenAI's layout, at logit scale 100."""
-    with torch.device("meta"):
-        shapes = CLIP(32, 32, 2, 64, 8, 77, 49408, 64, 1, 2).state_dict()  # D 32, 32 px, patch 8, width 64, 2 + 2 blocks
-    g = torch.Generator().manual_seed(seed)
-    sd = {k: torch.randn(v.shape, generator=g) * 0.05 + (".ln" in k or k.startswith("ln")) * k.endswith("weight")
-          for k, v in shapes.items()}  # LayerNorm gains near 1, the rest small
-    sd["logit_scale"] = torch.tensor(LOGIT_SCALE_MAX)
-    return build_clip(sd)
-
-
-def check_train_step(device):
-    """One CAPNet train step of a tiny CLIP on device in fp32 and under bf16 autocast, from the same start: the
-    losses and the parameter updates must agree within bf16's rounding."""
-    classes, counts = ["cat", "dog", "race car", "palm tree", "boat"], [40, 25, 6, 12, 3]
-    g = torch.Generator().manual_seed(1)
-    images, targets = torch.randn(8, 3, 32, 32, generator=g).to(device), (torch.rand(8, 5, generator=g) < 0.4).float().to(device)
-    out = []
-    for amp in (False, True):
-        clip = install_fast_paths(tiny_random_clip().to(device))
-        model = CAPNet(clip, classes, build_label_graph("text", clip, classes, None), ctx_init="a photo of a").to(device)
-        optimizer = build_optimizer(model, Config(optimizer="sgd", lr=0.01))
-        start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        loss = train_step(model, make_criterion(Config(), counts, 50), optimizer,
-                          torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), images, targets, amp)
-        step = torch.cat([(p.detach() - s).flatten() for p, s in zip([p for p in model.parameters() if p.requires_grad], start)])
-        out.append((loss.item(), step))
-    (loss32, step32), (loss16, step16) = out
-    rel, cos = abs(loss16 - loss32) / abs(loss32), F.cosine_similarity(step16, step32, dim=0).item()
-    ok = rel <= 0.02 and cos >= 0.99 and math.isfinite(loss16)
-    return str(device), "train step bf16 vs fp32", f"loss {loss32:.4f} vs {loss16:.4f} ({rel:.1%}, tolerance 2%), update cosine {cos:.4f} (>= 0.99)", ok
-
-
-def _all_reduce_worker(rank, world, port, device_type):
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=60))
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    x = torch.full((1000,), rank + 1.0, device=device)
-    torch.distributed.all_reduce(x)
-    torch.distributed.destroy_process_group()
-    if not torch.equal(x.cpu(), torch.full((1000,), world * (world + 1) / 2)):
-        raise RuntimeError(f"rank {rank}: all-reduce gave {x[:3].tolist()}..., expected {world * (world + 1) / 2}")
-
-
-def check_all_reduce(device_type):
-    """An all-reduce over the DDP backend of the device type: gloo over 2 CPU processes, nccl over 2 GPUs (1 if there is one)."""
-    import socket
-    world = 2 if device_type == "cpu" or torch.cuda.device_count() > 1 else 1
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    what = f"all-reduce, {'gloo' if device_type == 'cpu' else 'nccl'}, {world} processes"
-    try:
-        torch.multiprocessing.spawn(_all_reduce_worker, (world, port, device_type), nprocs=world)
-        return device_type, what, "sum of 1..world on every process", True
-    except Exception as e:
-        return device_type, what, f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}", False
-
-
-def check(devices=None, all_reduce=True) -> list:
-    """`capnet.py check`: per device (the CPU and every CUDA device), whether the extension has kernels for it, each
-    fused op forward and backward against its reference, a tiny train step bf16 vs fp32, and an all-reduce over the
-    DDP backend. Prints one table -> the failed rows (none: everything passed)."""
-    devices = devices or ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    rows = []
-    for device in map(torch.device, devices):
-        has = EXT_AVAILABLE and (device.type == "cpu" or EXT_CUDA)
-        rows.append((str(device), "extension", f"built, kernels for cpu{' and cuda' if EXT_CUDA else ''}" if has
-                     else f"{_why_no_kernel(device)}: the pure-torch path runs ({BUILD_HINT})", has))
-        rows += check_ops(device) if has else []
-        rows.append(check_train_step(device))
-        if all_reduce and device.index in (None, 0):
-            rows.append(check_all_reduce(device.type))
-    width = max(len(r[1]) for r in rows)
-    print(f"{'device':8s} {'check':{width}s} {'result':6s} detail")
-    for device, what, detail, ok in rows:
-        print(f"{device:8s} {what:{width}s} {'ok' if ok else 'FAILED':6s} {detail}")
-    failed = [r for r in rows if not r[3]]
-    print(f"{len(rows) - len(failed)} of {len(rows)} checks passed" + "".join(f"\nFAILED: {r[0]} {r[1]}: {r[2]}" for r in failed))
-    return failed
-
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -2550,8 +2431,9 @@ def main(argv=None):
         if args.command == "predict":
             rows = predict(args.ckpt, args.images, args.threshold, args.top_k, args.tte, args.device, args.json, args.batch_size)
             return sys.exit(1) if any("error" in r for r in rows) else rows  # scripts notice an unreadable file
-        if args.command == "check":
-            return sys.exit(1) if check() else None
+        if args.command == "check":  # with the speed harness, which exercises the same kernels: bench.py --check
+            bench = [sys.executable, str(Path(__file__).resolve().parent / "bench.py"), "--check"]
+            return sys.exit(subprocess.run(bench).returncode)
         return info()
     except (RunError, ValueError, OSError) as e:  # OSError: missing files, unreadable images
         # user errors: the message says what to do; CAPNET_DEBUG=1 shows the traceback

@@ -1882,36 +1882,43 @@ def test_run_with_wrong_kernels_falls_back_and_ends_bit_equal_to_backend_torch(t
 
 @needs_ext
 def test_check_passes_here_and_exits_1_naming_a_wrong_kernel(monkeypatch, capsys):
-    assert capnet.check(all_reduce=False) == []
+    assert bench.check(all_reduce=False) == []
     out = capsys.readouterr().out
     assert "db_focal_loss float16" in out and "train step bf16 vs fp32" in out and "FAILED" not in out
     _inject_wrong_kernels(monkeypatch, "graph_propagate")
-    failed = capnet.check(all_reduce=False)
+    failed = bench.check(all_reduce=False)
     assert {row[1] for row in failed} == {f"graph_propagate {d}" for d in ("float64", "float32", "bfloat16", "float16")}
     assert "FAILED: cpu graph_propagate float32: 24 cases" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        capnet.main(["check"])
+        bench.main(["--check"])
     assert e.value.code == 1 and "FAILED: cpu graph_propagate float64" in capsys.readouterr().out
 
 
+def test_capnet_check_runs_every_check_and_exits_0_here():
+    r = subprocess.run([sys.executable, "capnet.py", "check"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all-reduce, gloo, 2 processes" in r.stdout and r.stdout.rstrip().endswith("checks passed")
+
+
 def test_check_all_reduce_over_gloo_in_two_processes():
-    device, what, detail, ok = capnet.check_all_reduce("cpu")
+    device, what, detail, ok = bench.check_all_reduce("cpu")
     assert ok, detail
     assert what == "all-reduce, gloo, 2 processes"
 
 
 def test_check_train_step_catches_a_wrong_bf16_forward(monkeypatch):
-    assert capnet.check_train_step(torch.device("cpu"))[3]
+    assert bench.check_train_step(torch.device("cpu"))[3]
     real = capnet.cosine_logits  # under autocast only: logits 10% off, as a broken bf16 path would give
     monkeypatch.setattr(capnet, "cosine_logits",
                         lambda v, f, t: real(v, f, t) * (1.1 if torch.is_autocast_enabled("cpu") else 1.0))
-    device, what, detail, ok = capnet.check_train_step(torch.device("cpu"))
+    device, what, detail, ok = bench.check_train_step(torch.device("cpu"))
     assert not ok and "tolerance 2%" in detail
 
 
 def test_import_capnet_prints_nothing_and_leaves_the_global_rng_alone():
-    code = ("import torch; torch.manual_seed(5); a = torch.rand(1); torch.manual_seed(5); import capnet; "
-            "m = capnet.build_model(capnet.tiny_random_clip(), ['cat', 'dog'], capnet.Config(ctx_init=''), None); "
+    code = ("import torch; torch.manual_seed(5); a = torch.rand(1); torch.manual_seed(5); import capnet, bench; "
+            "clip = bench._bench_clip(bench.BENCH_TINY_VIT, 'cpu'); torch.manual_seed(5); "
+            "m = capnet.build_model(clip, ['cat', 'dog'], capnet.Config(ctx_init=''), None); "
             "print(torch.equal(torch.rand(1), a))")
     for env in ({}, {"CAPNET_NO_EXT": "1"}):
         r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, **env), capture_output=True,

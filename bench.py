@@ -368,6 +368,33 @@ def _bench_attention_bf16_row(batch, heads, n, d, device, warmup, repeats):
                     f"fwd+bwd, B={batch}, {heads} heads, L={n}, d={d}; diff: bf16 rounding")
 
 
+def _bench_first_use_row(model, train_targets, batch, device, warmup, repeats):
+    """The first-use checks of the three fused ops (capnet.compare_with_reference, run once per process, op, device
+    and dtype) at the inputs a train step of this model gives them, against one train step."""
+    C, D = model.gcn.P.shape[0], model.clip.embed_dim
+    g = torch.Generator().manual_seed(9)
+    targets = torch.from_numpy(train_targets[:batch]).to(device)  # (B, C)
+    loss_pair = capnet.db_focal_pair(targets, torch.as_tensor(train_targets.sum(0)).to(device), len(train_targets))
+    checks = [(*loss_pair, [torch.randn(batch, C, generator=g).to(device)], True),
+              (*capnet.propagate_pair(), [model.gcn.P, torch.randn(C, D, generator=g).to(device), model.gcn.W0], False),
+              (torch.ops.capnet.quick_gelu if EXT_AVAILABLE else capnet.quick_gelu_reference,
+               capnet.quick_gelu_reference, [torch.randn(1 << 16, generator=g).to(device)], True)]
+    images = _random_images(model.clip, batch, 1, device)
+    crit = make_criterion(Config(), train_targets.sum(0), len(train_targets))
+    opt = torch.optim.SGD([p for part in model.trainable_parts().values() for p in part], lr=0.0)  # lr 0: no drift
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        crit(model(images).float(), targets).backward()
+        opt.step()
+    model.train()
+    fns = {"step": step, "checks": lambda: [capnet.compare_with_reference(*c) for c in checks]}
+    ms, _ = _time_variants(fns, warmup, repeats, device)
+    return _row("first_use_checks_vs_train_step", ms["step"], ms["checks"], None,
+                f"all three ops' first-use checks = {ms['checks'] / ms['step']:.1%} of one train step "
+                f"(C={C}, batch {batch}, fp32); they run once per process, device and dtype")
+
+
 def _bench_image_rows(clip, tag, batch, n_gemm, device, warmup, repeats):
     # ViT image tower forward: SDPA vs math attention, and its FLOP rate against the fp32
     # GEMM rate measured in the same rounds (so both see the same load)
@@ -456,6 +483,7 @@ def bench(quick=False, json_path=None):
     say(f"ViT train steps: {', '.join(vit_variants)}")
     gemm = {k: machine.get(f"{k}_gemm_gflops") for k in ("fp32", "bf16")}
     rows += _bench_train_rows(model, train_targets, "", batch, vit_variants, **big, gemm_gflops=gemm)
+    rows.append(_bench_first_use_row(model, train_targets, batch, **big))
     say("ViT eval and image tower")
     rows.append(_bench_eval_row(model, "_vit", eval_batch, 5, **big))
     if machine["bf16"]:
@@ -547,7 +575,8 @@ def check_train_step(device):
     out = []
     for amp in (False, True):
         clip = capnet.install_fast_paths(_bench_clip(BENCH_TINY_VIT, device))
-        model = capnet.build_model(clip, classes, Config(ctx_init="a photo of a"), None, device)
+        # amp "none": the frozen weights stay fp32 in both runs (on a GPU "auto" would hold them in bf16)
+        model = capnet.build_model(clip, classes, Config(ctx_init="a photo of a", amp="none"), None, device)
         optimizer = capnet.build_optimizer(model, Config(lr=0.01))
         params = [p for p in model.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]

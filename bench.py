@@ -152,7 +152,8 @@ def _bench_model(layout, n_classes, device):
     # short made-up names (1-3 BPE tokens each, like "traffic light"): the EOT lands where real
     # class names put it, which is what truncation depends on
     classnames = [f"thing {i}" for i in range(n_classes)]
-    model = capnet.build_model(clip, classnames, Config(seed=0), train_targets)
+    cfg = Config(**capnet.RECIPES["ours"]["*"])  # our recipe: 16 random context vectors, GCN width D
+    model = capnet.build_model(clip, classnames, cfg, train_targets)
     return model.to(device), train_targets
 
 

@@ -653,8 +653,8 @@ TINY_CLASSES = ["dog", "cat", "traffic_light", "sofa", "potted_plant"]
 TINY_COUNTS = np.array([120, 60, 30, 12, 5])
 
 
-def tiny_cfg(**kw):
-    return capnet.Config(**{"n_ctx": 4, **kw})
+def tiny_cfg(**kw):  # our recipe (16 random context vectors, GCN width D, t trained), M = 4
+    return capnet.Config(**{**capnet.RECIPES["ours"]["*"], "recipe": "ours", "n_ctx": 4, **kw})
 
 
 def tiny_images(vision, n=3, seed=0):
@@ -2577,7 +2577,7 @@ def test_cli_flags_are_generated_from_config_and_strict(capsys):
         ["train", "--data", "voc-lt", "--tau-prime", "inf", "--epochs", "3", "--compile", "--no-resume"]))
     assert cfg.data == "voc-lt" and cfg.mu == 0.3 and cfg.lam == 5.0 and cfg.clip == "ViT-B/16"  # preset
     assert cfg.tau_prime == float("inf") and cfg.epochs == 3 and cfg.compile is True and cfg.resume is False
-    assert capnet.config_from_args(parser.parse_args(["train"])) == capnet.Config(**capnet.PRESETS["synthetic-lt"])
+    assert capnet.config_from_args(parser.parse_args(["train"])) == capnet.preset_config("synthetic-lt")
     for argv, named in ((["train", "--epochz", "3"], "--epochz"), (["train", "--epochs", "x"], "--epochs"),
                         (["train", "--compile=maybe"], "--compile"), (["train", "--epoch", "3"], "--epoch")):
         with pytest.raises(SystemExit) as e:
@@ -2725,7 +2725,7 @@ def test_method_presets_fill_flags_and_flags_override():
     coop = parse("--method", "coop")
     assert (coop.ctx, coop.graph, coop.peft, coop.loss) == ("shared", "none", "none", "bce")
     preset = capnet.PRESETS["synthetic-lt"]
-    assert coop.lr == preset["lr"] and coop.ctx_init == preset["ctx_init"]  # the data preset stays underneath
+    assert coop.input_size == preset["input_size"] and coop.ctx_init == preset["ctx_init"]  # the data preset stays
     lmpt = parse("--method", "lmpt")
     assert (lmpt.ctx, lmpt.graph, lmpt.peft, lmpt.loss) == ("class", "none", "none", "db-focal")
     assert lmpt.tau_prime == float("inf") and lmpt.scale_min == 1.0
@@ -2737,9 +2737,10 @@ def test_method_presets_fill_flags_and_flags_override():
     # the run folder derives from the resolved flags, never from the method's name
     name = lambda cfg: capnet.resolve_config(cfg).name
     assert name(parse("--method", "capnet")) == name(parse()) == "synthetic-lt"
-    assert name(coop) == "synthetic-lt-graph-none-loss-bce-peft-none-ctx-shared"
+    assert name(coop) == "synthetic-lt-ctx-shared-graph-none-peft-none-loss-bce"  # Config's order
     assert name(coop) == name(parse("--ctx", "shared", "--graph", "none", "--peft", "none", "--loss", "bce"))
     assert name(lmpt) == "synthetic-lt-graph-none-peft-none-tau-prime-inf-scale-min-1.0"
+    assert name(parse("--alpha", "0.2")) == "synthetic-lt-alpha-0.2"  # every field off the preset, not a hand list
     assert name(parse("--method", "zero-shot")) == "synthetic-lt-epochs-0"
     assert capnet.TABLES["methods"] == ["--method zero-shot", "--method coop", "--method lmpt", "--method capnet"]
     with pytest.raises(SystemExit):
@@ -3010,16 +3011,21 @@ def test_predict_peak_memory_2000_images_within_2x_of_20(trained, tmp_path):
     assert growth[2000] <= 2 * max(growth[20], 1024)
 
 
-def test_checkpoint_from_other_data_classes_or_backbone_is_refused(trained, tiny):
+def test_checkpoint_from_other_data_classes_or_backbone_is_refused(trained, tiny, tmp_path):
     ckpt = capnet.load_checkpoint(trained["dir"] / "checkpoint.pt")
-    src = ckpt["clip"]
     other_data = dataclasses.replace(capnet.Config(**ckpt["config"]), data="voc-lt")  # the dataset is in the config
     with pytest.raises(capnet.RunError, match="differs in data \\('tiny' -> 'voc-lt'\\)"):
         capnet.check_same_config(ckpt["config"], other_data, "x")
-    with pytest.raises(capnet.RunError, match="class list differs.*#1: 'green square' vs 'lime'"):
-        capnet.check_checkpoint(ckpt, ["red_square", "lime", "blue square", "yellow square"], src, "x")
+    # eval: a checkpoint of another class list than its data set's now
+    torch.save(dict(ckpt, classes=["red_square", "lime", *WORLD_CLASSES[2:]]), tmp_path / "classes.pt")
+    with pytest.raises(capnet.RunError, match="class list differs.*#1: 'lime' vs 'green square'"):
+        capnet.evaluate(tmp_path / "classes.pt", workers=0)
+    # eval and predict: the CLIP file its config names now holds another backbone than the one it trained with
+    torch.save(dict(ckpt, config={**ckpt["config"], "clip": str(tiny["clip_other"])}), tmp_path / "backbone.pt")
     with pytest.raises(capnet.RunError, match="backbone differs"):
-        capnet.check_checkpoint(ckpt, WORLD_CLASSES, {"name": "other", "sha256": "0" * 64}, "x")
+        capnet.evaluate(tmp_path / "backbone.pt", workers=0)
+    with pytest.raises(capnet.RunError, match="backbone differs"):
+        capnet.predict(tmp_path / "backbone.pt", [tiny["test_images"]])
     cfg = capnet.config_from_args(capnet.build_parser().parse_args(
         tiny_args(tiny, trained["out"], "base", "--resume", "--clip", str(tiny["clip_other"]))))
     with pytest.raises(capnet.RunError, match="config differs in clip"):

@@ -56,7 +56,7 @@ class Config:
     ctx: str = "class"                # class: M vectors per class (CAPNet, LMPT) | shared: one (M, W) set (CoOp)
     # (3) label graph, (4) GCN
     graph: str = "text"               # text | cooccur | identity (GCN as a per-class MLP) | none (GCN frozen at 0)
-                                      # | a file holding a C x C matrix P (.npy, .pt or text; rows normalised to 1)
+                                      # | a .npy, .pt or .txt file holding a C x C matrix P (rows scaled to sum 1)
     s: float = 10.0                   # s, sharpness of our text graph's softmax (graph_tau 0 only)
     p: float = 0.2                    # p, neighbour weight: P = (1 - p) I + p A; with graph_tau > 0 the neighbours'
                                       # share of each row before the softmax, not in P
@@ -284,8 +284,8 @@ def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, thre
         P = cooccur_graph(train_targets, p, threshold)
     elif mode in ("identity", "none"):
         P = torch.eye(len(classnames), dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown graph mode {mode!r}; expected one of {GRAPH_MODES}")
+    else:  # a fork's own label graph
+        P = read_graph_file(mode, len(classnames))
     return P.float()
 
 
@@ -392,12 +392,16 @@ class CAPNet(nn.Module):
         return self
 
     def trainable_parts(self):
-        """Everything that trains (requires_grad), by part; "peft" is CLIP's share (all of it with --peft full)."""
-        part_of = {"prompt_learner": "prompts", "gcn": "gcn", "logit_scale": "temperature"}  # the rest: CLIP's
-        parts = {"prompts": [], "gcn": [], "temperature": [], "peft": []}
+        """Everything that trains (requires_grad), by part; "peft" is CLIP's share (all of it with --peft full). A new
+        trainable submodule is an error until it has a part here (and so its group in build_optimizer)."""
+        part_of = {"prompt_learner": "prompts", "gcn": "gcn", "logit_scale": "temperature", "clip": "peft"}
+        parts = {part: [] for part in part_of.values()}
         for name, p in self.named_parameters():
+            if p.requires_grad and name.split(".")[0] not in part_of:
+                raise ValueError(f"trainable parameter {name!r} is in no part: add {name.split('.')[0]!r} to "
+                                 f"CAPNet.trainable_parts, which gives each part its optimizer group")
             if p.requires_grad:
-                parts[part_of.get(name.split(".")[0], "peft")].append(p)
+                parts[part_of[name.split(".")[0]]].append(p)
         return parts
 
     def clamp_temperature_(self):
@@ -612,7 +616,8 @@ def train_step(model, criterion, optimizer, scheduler, images, targets, amp=Fals
     return loss_value
 
 # -----------------------------------------------------------------------------
-# ablations and baselines: the co-occurrence graph (--graph cooccur), plain focal loss and ASL (--loss)
+# ablations and baselines: the co-occurrence graph (--graph cooccur), plain focal loss and ASL (--loss), one's own
+# label graph (--graph FILE)
 
 def cooccur_graph(targets, p, threshold=0.4):
     """ML-GCN: P(j|i) = n_ij / n_i from the training labels, >= threshold an edge, rows normalised; (1 - p) I + p A."""
@@ -639,6 +644,28 @@ def asymmetric_loss(logits, targets, gamma_pos=0.0, gamma_neg=4.0, clip=0.05):
     pos = (1 - p) ** gamma_pos * torch.log(p.clamp(min=1e-8))  # (B, C)
     neg = p_m ** gamma_neg * torch.log((1 - p_m).clamp(min=1e-8))  # (B, C)
     return -(targets * pos + (1 - targets) * neg).mean()
+
+
+
+def read_graph_file(path, num_classes):
+    """--graph FILE: a C x C matrix P of one's own (.npy; .pt, a tensor; .txt, C lines of C numbers), finite and
+    non-negative; each row is divided by its sum, so rows sum to 1 as every P here."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            P = np.load(path, allow_pickle=False)
+        elif path.suffix == ".pt":
+            P = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            P = np.loadtxt(path, ndmin=2)
+        P = torch.as_tensor(np.asarray(P), dtype=torch.float64)  # (C, C)
+    except Exception as e:  # missing, not a matrix, not numbers ...
+        raise ValueError(f"--graph {path}: cannot read a matrix from it ({type(e).__name__}: {e})") from None
+    if P.shape != (num_classes, num_classes):
+        raise ValueError(f"--graph {path}: a {tuple(P.shape)} matrix, but the data set has {num_classes} classes")
+    if not torch.isfinite(P).all() or (P < 0).any() or (P.sum(1) == 0).any():
+        raise ValueError(f"--graph {path}: entries must be finite and non-negative, each row with a positive sum")
+    return P / P.sum(1, keepdim=True)  # (C, C)
 
 # -----------------------------------------------------------------------------
 # vendored CLIP (OpenAI, MIT): tokenizer, model, checkpoint loader
@@ -1559,9 +1586,9 @@ def resolve_config(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{flag(key)} {getattr(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
-    if cfg.graph not in GRAPH_MODES and not Path(cfg.graph).is_file():
-        raise ValueError(f"--graph {cfg.graph!r}: expected one of {', '.join(GRAPH_MODES)}, or a file holding a C x C "
-                         f"matrix (.npy, .pt or text)")
+    if cfg.graph not in GRAPH_MODES and Path(cfg.graph).suffix not in (".npy", ".pt", ".txt"):
+        raise ValueError(f"--graph {cfg.graph!r}: expected one of {', '.join(GRAPH_MODES)}, or a .npy, .pt or .txt "
+                         f"file holding a C x C matrix")
     bounds = {"batch_size": 1, "eval_batch_size": 1, "input_size": 1, "n_ctx": 1, "epochs": 0, "workers": 0,
               "adapter_dim": 0, "ckpt_every": 0, "seed": 0, "log_every": 0, "gcn_hidden": 0, "graph_topk": 0,
               "graph_tau": 0, "gcn_lr": 0, "temperature_lr_scale": 0}

@@ -2663,6 +2663,63 @@ def test_recipe_presets_layer_under_method_and_flags():
         parse("--recipe", "mine")
 
 
+# the resolved configs of `train` and `train --data coco-lt`, field by field, as they were before Config's defaults
+# became the coco-lt run (issue 27): moving the defaults changed no preset's run
+SYNTHETIC_LT_DEFAULT = dict(
+    n_ctx=16, ctx_init="a photo of a", ctx="class", graph="text", s=10.0, p=0.2, graph_topk=0, graph_tau=0.0,
+    gcn_hidden=0, peft="adaptformer", adapter_dim=0, clip_lr_scale=0.1, loss="db-focal", alpha=0.1, beta=10.0,
+    mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, balance=2.0, tau_prime=4.0, tte=5, recipe="ours", optimizer="sgd",
+    schedule="cosine", epochs=60, batch_size=32, lr=0.01, gcn_lr=0.0, temperature_lr_scale=0.01, momentum=0.9,
+    weight_decay=5e-4, prompt_weight_decay=0.02, warmup_epochs=1.0, data="synthetic-lt", data_root="data",
+    clip="data/synthetic-lt/clip.pt", input_size=48, scale_min=0.5, sampler="uniform", sampler_power=1.0,
+    eval_batch_size=64, name="synthetic-lt", out_dir="runs", device="auto", amp="auto", backend="auto",
+    compile=False, workers=0, seed=0, seeds="", log_every=10, skip_bad_images=False, resume=False, ckpt_every=0)
+COCO_LT_DEFAULT = dict(
+    SYNTHETIC_LT_DEFAULT, graph_topk=60, graph_tau=0.3, gcn_hidden=2048, recipe="authors", optimizer="adam",
+    schedule="onecycle", lr=5e-4, gcn_lr=1e-4, temperature_lr_scale=0.0, weight_decay=1e-4, prompt_weight_decay=-1.0,
+    data="coco-lt", clip="ViT-B/16", input_size=224, scale_min=0.08, name="coco-lt", workers=2)
+
+
+def test_config_defaults_are_the_coco_lt_run_and_presets_resolve_as_before(capsys):
+    parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
+    assert dataclasses.asdict(capnet.resolve_config(parse())) == SYNTHETIC_LT_DEFAULT
+    assert dataclasses.asdict(capnet.resolve_config(parse("--data", "coco-lt"))) == COCO_LT_DEFAULT
+    assert dataclasses.asdict(capnet.Config()) == dict(COCO_LT_DEFAULT, name="")  # the defaults are that run
+    ours = dict(capnet.RECIPES["ours"]["*"], recipe="ours", name="coco-lt-recipe-ours")
+    assert dataclasses.asdict(capnet.resolve_config(parse("--data", "coco-lt", "--recipe", "ours"))) == \
+        dict(COCO_LT_DEFAULT, **ours)
+    # a custom data set trains the authors' recipe as COCO-LT does: 60 epochs (30 before: a bug)
+    assert capnet.preset_config("mine") == dataclasses.replace(capnet.Config(), data="mine")
+    assert capnet.main(["train", "--data", "voc-lt", "--lr", "1e-3", "--print-config"]) is None
+    printed = _json.loads(capsys.readouterr().out)
+    assert (printed["lr"], printed["epochs"], printed["graph_topk"], printed["name"]) == (1e-3, 64, 20, "voc-lt-lr-0.001")
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["--n-ctx", "8"], "--n-ctx cannot act.*--ctx-init"),  # synthetic-lt starts its context from "a photo of a"
+    (["--recipe", "authors", "--s", "5"], "--s cannot act.*graph_tau"),
+    (["--graph", "identity", "--p", "0.3"], "--p cannot act"),
+    (["--loss", "focal", "--tau-prime", "2"], "--tau-prime cannot act.*DB-focal"),
+    (["--loss", "bce", "--mu", "0.3", "--lam", "5"], "--mu --lam cannot act"),
+    (["--loss", "asl", "--gamma", "3"], "--gamma cannot act.*ASL"),
+    (["--method", "coop", "--tau-prime", "2"], "--tau-prime cannot act"),  # coop trains BCE
+    (["--momentum", "0.8", "--recipe", "authors"], "--momentum cannot act"),
+    (["--seeds", "0,1", "--seed", "3"], "--seed cannot act"),
+])
+def test_a_flag_that_cannot_act_is_refused_by_name(argv, refused):
+    with pytest.raises(ValueError, match=refused):
+        capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
+
+
+def test_flags_refused_only_when_given_and_inert():
+    parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
+    assert parse("--ctx-init", "", "--n-ctx", "8").n_ctx == 8  # random context: M acts
+    assert parse("--loss", "focal", "--gamma", "3").gamma == 3.0  # the focal factor acts in plain focal
+    assert parse("--recipe", "authors", "--p", "0.3").p == 0.3  # the pre-paper graph: p acts, before its softmax
+    assert parse("--method", "coop").tau_prime == 4.0  # a preset's unused value is no error: nobody gave it
+    assert parse("--method", "lmpt").ctx_init == "a photo of a"
+
+
 def test_schedule_and_batches_are_pure_functions():
     f = [capnet.lr_factor(s, 4, 20) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0  # linear warm-up to the peak
@@ -3034,6 +3091,49 @@ def test_checkpoint_from_other_data_classes_or_backbone_is_refused(trained, tiny
         capnet.train_run(dataclasses.replace(cfg, resume=False, clip=str(tiny["clip"])))
     with pytest.raises(capnet.RunError, match=r"epochs \(3 -> 5\)"):
         capnet.train_run(dataclasses.replace(cfg, clip=str(tiny["clip"]), epochs=5))
+
+
+def test_eval_uses_the_label_graph_saved_in_the_checkpoint(trained, tmp_path):
+    ckpt = capnet.load_checkpoint(trained["dir"] / "checkpoint.pt")
+    assert ckpt["graph"].shape == (4, 4) and not torch.equal(ckpt["graph"], torch.eye(4))  # the text graph
+    torch.save(dict(ckpt, graph=torch.eye(4)), tmp_path / "eye.pt")
+    model, *_ = capnet.load_for_inference(tmp_path / "eye.pt")
+    assert torch.equal(model.gcn.P, torch.eye(4))  # the saved P, not one rebuilt from the config
+
+
+def test_graph_file_is_read_checked_and_trained_with(tiny, tmp_path):
+    A = np.array([[2.0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 3, 1], [0, 0, 0, 5]])
+    np.save(tmp_path / "g.npy", A)
+    torch.save(torch.tensor(A), tmp_path / "g.pt")
+    np.savetxt(tmp_path / "g.txt", A)
+    expected = torch.tensor(A / A.sum(1, keepdims=True))  # rows scaled to sum to 1
+    for name in ("g.npy", "g.pt", "g.txt"):
+        torch.testing.assert_close(capnet.read_graph_file(tmp_path / name, 4), expected, rtol=0, atol=1e-15)
+    bad = {"shape.npy": np.ones((3, 4)), "nan.npy": np.where(np.eye(4) > 0, np.nan, 1.0),
+           "negative.npy": -np.eye(4), "zero_row.npy": np.diag([1.0, 1, 1, 0])}
+    for name, matrix in bad.items():
+        np.save(tmp_path / name, matrix)
+    for name, message in (("shape.npy", r"\(3, 4\) matrix, but the data set has 4 classes"),
+                          ("nan.npy", "finite and non-negative"), ("negative.npy", "non-negative"),
+                          ("zero_row.npy", "positive sum"), ("missing.npy", "missing.npy: cannot read")):
+        with pytest.raises(ValueError, match=message):
+            capnet.read_graph_file(tmp_path / name, 4)
+    with pytest.raises(ValueError, match="--graph 'g.csv'.*a .npy, .pt or .txt file"):
+        capnet.resolve_config(capnet.Config(graph="g.csv"))
+    with pytest.raises(ValueError, match="--s cannot act"):  # a graph of one's own has no sharpness
+        capnet.config_from_args(capnet.build_parser().parse_args(["train", "--graph", "g.txt", "--s", "3"]))
+    res = capnet.main(tiny_args(tiny, tmp_path, "", "--graph", str(tmp_path / "g.txt"), "--epochs", "1"))
+    assert res["config"]["name"] == "tiny-recipe-ours-clip0-n-ctx-4-graph-g-epochs-1-batch-size-8-lr-0.05-input-size-32"
+    saved = capnet.load_checkpoint(tmp_path / res["config"]["name"] / "checkpoint.pt")["graph"]
+    torch.testing.assert_close(saved, expected.float())
+
+
+def test_a_trainable_submodule_without_a_part_is_an_error():
+    model = tiny_capnet("vit")
+    assert sum(len(v) for v in model.trainable_parts().values()) == sum(p.requires_grad for p in model.parameters())
+    model.extra_head = torch.nn.Linear(2, 2)  # a fork's new module: which lr and weight decay? none silently
+    with pytest.raises(ValueError, match="'extra_head.weight' is in no part.*trainable_parts"):
+        capnet.build_optimizer(model, tiny_cfg())
 
 
 def test_corrupted_checkpoint_and_atomic_writes(trained, tmp_path, monkeypatch, capsys):

@@ -61,7 +61,7 @@ class Config:
     p: float = 0.2                    # p, neighbour weight: P = (1 - p) I + p A; with graph_tau > 0 the neighbours'
                                       # share of each row before the softmax, not in P
     graph_topk: int = 60              # k: keep each class's k most similar classes, itself included (0 = all)
-    graph_tau: float = 0.3            # T > 0: the pre-paper code's text graph, softmax(P / T) over kept entries; 0: ours
+    graph_tau: float = 0.3            # T > 0: the pre-paper code's text graph, softmax(A / T) over kept entries
     gcn_hidden: int = 2048            # width of the GCN's two hidden layers (0 = D)
     # (5) PEFT
     peft: str = "adaptformer"         # adaptformer (ViT) / bias tuning (ResNet) | none | full (all of CLIP)
@@ -1615,16 +1615,14 @@ def resolve_config(cfg: Config) -> Config:
 # flags that act only in some runs: (fields, acts(cfg), why not elsewhere). A flag given on the command line where it
 # cannot act is refused by name; a preset's value there is merely unused
 FLAGS_THAT_MAY_NOT_ACT = (
-    (("n_ctx",), lambda c: c.ctx_init == "", "the context is --ctx-init's tokens, M their count; add --ctx-init ''"),
-    (("s",), lambda c: c.graph == "text" and c.graph_tau == 0,
-     "s sharpens our text graph (--graph text --graph-tau 0); the pre-paper code's graph has 1 / graph_tau"),
+    (("n_ctx",), lambda c: not c.ctx_init, "the context is --ctx-init's tokens, M their count (--ctx-init '': random)"),
+    (("s",), lambda c: c.graph == "text" and not c.graph_tau, "s sharpens our text graph only (graph_tau 0)"),
     (("graph_topk", "graph_tau"), lambda c: c.graph == "text", "they shape the text graph (--graph text)"),
-    (("p",), lambda c: c.graph in ("text", "cooccur"), "p weighs the neighbours of the text or co-occurrence graph"),
+    (("p",), lambda c: c.graph in ("text", "cooccur"), "p weighs the text or co-occurrence graph's neighbours"),
     (("alpha", "beta", "mu", "kappa", "lam", "balance", "tau_prime"), lambda c: c.loss == "db-focal",
      "they are the DB-focal loss's (7), class-aware weights included; the other losses are plain baselines"),
     (("gamma",), lambda c: c.loss in ("db-focal", "focal"), "BCE has no focal factor; ASL runs at its paper's gammas"),
-    (("momentum",), lambda c: c.optimizer == "sgd" and c.schedule == "cosine",
-     "Adam has no momentum, and OneCycle cycles SGD's (0.95 -> 0.85 -> 0.95)"),
+    (("momentum",), lambda c: c.optimizer == "sgd" and c.schedule == "cosine", "Adam has none; OneCycle cycles it"),
     (("warmup_epochs",), lambda c: c.schedule == "cosine", "OneCycle warms up over its first 20% of the steps"),
     (("gcn_lr", "gcn_hidden"), lambda c: c.graph != "none", "--graph none freezes the GCN at F_hat = F_t"),
     (("clip_lr_scale",), lambda c: c.peft == "full", "only --peft full trains CLIP's own weights"),
@@ -2041,18 +2039,45 @@ def train_run(cfg: Config) -> dict:
 
 
 def train_one(cfg: Config) -> dict:
-    """One run of a resolved cfg: zero-shot at step 0, the model, its epochs from the start or a checkpoint, the
-    final evaluation."""
-    run = open_run(cfg)
+    """One run of a resolved cfg in runs/<name>/: data and backbone, zero-shot at step 0, the model, its epochs from
+    the start or from the checkpoint (--resume), the final evaluation."""
+    start = time.time()
+    device, rank, world = setup_device_and_dist(cfg)
+    if cfg.batch_size % world:
+        raise RunError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {world} processes")
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if not cfg.resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "results.json").exists()):
+        raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                       f"or --name NAME to start a new one")
+    prepared = load_dataset(cfg, rank, world)
+    C = len(prepared.classes)
+    run = Run(cfg, run_dir, device, rank, world, prepared, counts=class_counts(prepared.train, C),
+              train_targets=multihot(prepared.train, C), clip=load_backbone(cfg).to(device), start=start)
     ckpt = load_resume_checkpoint(run) if cfg.resume else None
-    log_run_start(run, ckpt)
-    test_set = make_test_set(run.prepared, cfg)
-    ap_zero_shot = ckpt["zero_shot_ap"] if ckpt else zero_shot_ap(run, test_set)
-    model = build_model(run.clip, run.prepared.classes, cfg, run.train_targets, run.device,
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    run.log(f"CAPNet train: {run_dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    run.log("config:\n" + format_config(cfg) + f"\ndataset {prepared.name}: {len(prepared.train)} train / "
+            f"{len(prepared.test)} test images\n" + format_class_stats(prepared.classes, run.counts))
+    ddp = f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else ""
+    run.log(f"fused ops: {'capnet_ext extension' if run.backend == 'ext' else 'pure torch reference'}\n"
+            f"device {device}, {'bf16 autocast' if run.amp else 'fp32'}, {world} process(es){ddp}\n"
+            f"CLIP {run.clip.source['name']} (sha256 {run.clip.source['sha256'][:12]}), "
+            f"embed dim {run.clip.embed_dim}, input {cfg.input_size}")
+    test_set = make_test_set(prepared, cfg)
+    ap_zero_shot = ckpt["zero_shot_ap"] if ckpt else None
+    if ckpt is None:  # step 0: plain CLIP, same TTE, before any training
+        t0 = time.time()
+        ap_zero_shot = run.score(zero_shot_forward(run.clip, prepared.classes), test_set)
+        run.log(f"zero-shot mAP (step 0, tte {cfg.tte}): " + format_map(lt_map(ap_zero_shot, run.counts))
+                + f"  [{time.time() - t0:.1f}s]")
+    model = build_model(run.clip, prepared.classes, cfg, run.train_targets, device,
                         P=ckpt.get("graph") if ckpt else None)
     run.log("trainable parameters:\n" + trainable_summary(model))
-    train_set = MultiLabelDataset(run.prepared.train, run.prepared.image_root, len(run.counts), cfg.input_size,
-                                  mode="train", scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+    train_set = MultiLabelDataset(prepared.train, prepared.image_root, C, cfg.input_size, mode="train",
+                                  scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
         raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
@@ -2064,67 +2089,22 @@ def train_one(cfg: Config) -> dict:
     return final_evaluation(run, model, test_set, train_set, ap_zero_shot)
 
 
-def open_run(cfg: Config) -> Run:
-    """Processes, run folder (an existing run is continued only with --resume), data set and backbone."""
-    start = time.time()
-    device, rank, world = setup_device_and_dist(cfg)
-    if cfg.batch_size % world:
-        raise RunError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {world} processes")
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if not cfg.resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "results.json").exists()):
-        raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                       f"or --name NAME to start a new one")
-    prepared = load_dataset(cfg, rank, world)
-    C = len(prepared.classes)
-    return Run(cfg, run_dir, device, rank, world, prepared, counts=class_counts(prepared.train, C),
-               train_targets=multihot(prepared.train, C), clip=load_backbone(cfg).to(device), start=start)
-
-
-def log_run_start(run: Run, ckpt):
-    """config.json, then the log's head: the run, its config and data, fused ops, device and backbone."""
-    cfg, device, clip = run.cfg, run.device, run.clip
-    if run.rank == 0:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        write_json(run.dir / "config.json", dataclasses.asdict(cfg))
-    run.log(f"CAPNet train: {run.dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-    run.log("config:\n" + format_config(cfg) + f"\ndataset {run.prepared.name}: {len(run.prepared.train)} train / "
-            f"{len(run.prepared.test)} test images\n" + format_class_stats(run.prepared.classes, run.counts))
-    ddp = f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if run.world > 1 else ""
-    run.log(f"fused ops: {'capnet_ext extension' if run.backend == 'ext' else 'pure torch reference'}\n"
-            f"device {device}, {'bf16 autocast' if run.amp else 'fp32'}, {run.world} process(es){ddp}\n"
-            f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
-            f"input {cfg.input_size}")
-
-
-def zero_shot_ap(run: Run, test_set):
-    """Step 0: plain CLIP, same TTE, before any training -> per-class AP (C,)."""
-    t0 = time.time()
-    ap = run.score(zero_shot_forward(run.clip, run.prepared.classes), test_set)
-    run.log(f"zero-shot mAP (step 0, tte {run.cfg.tte}): " + format_map(lt_map(ap, run.counts))
-            + f"  [{time.time() - t0:.1f}s]")
-    return ap
-
-
-def parallel_forward(run: Run, model: CAPNet):
-    """The model as the train step calls it: under DDP when there are several processes, compiled with --compile."""
-    forward = model
-    if run.world > 1:
-        # --peft full: CLIP's token table and its own logit scale are trainable but get no gradient
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
-                                                      else None, find_unused_parameters=run.cfg.peft == "full")
-    return torch.compile(forward) if run.cfg.compile else forward
-
-
 def train_epochs(run: Run, model: CAPNet, optimizer, scheduler, train_set, step: int, save):
-    """The epochs from `step` (0, or a checkpoint's) to the end: batches from (seed, epoch), progress every log_every
-    steps, save(step) at least once per epoch; a non-finite loss stops the run, its last good checkpoint kept."""
+    """The epochs from `step` (0, or a checkpoint's) to the end, under DDP and torch.compile as cfg says: batches
+    from (seed, epoch), save(step) at least once per epoch; a non-finite loss stops the run, its last checkpoint kept."""
     cfg, device = run.cfg, run.device
     steps_per_epoch = len(train_set) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
-    weights = sampler_weights(run.train_targets, run.counts, cfg.sampler_power) if cfg.sampler == "class-aware" else None
+    class_aware = cfg.sampler == "class-aware"
+    weights = sampler_weights(run.train_targets, run.counts, cfg.sampler_power) if class_aware else None
     criterion = make_criterion(cfg, run.counts, len(run.train_targets))
-    forward = parallel_forward(run, model)
+    forward = model
+    if run.world > 1:
+        # --peft full: CLIP's token table and its own logit scale are trainable but get no gradient
+        device_ids = [device.index] if device.type == "cuda" else None
+        forward = nn.parallel.DistributedDataParallel(model, device_ids, find_unused_parameters=cfg.peft == "full")
+    if cfg.compile:
+        forward = torch.compile(forward)
     run.log(f"training: {cfg.epochs} epochs x {steps_per_epoch} steps, global batch {cfg.batch_size}, "
             f"{cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay}, {cfg.schedule} schedule ({cfg.recipe} recipe)")
     model.train()
@@ -2160,7 +2140,7 @@ def train_epochs(run: Run, model: CAPNet, optimizer, scheduler, train_set, step:
 
 
 def final_evaluation(run: Run, model: CAPNet, test_set, train_set, ap_zero_shot) -> dict:
-    """The trained model on the test set, beside zero-shot -> results, written to runs/<name>/ with the table and plot."""
+    """The trained model on the test set beside zero-shot -> results, written to runs/<name>/ with table and plot."""
     cfg, prepared, counts = run.cfg, run.prepared, run.counts
     total_steps = cfg.epochs * (len(train_set) // cfg.batch_size)
     model.eval()

@@ -660,11 +660,11 @@ def read_graph_file(path, num_classes):
             P = np.loadtxt(path, ndmin=2)
         P = torch.as_tensor(np.asarray(P), dtype=torch.float64)  # (C, C)
     except Exception as e:  # missing, not a matrix, not numbers ...
-        raise ValueError(f"--graph {path}: cannot read a matrix from it ({type(e).__name__}: {e})") from None
+        raise ValueError(f"--graph {str(path)!r}: cannot read a matrix from it ({type(e).__name__}: {e})") from None
     if P.shape != (num_classes, num_classes):
-        raise ValueError(f"--graph {path}: a {tuple(P.shape)} matrix, but the data set has {num_classes} classes")
+        raise ValueError(f"--graph {str(path)!r}: a {tuple(P.shape)} matrix, but the data set has {num_classes} classes")
     if not torch.isfinite(P).all() or (P < 0).any() or (P.sum(1) == 0).any():
-        raise ValueError(f"--graph {path}: entries must be finite and non-negative, each row with a positive sum")
+        raise ValueError(f"--graph {str(path)!r}: entries must be finite and non-negative, each row with a positive sum")
     return P / P.sum(1, keepdim=True)  # (C, C)
 
 # -----------------------------------------------------------------------------
@@ -1842,7 +1842,7 @@ def load_trainable(model: nn.Module, state: dict):
             params[n].copy_(state[n])
 
 
-def save_checkpoint(run: "Run", model: CAPNet, optimizer, scheduler, step: int, ap_zero_shot):
+def save_checkpoint(run: Run, model: CAPNet, optimizer, scheduler, step: int, ap_zero_shot):
     """runs/<name>/checkpoint.pt, atomically, by rank 0: all that restore_checkpoint and load_for_inference read."""
     if run.rank == 0:
         # torch's RNG seeds the DataLoader workers; numpy's global RNG is never drawn from (make_loader)
@@ -1861,7 +1861,7 @@ def save_checkpoint(run: "Run", model: CAPNet, optimizer, scheduler, step: int, 
     barrier(run.world)
 
 
-def restore_checkpoint(run: "Run", ckpt: dict, model: CAPNet, optimizer, scheduler) -> int:
+def restore_checkpoint(run: Run, ckpt: dict, model: CAPNet, optimizer, scheduler) -> int:
     """--resume: the trainable parameters, optimizer, scheduler and RNG states of the checkpoint -> its step."""
     load_trainable(model, ckpt["model"])
     if len(ckpt["optimizer"]["param_groups"]) != len(optimizer.param_groups):  # a checkpoint of older code
@@ -1876,7 +1876,7 @@ def restore_checkpoint(run: "Run", ckpt: dict, model: CAPNet, optimizer, schedul
     return ckpt["step"]
 
 
-def load_resume_checkpoint(run: "Run") -> dict:
+def load_resume_checkpoint(run: Run) -> dict:
     """--resume: the run's checkpoint, made with this config, class list and backbone."""
     ckpt = load_checkpoint(run.dir / "checkpoint.pt")
     check_same_config(ckpt["config"], run.cfg, f"--resume {run.dir}: the checkpoint's config")
@@ -1997,27 +1997,25 @@ def write_outputs(run_dir: Path, results: dict):
                     f"{results['config']['data']}: mAP zero-shot {zs['total']:.1f} -> trained {tr['total']:.1f}")
 
 
-@dataclass
 class Run:
-    """One training run, as its parts read it: config, folder, processes, data and backbone."""
-    cfg: Config
-    dir: Path
-    device: torch.device
-    rank: int
-    world: int
-    prepared: Prepared
-    counts: np.ndarray         # (C,) n_c, from the train split only
-    train_targets: np.ndarray  # (N, C)
-    clip: nn.Module
-    start: float               # time.time() at the start, earlier by the sessions before a --resume
+    """One training run as its parts read it: config, folder, processes, data set, backbone; its log and scoring."""
 
-    @property
-    def amp(self) -> bool:
-        return use_bf16(self.cfg, self.device)
-
-    @property
-    def backend(self) -> str:  # what the fused ops run on
-        return self.cfg.backend if self.cfg.backend != "auto" else ("ext" if EXT_AVAILABLE else "torch")
+    def __init__(self, cfg: Config):
+        self.start = time.time()  # earlier by the sessions before a --resume (restore_checkpoint)
+        self.cfg, self.dir = cfg, Path(cfg.out_dir) / cfg.name
+        self.device, self.rank, self.world = setup_device_and_dist(cfg)
+        if cfg.batch_size % self.world:
+            raise RunError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {self.world} "
+                           f"processes")
+        if not cfg.resume and ((self.dir / "checkpoint.pt").exists() or (self.dir / "results.json").exists()):
+            raise RunError(f"{self.dir} already holds a run: pass --resume to continue it, "
+                           f"or --name NAME to start a new one")
+        self.prepared = load_dataset(cfg, self.rank, self.world)
+        self.counts = class_counts(self.prepared.train, len(self.prepared.classes))  # (C,) n_c, from train only
+        self.train_targets = multihot(self.prepared.train, len(self.prepared.classes))  # (N, C)
+        self.clip = load_backbone(cfg).to(self.device)
+        self.amp = use_bf16(cfg, self.device)
+        self.backend = cfg.backend if cfg.backend != "auto" else ("ext" if EXT_AVAILABLE else "torch")  # fused ops
 
     def log(self, msg: str = ""):
         """Print, and append to log.txt; other ranks stay quiet."""
@@ -2039,45 +2037,34 @@ def train_run(cfg: Config) -> dict:
 
 
 def train_one(cfg: Config) -> dict:
-    """One run of a resolved cfg in runs/<name>/: data and backbone, zero-shot at step 0, the model, its epochs from
-    the start or from the checkpoint (--resume), the final evaluation."""
-    start = time.time()
-    device, rank, world = setup_device_and_dist(cfg)
-    if cfg.batch_size % world:
-        raise RunError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {world} processes")
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if not cfg.resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "results.json").exists()):
-        raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                       f"or --name NAME to start a new one")
-    prepared = load_dataset(cfg, rank, world)
-    C = len(prepared.classes)
-    run = Run(cfg, run_dir, device, rank, world, prepared, counts=class_counts(prepared.train, C),
-              train_targets=multihot(prepared.train, C), clip=load_backbone(cfg).to(device), start=start)
+    """One run of a resolved cfg in runs/<name>/: zero-shot at step 0, the model, its epochs from the start or from
+    the checkpoint (--resume), the final evaluation."""
+    run = Run(cfg)
+    prepared, device, clip = run.prepared, run.device, run.clip
     ckpt = load_resume_checkpoint(run) if cfg.resume else None
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    run.log(f"CAPNet train: {run_dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
+    if run.rank == 0:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.dir / "config.json", dataclasses.asdict(cfg))
+    run.log(f"CAPNet train: {run.dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     run.log("config:\n" + format_config(cfg) + f"\ndataset {prepared.name}: {len(prepared.train)} train / "
             f"{len(prepared.test)} test images\n" + format_class_stats(prepared.classes, run.counts))
-    ddp = f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else ""
+    ddp = f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if run.world > 1 else ""
     run.log(f"fused ops: {'capnet_ext extension' if run.backend == 'ext' else 'pure torch reference'}\n"
-            f"device {device}, {'bf16 autocast' if run.amp else 'fp32'}, {world} process(es){ddp}\n"
-            f"CLIP {run.clip.source['name']} (sha256 {run.clip.source['sha256'][:12]}), "
-            f"embed dim {run.clip.embed_dim}, input {cfg.input_size}")
+            f"device {device}, {'bf16 autocast' if run.amp else 'fp32'}, {run.world} process(es){ddp}\n"
+            f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
+            f"input {cfg.input_size}")
     test_set = make_test_set(prepared, cfg)
     ap_zero_shot = ckpt["zero_shot_ap"] if ckpt else None
     if ckpt is None:  # step 0: plain CLIP, same TTE, before any training
         t0 = time.time()
-        ap_zero_shot = run.score(zero_shot_forward(run.clip, prepared.classes), test_set)
+        ap_zero_shot = run.score(zero_shot_forward(clip, prepared.classes), test_set)
         run.log(f"zero-shot mAP (step 0, tte {cfg.tte}): " + format_map(lt_map(ap_zero_shot, run.counts))
                 + f"  [{time.time() - t0:.1f}s]")
-    model = build_model(run.clip, prepared.classes, cfg, run.train_targets, device,
-                        P=ckpt.get("graph") if ckpt else None)
+    model = build_model(clip, prepared.classes, cfg, run.train_targets, device, P=ckpt.get("graph") if ckpt else None)
     run.log("trainable parameters:\n" + trainable_summary(model))
-    train_set = MultiLabelDataset(prepared.train, prepared.image_root, C, cfg.input_size, mode="train",
-                                  scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+    train_set = MultiLabelDataset(prepared.train, prepared.image_root, len(prepared.classes), cfg.input_size,
+                                  mode="train", scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
         raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")

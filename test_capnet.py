@@ -3115,7 +3115,7 @@ def test_graph_file_is_read_checked_and_trained_with(tiny, tmp_path):
         np.save(tmp_path / name, matrix)
     for name, message in (("shape.npy", r"\(3, 4\) matrix, but the data set has 4 classes"),
                           ("nan.npy", "finite and non-negative"), ("negative.npy", "non-negative"),
-                          ("zero_row.npy", "positive sum"), ("missing.npy", "missing.npy: cannot read")):
+                          ("zero_row.npy", "positive sum"), ("missing.npy", "missing.npy': cannot read")):
         with pytest.raises(ValueError, match=message):
             capnet.read_graph_file(tmp_path / name, 4)
     with pytest.raises(ValueError, match="--graph 'g.csv'.*a .npy, .pt or .txt file"):

@@ -1164,7 +1164,7 @@ def test_eval_caches_the_text_side():
 def test_capnet_rejects_bad_config():
     with pytest.raises(ValueError, match="peft 'lora'"):
         tiny_capnet("vit", peft="lora")
-    with pytest.raises(ValueError, match="graph mode 'knn'"):
+    with pytest.raises(ValueError, match="--graph 'knn': cannot read a matrix"):  # neither a mode nor a file
         tiny_capnet("vit", graph="knn")
 
 

@@ -3207,8 +3207,13 @@ def _run_capnet(args, env_extra=None, **kw):
                          ids=["capnet", "coop-class-aware-asl-full", "authors-adam-onecycle"])
 def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path, flags):
     extra = ("--epochs", "5", "--ckpt-every", "3", *flags)  # checkpoints at steps 3, 4, 6, 8, 9, ... (mid-epoch too)
-    full = _run_capnet(tiny_args(tiny, tmp_path, "full", *extra))
-    killed = _run_capnet(tiny_args(tiny, tmp_path, "killed", *extra))
+    def args(name, *more):
+        argv = tiny_args(tiny, tmp_path, name, *extra, *more)
+        if "authors" in flags:  # its context starts from "a photo of a", so --n-ctx cannot act (and is refused)
+            del argv[argv.index("--n-ctx"):argv.index("--n-ctx") + 2]
+        return argv
+    full = _run_capnet(args("full"))
+    killed = _run_capnet(args("killed"))
     ckpt = tmp_path / "killed" / "checkpoint.pt"
     deadline = _time.time() + 120
     while not ckpt.exists() and killed.poll() is None and _time.time() < deadline:
@@ -3219,7 +3224,7 @@ def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path, flags):
     assert not (tmp_path / "killed" / "results.json").exists()
     step = capnet.load_checkpoint(ckpt)["step"]
     assert 3 <= step < 20
-    resumed = _run_capnet(tiny_args(tiny, tmp_path, "killed", *extra, "--resume"))
+    resumed = _run_capnet(args("killed", "--resume"))
     out_resumed, _ = resumed.communicate(timeout=300)
     out_full, _ = full.communicate(timeout=300)
     assert resumed.returncode == 0, out_resumed
@@ -3285,14 +3290,16 @@ def test_table_runs_every_row_over_seeds_and_resumes(tiny, tmp_path, monkeypatch
     rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:] if line.startswith("|")}
     assert list(rows) == ["zero-shot", "full model", "--graph identity", "--tte 1"]
     runs = sorted((tmp_path / "t").iterdir())  # one folder per row, named from its flags
-    assert [r.name for r in runs] == ["tiny-recipe-ours-clip0-graph-identity-n-ctx-4-lr-0.05",
-                                      "tiny-recipe-ours-clip0-n-ctx-4-lr-0.05"]  # "tiny" defaults to the authors' recipe
-    for name, run in (("full model", runs[1]), ("--graph identity", runs[0])):
+    # "tiny" defaults to the authors' recipe; a name lists every field off the preset (of ours on tiny)
+    off = "epochs-1-batch-size-8-lr-0.05-input-size-32"
+    assert [r.name for r in runs] == [f"tiny-recipe-ours-clip0-n-ctx-4-{off}",
+                                      f"tiny-recipe-ours-clip0-n-ctx-4-graph-identity-{off}"]
+    for name, run in (("full model", runs[0]), ("--graph identity", runs[1])):
         seeds = _json.loads((run / "seeds.json").read_text())
         mean, std = seeds["trained"]["tail"]["mean"], seeds["trained"]["tail"]["std"]
         assert f"{mean:.2f} +- {std:.2f}" in rows[name].split("|")[5]  # the tail column
     # a TTE-only row trains nothing (no folder of its own): it re-scores the full model's checkpoints
-    tte1 = [capnet.evaluate(runs[1] / f"seed{s}" / "checkpoint.pt", 1, workers=0)["tail"] for s in (0, 1)]
+    tte1 = [capnet.evaluate(runs[0] / f"seed{s}" / "checkpoint.pt", 1, workers=0)["tail"] for s in (0, 1)]
     assert f"{np.mean(tte1):.2f} +- {np.std(tte1, ddof=1):.2f}" in rows["--tte 1"].split("|")[5]
     assert (tmp_path / "table-mini-tiny.md").read_text().startswith(text.splitlines()[0])
     # a second call reads every finished run back instead of training again

@@ -8,15 +8,15 @@ on. Steps (1)-(9) and the choices with their sources: README.md. bench.py and da
 
 Line map:
      47  config
-    155  the method
-    611  ablations and baselines
-    640  vendored CLIP
-   1069  images
-   1152  data
-   1319  fast paths
-   1494  runs
-   2114  eval and predict
-   2228  CLI
+    159  the method
+    619  ablations and baselines
+    671  vendored CLIP
+   1100  images
+   1183  data
+   1350  fast paths
+   1525  runs
+   2221  eval and predict
+   2336  CLI
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 
 # -----------------------------------------------------------------------------
-# config: one dataclass, per-benchmark presets, the authors' recipe, baseline methods
+# config: one dataclass (the coco-lt run), the recipes, per-benchmark presets, baseline methods
 
 @dataclass
 class Config:
@@ -80,7 +80,7 @@ class Config:
     # (8) test-time ensembling
     tte: int = 5                      # test-time views: 1 | 5 | 10
     # optimisation
-    recipe: str = "authors"           # authors | ours: RECIPES, laid under the data preset
+    recipe: str = "authors"           # authors | ours: a preset of the flags around it (RECIPES)
     optimizer: str = "adam"           # adam (L2 weight decay added to the gradient) | sgd (momentum)
     schedule: str = "onecycle"        # onecycle: torch's OneCycleLR, 20% up | cosine: linear warm-up, cosine to 0
     epochs: int = 60

@@ -15,8 +15,8 @@ Line map:
    1183  data
    1350  fast paths
    1525  runs
-   2221  eval and predict
-   2336  CLI
+   2223  eval and predict
+   2338  CLI
 """
 
 from __future__ import annotations
@@ -1616,7 +1616,8 @@ def resolve_config(cfg: Config) -> Config:
 # cannot act is refused by name; a preset's value there is merely unused
 FLAGS_THAT_MAY_NOT_ACT = (
     (("n_ctx",), lambda c: not c.ctx_init, "the context is --ctx-init's tokens, M their count (--ctx-init '': random)"),
-    (("s",), lambda c: c.graph == "text" and not c.graph_tau, "s sharpens our text graph only (graph_tau 0)"),
+    (("s",), lambda c: c.graph == "text" and not c.graph_tau, "s sharpens our text graph (--graph-tau 0) only; "
+     "the pre-paper code's graph is sharpened by T = --graph-tau, p its neighbours' share before the softmax"),
     (("graph_topk", "graph_tau"), lambda c: c.graph == "text", "they shape the text graph (--graph text)"),
     (("p",), lambda c: c.graph in ("text", "cooccur"), "p weighs the text or co-occurrence graph's neighbours"),
     (("alpha", "beta", "mu", "kappa", "lam", "balance", "tau_prime"), lambda c: c.loss == "db-focal",
@@ -2055,8 +2056,9 @@ def train_one(cfg: Config) -> dict:
             f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
             f"input {cfg.input_size}")
     test_set = make_test_set(prepared, cfg)
-    ap_zero_shot = ckpt["zero_shot_ap"] if ckpt else None
-    if ckpt is None:  # step 0: plain CLIP, same TTE, before any training
+    if ckpt is not None:
+        ap_zero_shot = ckpt["zero_shot_ap"]
+    else:  # step 0: plain CLIP, same TTE, before any training
         t0 = time.time()
         ap_zero_shot = run.score(zero_shot_forward(clip, prepared.classes), test_set)
         run.log(f"zero-shot mAP (step 0, tte {cfg.tte}): " + format_map(lt_map(ap_zero_shot, run.counts))

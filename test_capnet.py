@@ -2697,7 +2697,7 @@ def test_config_defaults_are_the_coco_lt_run_and_presets_resolve_as_before(capsy
 
 @pytest.mark.parametrize("argv, refused", [
     (["--n-ctx", "8"], "--n-ctx cannot act.*--ctx-init"),  # synthetic-lt starts its context from "a photo of a"
-    (["--recipe", "authors", "--s", "5"], "--s cannot act.*graph_tau"),
+    (["--recipe", "authors", "--s", "5"], "--s cannot act.*--graph-tau 0.*p its neighbours. share"),
     (["--graph", "identity", "--p", "0.3"], "--p cannot act"),
     (["--loss", "focal", "--tau-prime", "2"], "--tau-prime cannot act.*DB-focal"),
     (["--loss", "bce", "--mu", "0.3", "--lam", "5"], "--mu --lam cannot act"),

@@ -9,14 +9,14 @@ on. Steps (1)-(9) and the choices with their sources: README.md. bench.py and da
 Line map:
      47  config
     159  the method
-    619  ablations and baselines
-    671  vendored CLIP
-   1100  images
-   1183  data
-   1350  fast paths
-   1525  runs
-   2223  eval and predict
-   2338  CLI
+    620  ablations and baselines
+    672  vendored CLIP
+   1101  images
+   1184  data
+   1351  fast paths
+   1526  runs
+   2224  eval and predict
+   2339  CLI
 """
 
 from __future__ import annotations
@@ -397,11 +397,12 @@ class CAPNet(nn.Module):
         part_of = {"prompt_learner": "prompts", "gcn": "gcn", "logit_scale": "temperature", "clip": "peft"}
         parts = {part: [] for part in part_of.values()}
         for name, p in self.named_parameters():
-            if p.requires_grad and name.split(".")[0] not in part_of:
+            part = part_of.get(name.split(".")[0])  # by submodule
+            if p.requires_grad and part is None:
                 raise ValueError(f"trainable parameter {name!r} is in no part: add {name.split('.')[0]!r} to "
                                  f"CAPNet.trainable_parts, which gives each part its optimizer group")
             if p.requires_grad:
-                parts[part_of[name.split(".")[0]]].append(p)
+                parts[part].append(p)
         return parts
 
     def clamp_temperature_(self):

@@ -156,7 +156,8 @@ def _bench_model(layout, n_classes, device):
     # short made-up names (1-3 BPE tokens each, like "traffic light"): the EOT lands where real
     # class names put it, which is what truncation depends on
     classnames = [f"thing {i}" for i in range(n_classes)]
-    model = capnet.build_model(clip, classnames, Config(seed=0), train_targets)
+    cfg = Config(**capnet.RECIPES["ours"]["*"])  # our recipe: 16 random context vectors, GCN width D
+    model = capnet.build_model(clip, classnames, cfg, train_targets)
     return capnet.install_fast_paths(model.to(device)), train_targets
 
 
@@ -575,12 +576,14 @@ def check_train_step(device):
     out = []
     for amp in (False, True):
         clip = capnet.install_fast_paths(_bench_clip(BENCH_TINY_VIT, device))
-        # amp "none": the frozen weights stay fp32 in both runs (on a GPU "auto" would hold them in bf16)
-        model = capnet.build_model(clip, classes, Config(ctx_init="a photo of a", amp="none"), None, device)
-        optimizer = capnet.build_optimizer(model, Config(lr=0.01))
+        # our recipe's SGD (the update is the gradient's direction); amp "none": the frozen weights stay fp32 in
+        # both runs (on a GPU "auto" would hold them in bf16)
+        cfg = Config(**{**capnet.RECIPES["ours"]["*"], "ctx_init": "a photo of a", "amp": "none"})
+        model = capnet.build_model(clip, classes, cfg, None, device)
+        optimizer = capnet.build_optimizer(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
-        loss = capnet.train_step(model, make_criterion(Config(), counts, 50), optimizer,
+        loss = capnet.train_step(model, make_criterion(cfg, counts, 50), optimizer,
                                  torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), images, targets, amp)
         out.append((loss.item(), torch.cat([(p.detach() - s).flatten() for p, s in zip(params, start)])))
     (loss32, step32), (loss16, step16) = out

@@ -8,15 +8,15 @@ on. Steps (1)-(9) and the choices with their sources: README.md. bench.py and da
 
 Line map:
      47  config
-    155  the method
-    611  ablations and baselines
-    640  vendored CLIP
-   1069  images
-   1152  data
-   1319  fast paths
-   1494  runs
-   2114  eval and predict
-   2228  CLI
+    159  the method
+    620  ablations and baselines
+    672  vendored CLIP
+   1101  images
+   1184  data
+   1351  fast paths
+   1526  runs
+   2224  eval and predict
+   2339  CLI
 """
 
 from __future__ import annotations
@@ -45,21 +45,25 @@ import torch.nn.functional as F
 
 
 # -----------------------------------------------------------------------------
-# config: one dataclass, per-benchmark presets, the authors' recipe, baseline methods
+# config: one dataclass (the coco-lt run), the recipes, per-benchmark presets, baseline methods
 
 @dataclass
 class Config:
+    """The defaults are the run `capnet.py train --data coco-lt` makes: the authors' recipe (below) on ViT-B/16.
+    PRESETS and RECIPES["ours"] hold only their differences from it."""
     # (2) prompts
-    n_ctx: int = 16                   # M, learnable context vectors per class
-    ctx_init: str = ""                # "" = N(0, 0.02^2) init; else a template, e.g. "a photo of a"
+    n_ctx: int = 16                   # M, random context vectors per class (acts only with ctx_init "")
+    ctx_init: str = "a photo of a"    # the context starts as this template's tokens, M their count; "" = N(0, 0.02^2)
     ctx: str = "class"                # class: M vectors per class (CAPNet, LMPT) | shared: one (M, W) set (CoOp)
     # (3) label graph, (4) GCN
     graph: str = "text"               # text | cooccur | identity (GCN as a per-class MLP) | none (GCN frozen at 0)
-    s: float = 10.0                   # s, sharpness of the text-similarity softmax
-    p: float = 0.2                    # p, neighbour weight in P = (1 - p) I + p A
-    graph_topk: int = 0               # k: keep each class's k most similar classes, itself included (0 = all)
-    graph_tau: float = 0.0            # T > 0: the pre-paper code's text graph, softmax(P / T) over kept entries
-    gcn_hidden: int = 0               # width of the GCN's two hidden layers (0 = D)
+                                      # | a .npy, .pt or .txt file holding a C x C matrix P (rows scaled to sum 1)
+    s: float = 10.0                   # s, sharpness of our text graph's softmax (graph_tau 0 only)
+    p: float = 0.2                    # p, neighbour weight: P = (1 - p) I + p A; with graph_tau > 0 the neighbours'
+                                      # share of each row before the softmax, not in P
+    graph_topk: int = 60              # k: keep each class's k most similar classes, itself included (0 = all)
+    graph_tau: float = 0.3            # T > 0: the pre-paper code's text graph, softmax(A / T) over kept entries
+    gcn_hidden: int = 2048            # width of the GCN's two hidden layers (0 = D)
     # (5) PEFT
     peft: str = "adaptformer"         # adaptformer (ViT) / bias tuning (ResNet) | none | full (all of CLIP)
     adapter_dim: int = 0              # r, AdaptFormer bottleneck (0 = LIFT rule)
@@ -71,35 +75,35 @@ class Config:
     mu: float = 0.2                   # mu, rebalance sigmoid centre
     kappa: float = 0.05               # kappa, NTR bias scale
     lam: float = 2.0                  # lambda, NTR negative-logit scale
-    gamma: float = 2.0                # gamma, focal exponent
+    gamma: float = 2.0                # gamma, focal exponent (db-focal and focal)
     balance: float = 2.0              # overall loss scale of the DB-focal term
-    tau_prime: float = 4.0            # tau', class-aware re-weighting temperature (inf = off)
+    tau_prime: float = 4.0            # tau', class-aware re-weighting temperature (inf = off); DB-focal only
     # (8) test-time ensembling
     tte: int = 5                      # test-time views: 1 | 5 | 10
     # optimisation
-    recipe: str = ""                  # ours | authors: a preset of the flags below ("" = the data's default)
-    optimizer: str = "sgd"            # sgd (momentum) | adam (L2 weight decay added to the gradient)
-    schedule: str = "cosine"          # cosine: linear warm-up, cosine to 0 | onecycle: torch's OneCycleLR, 20% up
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.01                  # peak learning rate of every group but the temperature (and --gcn-lr)
-    gcn_lr: float = 0.0               # the GCN's own peak lr (0 = --lr)
-    temperature_lr_scale: float = 0.01  # lr of t = lr * this (ours: at the full lr t collapses); 0 = t frozen
+    recipe: str = "authors"           # authors | ours: a preset of the flags around it (RECIPES)
+    optimizer: str = "adam"           # adam (L2 weight decay added to the gradient) | sgd (momentum)
+    schedule: str = "onecycle"        # onecycle: torch's OneCycleLR, 20% up | cosine: linear warm-up, cosine to 0
+    epochs: int = 60
+    batch_size: int = 32
+    lr: float = 5e-4                  # peak learning rate of every group but the temperature (and --gcn-lr)
+    gcn_lr: float = 1e-4              # the GCN's own peak lr (0 = --lr)
+    temperature_lr_scale: float = 0.0  # lr of t = lr * this; 0 = t frozen
     momentum: float = 0.9             # SGD only
-    weight_decay: float = 5e-4        # not on the temperature and adapter scales
+    weight_decay: float = 1e-4        # not on the temperature and adapter scales
     prompt_weight_decay: float = -1.0  # weight decay of the prompt context vectors (< 0: --weight-decay)
     warmup_epochs: float = 1.0        # cosine schedule only
     # data, backbone, images
-    data: str = "synthetic-lt"        # dataset name: data/<data>/dataset.json
+    data: str = "coco-lt"             # dataset name: data/<data>/dataset.json (the command line's default: synthetic-lt)
     data_root: str = "data"           # folder holding the prepared datasets
-    clip: str = ""                    # CLIP model name or checkpoint path ("" = preset's)
+    clip: str = "ViT-B/16"            # CLIP model name or checkpoint path ("" = data/<data>/clip.pt, the world's own)
     input_size: int = 224             # crop size fed to the image tower
-    scale_min: float = 0.5            # random resized crop scale range (scale_min, 1)
+    scale_min: float = 0.08           # random resized crop scale range (scale_min, 1)
     sampler: str = "uniform"          # uniform: each image once per epoch | class-aware: inverse-frequency draws
     sampler_power: float = 1.0        # q: class-aware weight of image i = sum_c y_ic n_c^-q
     eval_batch_size: int = 64
     # runtime
-    name: str = ""                    # run name -> runs/<name>/ ("" = derived from data and clip)
+    name: str = ""                    # run name -> runs/<name>/ ("" = derived from the fields off the preset)
     out_dir: str = "runs"             # folder of all runs
     device: str = "auto"              # auto | cpu | cuda
     amp: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | bf16 | none
@@ -114,30 +118,30 @@ class Config:
     ckpt_every: int = 0               # extra checkpoint every this many steps (0: end of each epoch only)
 
 
-# per-benchmark presets: only what differs from the Config defaults. The real benchmarks (and custom data) train
-# the authors' recipe by default (README "Choices and assumptions": why); the synthetic world keeps ours
-PRESETS = {
-    # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP, 10 minutes on 2 CPU cores;
-    # step 0 is exactly zero-shot. Prompt weight decay 0.02 (ours; GCN, adapters 5e-4): at 5e-4 the prompts memorise
-    # rare classes' few images; our recipe passes this world's bars (docs/synthetic-lt.md)
-    "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.01, prompt_weight_decay=0.02, workers=0,
-                         ctx_init="a photo of a", recipe="ours"),
-    "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),
-    "coco-lt": dict(clip="ViT-B/16"),
-    "nus-wide-lt": dict(clip="ViT-B/16"),
+# --recipe, laid first: "authors" (Config's defaults) is the public pre-paper code's choices
+# (github.com/Wang-zuozheng/qusi, commit 6d575b5; we infer, not know, that it is the authors') wherever the paper
+# does not contradict them; "ours" the ancestors' (README "Choices and assumptions" has each source)
+RECIPES = {
+    "authors": {"*": {}, "voc-lt": dict(epochs=64, graph_topk=20),
+                "synthetic-lt": dict(gcn_hidden=384)},  # 4 D, as 2048 is to ViT-B/16's D = 512 (a miniature)
+    "ours": {"*": dict(optimizer="sgd", schedule="cosine", lr=0.01, gcn_lr=0.0, weight_decay=5e-4,
+                       temperature_lr_scale=0.01, gcn_hidden=0, graph_topk=0, graph_tau=0.0, ctx_init="",
+                       batch_size=64, scale_min=0.5, epochs=30),
+             # prompt weight decay 0.02 (GCN, adapters 5e-4): at 5e-4 the prompts memorise rare classes' few images
+             "synthetic-lt": dict(prompt_weight_decay=0.02)},
 }
 
-# --recipe presets, laid over the data preset before --method. "authors": the choices of the public pre-paper code
-# (github.com/Wang-zuozheng/qusi, commit 6d575b5; we infer, not know, that it is the authors') wherever they
-# differ from ours and the paper does not contradict them (README "Choices and assumptions" has each source)
-RECIPES = {
-    "ours": {"*": {}},
-    "authors": {"*": dict(optimizer="adam", schedule="onecycle", lr=5e-4, gcn_lr=1e-4, weight_decay=1e-4,
-                          prompt_weight_decay=-1.0, temperature_lr_scale=0.0, gcn_hidden=2048, graph_topk=60,
-                          graph_tau=0.3, ctx_init="a photo of a", batch_size=32, scale_min=0.08),
-                "voc-lt": dict(epochs=64, graph_topk=20), "coco-lt": dict(epochs=60),
-                "synthetic-lt": dict(gcn_hidden=384),  # 4 D, as 2048 is to ViT-B/16's D = 512 (a miniature)
-                "nus-wide-lt": dict(epochs=60)},  # NUS-WIDE: no setting in that code; COCO-LT's (assumed)
+# per-data presets, laid over the recipe's common part: only what differs from Config (a data set not named here,
+# e.g. one prepared with `data_prep.py lists`, trains Config's run). The real benchmarks train the authors' recipe
+# by default (README "Choices and assumptions": why); the synthetic world keeps ours, which passes its bars
+PRESETS = {
+    # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, its own small ViT CLIP, 10 minutes on 2 CPU
+    # cores; step 0 is exactly zero-shot (docs/synthetic-lt.md)
+    "synthetic-lt": dict(recipe="ours", clip="", input_size=48, epochs=60, batch_size=32, ctx_init="a photo of a",
+                         workers=0),
+    "voc-lt": dict(mu=0.3, lam=5.0),
+    "coco-lt": {},
+    "nus-wide-lt": {},  # NUS-WIDE: no setting in the pre-paper code; COCO-LT's (assumed)
 }
 
 # --method presets: flags only, laid over the data preset; any flag given still wins. One protocol for
@@ -283,8 +287,8 @@ def build_label_graph(mode, clip, classnames, train_targets, s=10.0, p=0.2, thre
         P = cooccur_graph(train_targets, p, threshold)
     elif mode in ("identity", "none"):
         P = torch.eye(len(classnames), dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown graph mode {mode!r}; expected one of {GRAPH_MODES}")
+    else:  # a fork's own label graph
+        P = read_graph_file(mode, len(classnames))
     return P.float()
 
 
@@ -411,12 +415,17 @@ class CAPNet(nn.Module):
         return self
 
     def trainable_parts(self):
-        """Everything that trains (requires_grad), by part; "peft" is CLIP's share (all of it with --peft full)."""
-        part_of = {"prompt_learner": "prompts", "gcn": "gcn", "logit_scale": "temperature"}  # the rest: CLIP's
-        parts = {"prompts": [], "gcn": [], "temperature": [], "peft": []}
+        """Everything that trains (requires_grad), by part; "peft" is CLIP's share (all of it with --peft full). A new
+        trainable submodule is an error until it has a part here (and so its group in build_optimizer)."""
+        part_of = {"prompt_learner": "prompts", "gcn": "gcn", "logit_scale": "temperature", "clip": "peft"}
+        parts = {part: [] for part in part_of.values()}
         for name, p in self.named_parameters():
+            part = part_of.get(name.split(".")[0])  # by submodule
+            if p.requires_grad and part is None:
+                raise ValueError(f"trainable parameter {name!r} is in no part: add {name.split('.')[0]!r} to "
+                                 f"CAPNet.trainable_parts, which gives each part its optimizer group")
             if p.requires_grad:
-                parts[part_of.get(name.split(".")[0], "peft")].append(p)
+                parts[part].append(p)
         return parts
 
     def clamp_temperature_(self):
@@ -635,7 +644,8 @@ def train_step(model, criterion, optimizer, scheduler, images, targets, amp=Fals
     return loss_value
 
 # -----------------------------------------------------------------------------
-# ablations and baselines: the co-occurrence graph (--graph cooccur), plain focal loss and ASL (--loss)
+# ablations and baselines: the co-occurrence graph (--graph cooccur), plain focal loss and ASL (--loss), one's own
+# label graph (--graph FILE)
 
 def cooccur_graph(targets, p, threshold=0.4):
     """ML-GCN: P(j|i) = n_ij / n_i from the training labels, >= threshold an edge, rows normalised; (1 - p) I + p A."""
@@ -662,6 +672,28 @@ def asymmetric_loss(logits, targets, gamma_pos=0.0, gamma_neg=4.0, clip=0.05):
     pos = (1 - p) ** gamma_pos * torch.log(p.clamp(min=1e-8))  # (B, C)
     neg = p_m ** gamma_neg * torch.log((1 - p_m).clamp(min=1e-8))  # (B, C)
     return -(targets * pos + (1 - targets) * neg).mean()
+
+
+
+def read_graph_file(path, num_classes):
+    """--graph FILE: a C x C matrix P of one's own (.npy; .pt, a tensor; .txt, C lines of C numbers), finite and
+    non-negative; each row is divided by its sum, so rows sum to 1 as every P here."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            P = np.load(path, allow_pickle=False)
+        elif path.suffix == ".pt":
+            P = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            P = np.loadtxt(path, ndmin=2)
+        P = torch.as_tensor(np.asarray(P), dtype=torch.float64)  # (C, C)
+    except Exception as e:  # missing, not a matrix, not numbers ...
+        raise ValueError(f"--graph {str(path)!r}: cannot read a matrix from it ({type(e).__name__}: {e})") from None
+    if P.shape != (num_classes, num_classes):
+        raise ValueError(f"--graph {str(path)!r}: a {tuple(P.shape)} matrix, but the data set has {num_classes} classes")
+    if not torch.isfinite(P).all() or (P < 0).any() or (P.sum(1) == 0).any():
+        raise ValueError(f"--graph {str(path)!r}: entries must be finite and non-negative, each row with a positive sum")
+    return P / P.sum(1, keepdim=True)  # (C, C)
 
 # -----------------------------------------------------------------------------
 # vendored CLIP (OpenAI, MIT): tokenizer, model, checkpoint loader
@@ -1649,17 +1681,13 @@ if EXT_AVAILABLE:
 DATA_PREP_ARGS = {"synthetic-lt": "synthetic-lt", "voc-lt": "voc-lt --voc-root DIR --split img_id.txt",
                   "coco-lt": "coco-lt --coco-root DIR --split img_id.pkl", "nus-wide-lt": "nus-wide-lt --nus-root DIR"}
 CHOICES = {
-    "graph": GRAPH_MODES, "loss": LOSSES, "ctx": ("class", "shared"), "recipe": tuple(RECIPES),
+    "loss": LOSSES, "ctx": ("class", "shared"), "recipe": tuple(RECIPES),
     "optimizer": ("sgd", "adam"), "schedule": ("cosine", "onecycle"),
     "peft": ("adaptformer", "none", "full"), "sampler": ("uniform", "class-aware"), "tte": (1, 5, 10),
     "device": ("auto", "cpu", "cuda"), "amp": ("auto", "bf16", "none"), "backend": ("auto", "ext", "torch"),
 }
 # fields that may change between a run and its --resume without changing any number
 RESUME_FREE = {"resume", "workers", "log_every", "device", "eval_batch_size", "compile", "seeds", "recipe"}
-# fields that name an ablation: a non-default value goes into the derived run name
-ABLATION_FIELDS = ("graph", "loss", "peft", "tau_prime", "tte", "n_ctx", "s", "p", "ctx_init", "ctx", "sampler",
-                   "scale_min", "prompt_weight_decay", "optimizer", "schedule", "lr", "gcn_lr", "gcn_hidden",
-                   "graph_topk", "graph_tau", "temperature_lr_scale")
 CHECKPOINT_FORMAT = "capnet-checkpoint-1"
 
 
@@ -1668,36 +1696,48 @@ class RunError(RuntimeError):
 
 
 def preset_config(data: str, method: str = "capnet", recipe: str = "") -> Config:
-    """The data preset, then the recipe's flags (common, then this data's), then the method's."""
-    # an unknown name is a custom dataset prepared with `data_prep.py lists`: a real dataset
-    preset = PRESETS.get(data, dict(clip="ViT-B/16"))
-    recipe = recipe or preset.get("recipe", "authors")
+    """Config's defaults, then the recipe's common flags, the data preset, the recipe's flags for this data, the
+    method's. The recipe: as given, else the data preset's, else Config's."""
+    preset = PRESETS.get(data, {})
+    recipe = recipe or preset.get("recipe", Config.recipe)
     if recipe not in RECIPES:
         raise ValueError(f"--recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
-    flags = {**preset, **RECIPES[recipe]["*"], **RECIPES[recipe].get(data, {}), **METHODS[method], "recipe": recipe}
-    return Config(**flags, data=data)
+    layers = (RECIPES[recipe]["*"], preset, RECIPES[recipe].get(data, {}), METHODS[method], dict(recipe=recipe))
+    return Config(**{k: v for layer in layers for k, v in layer.items()}, data=data)
+
+
+# fields that never name a run: its place, and what may change on --resume (RESUME_FREE) without changing a number
+NOT_IN_RUN_NAME = {"name", "out_dir", "data", "data_root", "clip", "ckpt_every"}
 
 
 def run_name(cfg: Config) -> str:
+    """data, the recipe unless the data's own, the backbone unless the preset's, then every field off the preset."""
     base = preset_config(cfg.data, recipe=cfg.recipe)
-    parts = [cfg.data] + (["epochs-0"] if cfg.epochs == 0 else [])  # evaluate only (--method zero-shot)
-    parts += [f"recipe-{cfg.recipe}"] if cfg.recipe != preset_config(cfg.data).recipe else []
+    parts = [cfg.data] + ([f"recipe-{cfg.recipe}"] if cfg.recipe != preset_config(cfg.data).recipe else [])
     if cfg.clip and cfg.clip != base.clip and Path(cfg.clip).name != "clip.pt":
         parts.append((cfg.clip if cfg.clip in KNOWN_MODELS else Path(cfg.clip).stem).replace("/", "-").replace("@", "-"))
-    for key in ABLATION_FIELDS:
-        value = getattr(cfg, key)
-        if value != getattr(base, key):
-            parts.append(f"{key.replace('_', '-')}-{value if value != '' else 'none'}".replace(" ", "_"))
+    for key, value in dataclasses.asdict(cfg).items():
+        if key in NOT_IN_RUN_NAME | RESUME_FREE or value == getattr(base, key):
+            continue
+        if key == "graph" and value not in GRAPH_MODES:  # a graph file: its name without folder and suffix
+            value = Path(value).stem
+        parts.append(f"{flag(key)[2:]}-{value if value != '' else 'none'}".replace(" ", "_"))
     return "-".join(parts)
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def resolve_config(cfg: Config) -> Config:
     """Check every choice and fill the "" defaults that depend on other fields."""
-    cfg = dataclasses.replace(cfg, recipe=cfg.recipe or "ours")  # a Config built by hand holds our defaults
-    flag = lambda key: "--" + key.replace("_", "-")
+    cfg = dataclasses.replace(cfg)
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{flag(key)} {getattr(cfg, key)!r}: expected one of {', '.join(map(str, allowed))}")
+    if cfg.graph not in GRAPH_MODES and Path(cfg.graph).suffix not in (".npy", ".pt", ".txt"):
+        raise ValueError(f"--graph {cfg.graph!r}: expected one of {', '.join(GRAPH_MODES)}, or a .npy, .pt or .txt "
+                         f"file holding a C x C matrix")
     bounds = {"batch_size": 1, "eval_batch_size": 1, "input_size": 1, "n_ctx": 1, "epochs": 0, "workers": 0,
               "adapter_dim": 0, "ckpt_every": 0, "seed": 0, "log_every": 0, "gcn_hidden": 0, "graph_topk": 0,
               "graph_tau": 0, "gcn_lr": 0, "temperature_lr_scale": 0}
@@ -1714,11 +1754,39 @@ def resolve_config(cfg: Config) -> Config:
         raise ValueError("--device cuda: torch sees no CUDA device")
     if cfg.seeds and not all(s.strip().isdigit() for s in cfg.seeds.split(",")):
         raise ValueError(f"--seeds {cfg.seeds!r}: expected comma-separated seeds, e.g. 0,1,2")
-    if not cfg.clip:
-        cfg.clip = str(Path(cfg.data_root) / cfg.data / "clip.pt") if cfg.data == "synthetic-lt" else "ViT-B/16"
+    if not cfg.clip:  # the data set's own CLIP (the synthetic world pretrains one)
+        cfg.clip = str(Path(cfg.data_root) / cfg.data / "clip.pt")
     if not cfg.name:
         cfg.name = run_name(cfg)
     return cfg
+
+
+# flags that act only in some runs: (fields, acts(cfg), why not elsewhere). A flag given on the command line where it
+# cannot act is refused by name; a preset's value there is merely unused
+FLAGS_THAT_MAY_NOT_ACT = (
+    (("n_ctx",), lambda c: not c.ctx_init, "the context is --ctx-init's tokens, M their count (--ctx-init '': random)"),
+    (("s",), lambda c: c.graph == "text" and not c.graph_tau, "s sharpens our text graph (--graph-tau 0) only; "
+     "the pre-paper code's graph is sharpened by T = --graph-tau, p its neighbours' share before the softmax"),
+    (("graph_topk", "graph_tau"), lambda c: c.graph == "text", "they shape the text graph (--graph text)"),
+    (("p",), lambda c: c.graph in ("text", "cooccur"), "p weighs the text or co-occurrence graph's neighbours"),
+    (("alpha", "beta", "mu", "kappa", "lam", "balance", "tau_prime"), lambda c: c.loss == "db-focal",
+     "they are the DB-focal loss's (7), class-aware weights included; the other losses are plain baselines"),
+    (("gamma",), lambda c: c.loss in ("db-focal", "focal"), "BCE has no focal factor; ASL runs at its paper's gammas"),
+    (("momentum",), lambda c: c.optimizer == "sgd" and c.schedule == "cosine", "Adam has none; OneCycle cycles it"),
+    (("warmup_epochs",), lambda c: c.schedule == "cosine", "OneCycle warms up over its first 20% of the steps"),
+    (("gcn_lr", "gcn_hidden"), lambda c: c.graph != "none", "--graph none freezes the GCN at F_hat = F_t"),
+    (("clip_lr_scale",), lambda c: c.peft == "full", "only --peft full trains CLIP's own weights"),
+    (("sampler_power",), lambda c: c.sampler == "class-aware", "only --sampler class-aware draws by class"),
+    (("seed",), lambda c: not c.seeds, "--seeds sets each run's seed"),
+)
+
+
+def check_given_flags_act(cfg: Config, given) -> None:
+    """No flag silently ignored: each field given on the command line must act in the config it lands in."""
+    for fields, acts, why in FLAGS_THAT_MAY_NOT_ACT:
+        named = [flag(key) for key in fields if key in given]
+        if named and not acts(cfg):
+            raise ValueError(f"{' '.join(named)} cannot act in this run: {why}")
 
 
 def to_jsonable(x):
@@ -1843,10 +1911,12 @@ def load_backbone(cfg: Config):
         raise RunError(str(e)) from None
 
 
-def build_model(clip, classes, cfg: Config, train_targets, device="cpu") -> CAPNet:
-    """The label graph (3), then CAPNet as cfg says, initialised from cfg.seed: a rebuilt model starts where training did."""
-    P = build_label_graph(cfg.graph, clip, classes, train_targets, s=cfg.s, p=cfg.p, topk=cfg.graph_topk,
-                          tau=cfg.graph_tau)
+def build_model(clip, classes, cfg: Config, train_targets, device="cpu", P=None) -> CAPNet:
+    """The label graph (3) unless given (a checkpoint's), then CAPNet as cfg says, initialised from cfg.seed (its own
+    generator): a rebuilt model starts where training did."""
+    if P is None:
+        P = build_label_graph(cfg.graph, clip, classes, train_targets, s=cfg.s, p=cfg.p, topk=cfg.graph_topk,
+                              tau=cfg.graph_tau)
     model = CAPNet(clip, classes, P, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, shared_ctx=cfg.ctx == "shared",
                    train_gcn=cfg.graph != "none", gcn_hidden=cfg.gcn_hidden,
                    peft=cfg.peft, adapter_dim=cfg.adapter_dim, train_temperature=cfg.temperature_lr_scale > 0,
@@ -1876,13 +1946,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def check_checkpoint(ckpt: dict, classes: list, clip_source: dict, where: str):
-    """The checkpoint's class list and backbone against these (its dataset is a config field: check_same_config)."""
+def check_classes(ckpt: dict, classes: list, where: str):
+    """The checkpoint's class list against a data set's (the data set's name is a config field: check_same_config)."""
     old, new = list(ckpt["classes"]), list(classes)
     if old != new:
         diff = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(old, new)) if a != b][:3]
         raise RunError(f"{where}: class list differs from the checkpoint's ({len(old)} classes in the "
                        f"checkpoint, {len(new)} now; {'; '.join(diff) or 'one list extends the other'})")
+
+
+def check_backbone(ckpt: dict, clip_source: dict, where: str):
+    """The CLIP the checkpoint was trained with against the one loaded now, by SHA-256."""
     was, now = ckpt["clip"], clip_source
     if was.get("sha256") != now.get("sha256"):
         raise RunError(f"{where}: backbone differs: checkpoint was trained with CLIP {was.get('name')!r} (sha256 "
@@ -1915,6 +1989,49 @@ def load_trainable(model: nn.Module, state: dict):
     with torch.no_grad():  # same config and classes (checked), so the same shapes
         for n in expected:
             params[n].copy_(state[n])
+
+
+def save_checkpoint(run: Run, model: CAPNet, optimizer, scheduler, step: int, ap_zero_shot):
+    """runs/<name>/checkpoint.pt, atomically, by rank 0: all that restore_checkpoint and load_for_inference read."""
+    if run.rank == 0:
+        # torch's RNG seeds the DataLoader workers; numpy's global RNG is never drawn from (make_loader)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        write_atomic(run.dir / "checkpoint.pt", {
+            "format": CHECKPOINT_FORMAT, "optimizer": optimizer.state_dict(),
+            "model": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "holds": "the full model (--peft full)" if run.cfg.peft == "full" else "the trainable parameters",
+            "scheduler": scheduler.state_dict(), "step": step, "rng": rng, "graph": model.gcn.P.cpu(),  # (C, C) P
+            "config": dataclasses.asdict(run.cfg), "classes": list(run.prepared.classes), "clip": dict(run.clip.source),
+            "class_counts": torch.as_tensor(run.counts, dtype=torch.int64),
+            "train_targets": torch.as_tensor(run.train_targets).bool(), "zero_shot_ap": ap_zero_shot,
+            "wall_seconds": time.time() - run.start, "versions": versions()})
+    barrier(run.world)
+
+
+def restore_checkpoint(run: Run, ckpt: dict, model: CAPNet, optimizer, scheduler) -> int:
+    """--resume: the trainable parameters, optimizer, scheduler and RNG states of the checkpoint -> its step."""
+    load_trainable(model, ckpt["model"])
+    if len(ckpt["optimizer"]["param_groups"]) != len(optimizer.param_groups):  # a checkpoint of older code
+        raise RunError(f"--resume {run.dir}: the checkpoint's optimizer has other parameter groups than this "
+                       f"capnet.py builds; evaluate it with `capnet.py eval`, or train a new run")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    run.start -= ckpt["wall_seconds"]  # wall_seconds counts every session
+    return ckpt["step"]
+
+
+def load_resume_checkpoint(run: Run) -> dict:
+    """--resume: the run's checkpoint, made with this config, class list and backbone."""
+    ckpt = load_checkpoint(run.dir / "checkpoint.pt")
+    check_same_config(ckpt["config"], run.cfg, f"--resume {run.dir}: the checkpoint's config")
+    check_classes(ckpt, run.prepared.classes, f"--resume {run.dir}")
+    check_backbone(ckpt, run.clip.source, f"--resume {run.dir}")
+    return ckpt
 
 
 PROGRESS_SECONDS = 10.0
@@ -2028,120 +2145,109 @@ def write_outputs(run_dir: Path, results: dict):
                     f"{results['config']['data']}: mAP zero-shot {zs['total']:.1f} -> trained {tr['total']:.1f}")
 
 
+class Run:
+    """One training run as its parts read it: config, folder, processes, data set, backbone; its log and scoring."""
+
+    def __init__(self, cfg: Config):
+        self.start = time.time()  # earlier by the sessions before a --resume (restore_checkpoint)
+        self.cfg, self.dir = cfg, Path(cfg.out_dir) / cfg.name
+        self.device, self.rank, self.world = setup_device_and_dist(cfg)
+        if cfg.batch_size % self.world:
+            raise RunError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {self.world} "
+                           f"processes")
+        if not cfg.resume and ((self.dir / "checkpoint.pt").exists() or (self.dir / "results.json").exists()):
+            raise RunError(f"{self.dir} already holds a run: pass --resume to continue it, "
+                           f"or --name NAME to start a new one")
+        self.prepared = load_dataset(cfg, self.rank, self.world)
+        self.counts = class_counts(self.prepared.train, len(self.prepared.classes))  # (C,) n_c, from train only
+        self.train_targets = multihot(self.prepared.train, len(self.prepared.classes))  # (N, C)
+        self.clip = load_backbone(cfg).to(self.device)
+        self.amp = use_bf16(cfg, self.device)
+
+    def log(self, msg: str = ""):
+        """Print, and append to log.txt; other ranks stay quiet."""
+        if self.rank == 0:
+            print(msg, flush=True)
+            with open(self.dir / "log.txt", "a") as f:
+                f.write(msg + "\n")
+
+    def score(self, forward, dataset):
+        """Per-class AP (C,) of forward on the whole dataset, shared across DDP processes."""
+        return average_precision(*score_dataset(forward, dataset, self.cfg, self.device, self.amp, self.rank,
+                                                self.world))
+
+
 def train_run(cfg: Config) -> dict:
     """Train CAPNet per cfg (or once per seed with --seeds) -> results dict (also runs/<name>/results.json)."""
     cfg = resolve_config(cfg)
-    if cfg.seeds:
-        return train_seeds(cfg)
-    start = time.time()
-    device, rank, world = setup_device_and_dist(cfg)
-    if cfg.batch_size % world:
-        raise RunError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {world} processes")
-    run_dir = Path(cfg.out_dir) / cfg.name
-    ckpt_path = run_dir / "checkpoint.pt"
-    if not cfg.resume and (ckpt_path.exists() or (run_dir / "results.json").exists()):
-        raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                       f"or --name NAME to start a new one")
+    return train_seeds(cfg) if cfg.seeds else train_one(cfg)
 
-    def log(msg: str = ""):  # print, and append to log.txt; other ranks stay quiet
-        if rank == 0:
-            print(msg, flush=True)
-            with open(run_dir / "log.txt", "a") as f:
-                f.write(msg + "\n")
-    amp = use_bf16(cfg, device)
 
-    prepared = load_dataset(cfg, rank, world)
-    classes, C = prepared.classes, len(prepared.classes)
-    counts = class_counts(prepared.train, C)  # (C,) from train only
-    train_targets = multihot(prepared.train, C)  # (N, C)
-    clip = load_backbone(cfg).to(device)
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_same_config(ckpt["config"], cfg, f"--resume {run_dir}: the checkpoint's config")
-        check_checkpoint(ckpt, classes, clip.source, f"--resume {run_dir}")
-
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    log(f"CAPNet train: {run_dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-    log("config:\n" + format_config(cfg) + f"\ndataset {prepared.name}: {len(prepared.train)} train / "
-        f"{len(prepared.test)} test images\n" + format_class_stats(classes, counts))
-    ddp = f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if world > 1 else ""
-    log(f"fused ops: --backend {cfg.backend}, extension {'built' if EXT_AVAILABLE else _EXT_WHY_NOT}"
-        f"{' with CUDA kernels' if EXT_CUDA else ''} (each kernel is checked against its reference on first use)\n"
-        f"device {device}, {'bf16 autocast' if amp else 'fp32'}, {world} process(es){ddp}\n"
-        f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
-        f"input {cfg.input_size}")
-
+def train_one(cfg: Config) -> dict:
+    """One run of a resolved cfg in runs/<name>/: zero-shot at step 0, the model, its epochs from the start or from
+    the checkpoint (--resume), the final evaluation."""
+    run = Run(cfg)
+    prepared, device, clip = run.prepared, run.device, run.clip
+    ckpt = load_resume_checkpoint(run) if cfg.resume else None
+    if run.rank == 0:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.dir / "config.json", dataclasses.asdict(cfg))
+    run.log(f"CAPNet train: {run.dir} ({'resuming at step %d' % ckpt['step'] if ckpt else 'new run'}), "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    run.log("config:\n" + format_config(cfg) + f"\ndataset {prepared.name}: {len(prepared.train)} train / "
+            f"{len(prepared.test)} test images\n" + format_class_stats(prepared.classes, run.counts))
+    ddp = f", DDP {'nccl' if device.type == 'cuda' else 'gloo'}" if run.world > 1 else ""
+    run.log(f"fused ops: --backend {cfg.backend}, extension {'built' if EXT_AVAILABLE else _EXT_WHY_NOT}"
+            f"{' with CUDA kernels' if EXT_CUDA else ''} (each kernel is checked against its reference on first use)\n"
+            f"device {device}, {'bf16 autocast' if run.amp else 'fp32'}, {run.world} process(es){ddp}\n"
+            f"CLIP {clip.source['name']} (sha256 {clip.source['sha256'][:12]}), embed dim {clip.embed_dim}, "
+            f"input {cfg.input_size}")
     test_set = make_test_set(prepared, cfg)
     if ckpt is not None:
         ap_zero_shot = ckpt["zero_shot_ap"]
     else:  # step 0: plain CLIP, same TTE, before any training
         t0 = time.time()
-        scores, targets = score_dataset(zero_shot_forward(clip, classes), test_set, cfg, device, amp, rank, world)
-        ap_zero_shot = average_precision(scores, targets)
-        log(f"zero-shot mAP (step 0, tte {cfg.tte}): " + format_map(lt_map(ap_zero_shot, counts))
-            + f"  [{time.time() - t0:.1f}s]")
-
-    model = build_model(clip, classes, cfg, train_targets, device)
-    log("trainable parameters:\n" + trainable_summary(model))
-
-    train_set = MultiLabelDataset(prepared.train, prepared.image_root, C, cfg.input_size, mode="train",
-                                  scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
+        ap_zero_shot = run.score(zero_shot_forward(clip, prepared.classes), test_set)
+        run.log(f"zero-shot mAP (step 0, tte {cfg.tte}): " + format_map(lt_map(ap_zero_shot, run.counts))
+                + f"  [{time.time() - t0:.1f}s]")
+    model = build_model(clip, prepared.classes, cfg, run.train_targets, device, P=ckpt.get("graph") if ckpt else None)
+    run.log("trainable parameters:\n" + trainable_summary(model))
+    train_set = MultiLabelDataset(prepared.train, prepared.image_root, len(prepared.classes), cfg.input_size,
+                                  mode="train", scale_min=cfg.scale_min, seed=cfg.seed, skip_bad=cfg.skip_bad_images)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
         raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
-    total_steps = cfg.epochs * steps_per_epoch
-    weights = sampler_weights(train_targets, counts, cfg.sampler_power) if cfg.sampler == "class-aware" else None
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    criterion = make_criterion(cfg, counts, len(prepared.train))
-    step = 0
-    if ckpt is not None:
-        load_trainable(model, ckpt["model"])
-        if len(ckpt["optimizer"]["param_groups"]) != len(optimizer.param_groups):  # a checkpoint of older code
-            raise RunError(f"--resume {run_dir}: the checkpoint's optimizer has other parameter groups than this "
-                           f"capnet.py builds; evaluate it with `capnet.py eval`, or train a new run")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        step, start = ckpt["step"], start - ckpt["wall_seconds"]  # wall_seconds counts every session
+    step = restore_checkpoint(run, ckpt, model, optimizer, scheduler) if ckpt else 0
+    save = lambda step: save_checkpoint(run, model, optimizer, scheduler, step, ap_zero_shot)
+    train_epochs(run, model, optimizer, scheduler, train_set, step, save)
+    return final_evaluation(run, model, test_set, train_set, ap_zero_shot)
+
+
+def train_epochs(run: Run, model: CAPNet, optimizer, scheduler, train_set, step: int, save):
+    """The epochs from `step` (0, or a checkpoint's) to the end, under DDP and torch.compile as cfg says: batches
+    from (seed, epoch), save(step) at least once per epoch; a non-finite loss stops the run, its last checkpoint kept."""
+    cfg, device = run.cfg, run.device
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    total_steps = cfg.epochs * steps_per_epoch
+    class_aware = cfg.sampler == "class-aware"
+    weights = sampler_weights(run.train_targets, run.counts, cfg.sampler_power) if class_aware else None
+    criterion = make_criterion(cfg, run.counts, len(run.train_targets))
     forward = model
-    if world > 1:
+    if run.world > 1:
         # --peft full: CLIP's token table and its own logit scale are trainable but get no gradient
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                      find_unused_parameters=cfg.peft == "full")
+        device_ids = [device.index] if device.type == "cuda" else None
+        forward = nn.parallel.DistributedDataParallel(model, device_ids, find_unused_parameters=cfg.peft == "full")
     if cfg.compile:
         forward = torch.compile(forward)
-
-    def checkpoint(step: int):
-        if rank == 0:
-            # torch's RNG seeds the DataLoader workers; numpy's global RNG is never drawn from (make_loader)
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            write_atomic(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "optimizer": optimizer.state_dict(),
-                "model": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
-                "holds": "the full model (--peft full)" if cfg.peft == "full" else "the trainable parameters",
-                "scheduler": scheduler.state_dict(), "step": step, "rng": rng,
-                "config": dataclasses.asdict(cfg), "classes": list(classes), "clip": dict(clip.source),
-                "class_counts": torch.as_tensor(counts, dtype=torch.int64),
-                "train_targets": torch.as_tensor(train_targets).bool(), "zero_shot_ap": ap_zero_shot,
-                "wall_seconds": time.time() - start, "versions": versions()})
-        barrier(world)
-
-    log(f"training: {cfg.epochs} epochs x {steps_per_epoch} steps, global batch {cfg.batch_size}, "
-        f"{cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay}, {cfg.schedule} schedule ({cfg.recipe} recipe)")
+    run.log(f"training: {cfg.epochs} epochs x {steps_per_epoch} steps, global batch {cfg.batch_size}, "
+            f"{cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay}, {cfg.schedule} schedule ({cfg.recipe} recipe)")
     model.train()
     t_window, s_window = time.time(), step
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         train_set.epoch = epoch
-        batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, rank, world, weights)
+        batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, run.rank, run.world, weights)
         loader = make_loader(train_set, cfg, batch_sampler=batches[step % steps_per_epoch:],
                              pin_memory=device.type == "cuda")
         for batch in loader:
@@ -2150,8 +2256,9 @@ def train_run(cfg: Config) -> dict:
                                f"(--skip-bad-images); check the data set's images")
             images, targets, _ = batch
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            loss_value = train_step(model, criterion, optimizer, scheduler, images, targets, amp, forward)
+            loss_value = train_step(model, criterion, optimizer, scheduler, images, targets, run.amp, forward)
             if not torch.isfinite(loss_value):
+                ckpt_path = run.dir / "checkpoint.pt"
                 kept = (f"the last good checkpoint {ckpt_path} (step {load_checkpoint(ckpt_path)['step']}) is kept"
                         if ckpt_path.exists() else "no checkpoint was written yet")
                 raise RunError(f"non-finite loss ({loss_value.item()}) at step {step + 1}; stopping, {kept}. "
@@ -2159,36 +2266,39 @@ def train_run(cfg: Config) -> dict:
             step += 1
             if cfg.log_every and (step % cfg.log_every == 0 or step == total_steps):
                 rate = (step - s_window) / max(1e-9, time.time() - t_window)
-                log(f"step {step}/{total_steps} | epoch {epoch + 1}/{cfg.epochs} | loss {loss_value.item():.4f} | "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} | {rate:.2f} steps/s | "
-                    f"eta {format_duration((total_steps - step) / max(rate, 1e-9))}")
+                run.log(f"step {step}/{total_steps} | epoch {epoch + 1}/{cfg.epochs} | loss {loss_value.item():.4f} | "
+                        f"lr {scheduler.get_last_lr()[0]:.2e} | {rate:.2f} steps/s | "
+                        f"eta {format_duration((total_steps - step) / max(rate, 1e-9))}")
                 t_window, s_window = time.time(), step
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step % steps_per_epoch:
-                checkpoint(step)
-        checkpoint(step)  # at least once per epoch
+                save(step)
+        save(step)  # at least once per epoch
 
+
+def final_evaluation(run: Run, model: CAPNet, test_set, train_set, ap_zero_shot) -> dict:
+    """The trained model on the test set beside zero-shot -> results, written to runs/<name>/ with table and plot."""
+    cfg, prepared, counts = run.cfg, run.prepared, run.counts
+    total_steps = cfg.epochs * (len(train_set) // cfg.batch_size)
     model.eval()
     t0 = time.time()
-    ap = ap_zero_shot  # --epochs 0 (--method zero-shot): evaluate only, "trained" is the step-0 zero-shot
-    if total_steps:
-        ap = average_precision(*score_dataset(model, test_set, cfg, device, amp, rank, world))
+    ap = run.score(model, test_set) if total_steps else ap_zero_shot  # --epochs 0 (--method zero-shot): step 0
     results = {"zero_shot": lt_map(ap_zero_shot, counts), "trained": lt_map(ap, counts),
-               "per_class": per_class_rows(classes, counts, ap_zero_shot, ap), "config": dataclasses.asdict(cfg),
-               "seed": cfg.seed, "versions": versions(), "steps": total_steps, "world_size": world,
+               "per_class": per_class_rows(prepared.classes, counts, ap_zero_shot, ap), "config": dataclasses.asdict(cfg),
+               "seed": cfg.seed, "versions": versions(), "steps": total_steps, "world_size": run.world,
                "fused_ops": ops_report(), "dataset": {"name": prepared.name, "train_images": len(prepared.train),
-                                               "test_images": len(prepared.test), "source": prepared.source},
-               "clip": dict(clip.source), "wall_seconds": time.time() - start}
-    log(f"trained mAP (tte {cfg.tte}):  " + format_map(results["trained"]) + f"  [{time.time() - t0:.1f}s]")
-    log(f"zero-shot mAP (tte {cfg.tte}): " + format_map(results["zero_shot"]))
-    log("fused ops ran as: " + "; ".join(f"{op}: {how}" for op, how in results["fused_ops"].items()))
+                                                   "test_images": len(prepared.test), "source": prepared.source},
+               "clip": dict(run.clip.source), "wall_seconds": time.time() - run.start}
+    run.log(f"trained mAP (tte {cfg.tte}):  " + format_map(results["trained"]) + f"  [{time.time() - t0:.1f}s]")
+    run.log(f"zero-shot mAP (tte {cfg.tte}): " + format_map(results["zero_shot"]))
+    run.log("fused ops ran as: " + "; ".join(f"{op}: {how}" for op, how in results["fused_ops"].items()))
     if cfg.skip_bad_images:  # counted per read: a bad train image counts once per epoch in this process
         results["bad_images"] = {"train_reads": train_set.bad_count, "test": test_set.bad_count}
-        log(f"skipped unreadable images: {train_set.bad_count} train reads, {test_set.bad_count} test images")
-    if rank == 0:
-        write_outputs(run_dir, results)
-        log(f"wrote {run_dir}/: config.json log.txt checkpoint.pt results.json per_class_ap.csv ap_vs_freq.png "
-            f"({format_duration(results['wall_seconds'])})")
-    barrier(world)
+        run.log(f"skipped unreadable images: {train_set.bad_count} train reads, {test_set.bad_count} test images")
+    if run.rank == 0:
+        write_outputs(run.dir, results)
+        run.log(f"wrote {run.dir}/: config.json log.txt checkpoint.pt results.json per_class_ap.csv ap_vs_freq.png "
+                f"({format_duration(results['wall_seconds'])})")
+    barrier(run.world)
     return results
 
 
@@ -2206,7 +2316,7 @@ def train_seeds(cfg: Config) -> dict:
             print(f"{run_dir}: finished before, read from results.json", flush=True)
             runs.append(done)
         else:
-            runs.append(train_run(dataclasses.replace(one, resume=(run_dir / "checkpoint.pt").exists())))
+            runs.append(train_one(dataclasses.replace(one, resume=(run_dir / "checkpoint.pt").exists())))
     summary = {"seeds": seeds, "runs": [f"{cfg.out_dir}/{cfg.name}/seed{s}" for s in seeds], **mean_std(runs)}
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(Path(cfg.out_dir) / cfg.name / "seeds.json", summary)
@@ -2274,8 +2384,9 @@ def load_for_inference(ckpt_path, device: str = "auto", **overrides):
     cfg = resolve_config(Config(**{**ckpt["config"], "device": device, "resume": False, **given}))
     dev = pick_device(cfg)
     clip = load_backbone(cfg).to(dev)
-    check_checkpoint(ckpt, ckpt["classes"], clip.source, f"checkpoint {ckpt_path}")
-    model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["train_targets"].float().numpy(), dev)
+    check_backbone(ckpt, clip.source, f"checkpoint {ckpt_path}")
+    model = build_model(clip, list(ckpt["classes"]), cfg, ckpt["train_targets"].float().numpy(), dev,
+                        P=ckpt.get("graph"))  # the P it trained with; older checkpoints rebuild it
     load_trainable(model, ckpt["model"])
     return model.eval(), cfg, ckpt, dev
 
@@ -2292,7 +2403,7 @@ def evaluate(ckpt_path=None, tte: int | None = None, device: str = "auto", out_d
     model, cfg, ckpt, dev = load_for_inference(ckpt_path, device, tte=tte, workers=workers,
                                                skip_bad_images=skip_bad or None)
     prepared = load_dataset(cfg, prepare=False)
-    check_checkpoint(ckpt, prepared.classes, ckpt["clip"], f"checkpoint {ckpt_path} vs {cfg.data_root}/{cfg.data}")
+    check_classes(ckpt, prepared.classes, f"checkpoint {ckpt_path} vs {cfg.data_root}/{cfg.data}")
     counts = ckpt["class_counts"].numpy()
     if not np.array_equal(counts, class_counts(prepared.train, len(prepared.classes))):
         raise RunError(f"checkpoint {ckpt_path}: the training set of {cfg.data_root}/{cfg.data} changed since "
@@ -2376,10 +2487,13 @@ def info():
 # CLI
 
 def config_from_args(args) -> Config:
-    """Preset of --data, then of --method, then every flag given on the command line."""
-    cfg = preset_config(args.data or Config.data, getattr(args, "method", None) or "capnet", args.recipe or "")
+    """The presets of --data (the command line's default: the embedded world), --recipe and --method, then every
+    flag given on the command line (argparse's None: not given), each of which must act."""
+    cfg = preset_config(args.data or "synthetic-lt", args.method or "capnet", args.recipe or "")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    return dataclasses.replace(cfg, **given)
+    cfg = dataclasses.replace(cfg, **given)
+    check_given_flags_act(cfg, given)
+    return cfg
 
 
 def build_parser():
@@ -2388,6 +2502,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", allow_abbrev=False, help="train (default: the embedded synthetic-lt)")
     p.add_argument("--method", choices=sorted(METHODS), help="a preset of flags (README: Methods and baselines)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (as config.json) and exit")
     # one strict --key value flag per Config field (underscores become dashes); a bool is --key / --no-key
     kinds = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
@@ -2423,6 +2538,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train" and args.print_config:
+            return print(json.dumps(to_jsonable(dataclasses.asdict(resolve_config(config_from_args(args)))), indent=2))
         if args.command == "train":
             return train_run(config_from_args(args))
         if args.command == "eval":

@@ -653,8 +653,8 @@ TINY_CLASSES = ["dog", "cat", "traffic_light", "sofa", "potted_plant"]
 TINY_COUNTS = np.array([120, 60, 30, 12, 5])
 
 
-def tiny_cfg(**kw):
-    return capnet.Config(**{"n_ctx": 4, **kw})
+def tiny_cfg(**kw):  # our recipe (16 random context vectors, GCN width D, t trained), M = 4
+    return capnet.Config(**{**capnet.RECIPES["ours"]["*"], "recipe": "ours", "n_ctx": 4, **kw})
 
 
 def tiny_images(vision, n=3, seed=0):
@@ -1164,7 +1164,7 @@ def test_eval_caches_the_text_side():
 def test_capnet_rejects_bad_config():
     with pytest.raises(ValueError, match="peft 'lora'"):
         tiny_capnet("vit", peft="lora")
-    with pytest.raises(ValueError, match="graph mode 'knn'"):
+    with pytest.raises(ValueError, match="--graph 'knn': cannot read a matrix"):  # neither a mode nor a file
         tiny_capnet("vit", graph="knn")
 
 
@@ -2704,7 +2704,7 @@ def test_cli_flags_are_generated_from_config_and_strict(capsys):
         ["train", "--data", "voc-lt", "--tau-prime", "inf", "--epochs", "3", "--compile", "--no-resume"]))
     assert cfg.data == "voc-lt" and cfg.mu == 0.3 and cfg.lam == 5.0 and cfg.clip == "ViT-B/16"  # preset
     assert cfg.tau_prime == float("inf") and cfg.epochs == 3 and cfg.compile is True and cfg.resume is False
-    assert capnet.config_from_args(parser.parse_args(["train"])) == capnet.Config(**capnet.PRESETS["synthetic-lt"])
+    assert capnet.config_from_args(parser.parse_args(["train"])) == capnet.preset_config("synthetic-lt")
     for argv, named in ((["train", "--epochz", "3"], "--epochz"), (["train", "--epochs", "x"], "--epochs"),
                         (["train", "--compile=maybe"], "--compile"), (["train", "--epoch", "3"], "--epoch")):
         with pytest.raises(SystemExit) as e:
@@ -2790,6 +2790,63 @@ def test_recipe_presets_layer_under_method_and_flags():
         parse("--recipe", "mine")
 
 
+# the resolved configs of `train` and `train --data coco-lt`, field by field, as they were before Config's defaults
+# became the coco-lt run (issue 27): moving the defaults changed no preset's run
+SYNTHETIC_LT_DEFAULT = dict(
+    n_ctx=16, ctx_init="a photo of a", ctx="class", graph="text", s=10.0, p=0.2, graph_topk=0, graph_tau=0.0,
+    gcn_hidden=0, peft="adaptformer", adapter_dim=0, clip_lr_scale=0.1, loss="db-focal", alpha=0.1, beta=10.0,
+    mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, balance=2.0, tau_prime=4.0, tte=5, recipe="ours", optimizer="sgd",
+    schedule="cosine", epochs=60, batch_size=32, lr=0.01, gcn_lr=0.0, temperature_lr_scale=0.01, momentum=0.9,
+    weight_decay=5e-4, prompt_weight_decay=0.02, warmup_epochs=1.0, data="synthetic-lt", data_root="data",
+    clip="data/synthetic-lt/clip.pt", input_size=48, scale_min=0.5, sampler="uniform", sampler_power=1.0,
+    eval_batch_size=64, name="synthetic-lt", out_dir="runs", device="auto", amp="auto", backend="auto",
+    compile=False, workers=0, seed=0, seeds="", log_every=10, skip_bad_images=False, resume=False, ckpt_every=0)
+COCO_LT_DEFAULT = dict(
+    SYNTHETIC_LT_DEFAULT, graph_topk=60, graph_tau=0.3, gcn_hidden=2048, recipe="authors", optimizer="adam",
+    schedule="onecycle", lr=5e-4, gcn_lr=1e-4, temperature_lr_scale=0.0, weight_decay=1e-4, prompt_weight_decay=-1.0,
+    data="coco-lt", clip="ViT-B/16", input_size=224, scale_min=0.08, name="coco-lt", workers=2)
+
+
+def test_config_defaults_are_the_coco_lt_run_and_presets_resolve_as_before(capsys):
+    parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
+    assert dataclasses.asdict(capnet.resolve_config(parse())) == SYNTHETIC_LT_DEFAULT
+    assert dataclasses.asdict(capnet.resolve_config(parse("--data", "coco-lt"))) == COCO_LT_DEFAULT
+    assert dataclasses.asdict(capnet.Config()) == dict(COCO_LT_DEFAULT, name="")  # the defaults are that run
+    ours = dict(capnet.RECIPES["ours"]["*"], recipe="ours", name="coco-lt-recipe-ours")
+    assert dataclasses.asdict(capnet.resolve_config(parse("--data", "coco-lt", "--recipe", "ours"))) == \
+        dict(COCO_LT_DEFAULT, **ours)
+    # a custom data set trains the authors' recipe as COCO-LT does: 60 epochs (30 before: a bug)
+    assert capnet.preset_config("mine") == dataclasses.replace(capnet.Config(), data="mine")
+    assert capnet.main(["train", "--data", "voc-lt", "--lr", "1e-3", "--print-config"]) is None
+    printed = _json.loads(capsys.readouterr().out)
+    assert (printed["lr"], printed["epochs"], printed["graph_topk"], printed["name"]) == (1e-3, 64, 20, "voc-lt-lr-0.001")
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["--n-ctx", "8"], "--n-ctx cannot act.*--ctx-init"),  # synthetic-lt starts its context from "a photo of a"
+    (["--recipe", "authors", "--s", "5"], "--s cannot act.*--graph-tau 0.*p its neighbours. share"),
+    (["--graph", "identity", "--p", "0.3"], "--p cannot act"),
+    (["--loss", "focal", "--tau-prime", "2"], "--tau-prime cannot act.*DB-focal"),
+    (["--loss", "bce", "--mu", "0.3", "--lam", "5"], "--mu --lam cannot act"),
+    (["--loss", "asl", "--gamma", "3"], "--gamma cannot act.*ASL"),
+    (["--method", "coop", "--tau-prime", "2"], "--tau-prime cannot act"),  # coop trains BCE
+    (["--momentum", "0.8", "--recipe", "authors"], "--momentum cannot act"),
+    (["--seeds", "0,1", "--seed", "3"], "--seed cannot act"),
+])
+def test_a_flag_that_cannot_act_is_refused_by_name(argv, refused):
+    with pytest.raises(ValueError, match=refused):
+        capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
+
+
+def test_flags_refused_only_when_given_and_inert():
+    parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
+    assert parse("--ctx-init", "", "--n-ctx", "8").n_ctx == 8  # random context: M acts
+    assert parse("--loss", "focal", "--gamma", "3").gamma == 3.0  # the focal factor acts in plain focal
+    assert parse("--recipe", "authors", "--p", "0.3").p == 0.3  # the pre-paper graph: p acts, before its softmax
+    assert parse("--method", "coop").tau_prime == 4.0  # a preset's unused value is no error: nobody gave it
+    assert parse("--method", "lmpt").ctx_init == "a photo of a"
+
+
 def test_schedule_and_batches_are_pure_functions():
     f = [capnet.lr_factor(s, 4, 20) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0  # linear warm-up to the peak
@@ -2852,7 +2909,7 @@ def test_method_presets_fill_flags_and_flags_override():
     coop = parse("--method", "coop")
     assert (coop.ctx, coop.graph, coop.peft, coop.loss) == ("shared", "none", "none", "bce")
     preset = capnet.PRESETS["synthetic-lt"]
-    assert coop.lr == preset["lr"] and coop.ctx_init == preset["ctx_init"]  # the data preset stays underneath
+    assert coop.input_size == preset["input_size"] and coop.ctx_init == preset["ctx_init"]  # the data preset stays
     lmpt = parse("--method", "lmpt")
     assert (lmpt.ctx, lmpt.graph, lmpt.peft, lmpt.loss) == ("class", "none", "none", "db-focal")
     assert lmpt.tau_prime == float("inf") and lmpt.scale_min == 1.0
@@ -2864,9 +2921,10 @@ def test_method_presets_fill_flags_and_flags_override():
     # the run folder derives from the resolved flags, never from the method's name
     name = lambda cfg: capnet.resolve_config(cfg).name
     assert name(parse("--method", "capnet")) == name(parse()) == "synthetic-lt"
-    assert name(coop) == "synthetic-lt-graph-none-loss-bce-peft-none-ctx-shared"
+    assert name(coop) == "synthetic-lt-ctx-shared-graph-none-peft-none-loss-bce"  # Config's order
     assert name(coop) == name(parse("--ctx", "shared", "--graph", "none", "--peft", "none", "--loss", "bce"))
     assert name(lmpt) == "synthetic-lt-graph-none-peft-none-tau-prime-inf-scale-min-1.0"
+    assert name(parse("--alpha", "0.2")) == "synthetic-lt-alpha-0.2"  # every field off the preset, not a hand list
     assert name(parse("--method", "zero-shot")) == "synthetic-lt-epochs-0"
     assert capnet.TABLES["methods"] == ["--method zero-shot", "--method coop", "--method lmpt", "--method capnet"]
     with pytest.raises(SystemExit):
@@ -3137,16 +3195,21 @@ def test_predict_peak_memory_2000_images_within_2x_of_20(trained, tmp_path):
     assert growth[2000] <= 2 * max(growth[20], 1024)
 
 
-def test_checkpoint_from_other_data_classes_or_backbone_is_refused(trained, tiny):
+def test_checkpoint_from_other_data_classes_or_backbone_is_refused(trained, tiny, tmp_path):
     ckpt = capnet.load_checkpoint(trained["dir"] / "checkpoint.pt")
-    src = ckpt["clip"]
     other_data = dataclasses.replace(capnet.Config(**ckpt["config"]), data="voc-lt")  # the dataset is in the config
     with pytest.raises(capnet.RunError, match="differs in data \\('tiny' -> 'voc-lt'\\)"):
         capnet.check_same_config(ckpt["config"], other_data, "x")
-    with pytest.raises(capnet.RunError, match="class list differs.*#1: 'green square' vs 'lime'"):
-        capnet.check_checkpoint(ckpt, ["red_square", "lime", "blue square", "yellow square"], src, "x")
+    # eval: a checkpoint of another class list than its data set's now
+    torch.save(dict(ckpt, classes=["red_square", "lime", *WORLD_CLASSES[2:]]), tmp_path / "classes.pt")
+    with pytest.raises(capnet.RunError, match="class list differs.*#1: 'lime' vs 'green square'"):
+        capnet.evaluate(tmp_path / "classes.pt", workers=0)
+    # eval and predict: the CLIP file its config names now holds another backbone than the one it trained with
+    torch.save(dict(ckpt, config={**ckpt["config"], "clip": str(tiny["clip_other"])}), tmp_path / "backbone.pt")
     with pytest.raises(capnet.RunError, match="backbone differs"):
-        capnet.check_checkpoint(ckpt, WORLD_CLASSES, {"name": "other", "sha256": "0" * 64}, "x")
+        capnet.evaluate(tmp_path / "backbone.pt", workers=0)
+    with pytest.raises(capnet.RunError, match="backbone differs"):
+        capnet.predict(tmp_path / "backbone.pt", [tiny["test_images"]])
     cfg = capnet.config_from_args(capnet.build_parser().parse_args(
         tiny_args(tiny, trained["out"], "base", "--resume", "--clip", str(tiny["clip_other"]))))
     with pytest.raises(capnet.RunError, match="config differs in clip"):
@@ -3155,6 +3218,49 @@ def test_checkpoint_from_other_data_classes_or_backbone_is_refused(trained, tiny
         capnet.train_run(dataclasses.replace(cfg, resume=False, clip=str(tiny["clip"])))
     with pytest.raises(capnet.RunError, match=r"epochs \(3 -> 5\)"):
         capnet.train_run(dataclasses.replace(cfg, clip=str(tiny["clip"]), epochs=5))
+
+
+def test_eval_uses_the_label_graph_saved_in_the_checkpoint(trained, tmp_path):
+    ckpt = capnet.load_checkpoint(trained["dir"] / "checkpoint.pt")
+    assert ckpt["graph"].shape == (4, 4) and not torch.equal(ckpt["graph"], torch.eye(4))  # the text graph
+    torch.save(dict(ckpt, graph=torch.eye(4)), tmp_path / "eye.pt")
+    model, *_ = capnet.load_for_inference(tmp_path / "eye.pt")
+    assert torch.equal(model.gcn.P, torch.eye(4))  # the saved P, not one rebuilt from the config
+
+
+def test_graph_file_is_read_checked_and_trained_with(tiny, tmp_path):
+    A = np.array([[2.0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 3, 1], [0, 0, 0, 5]])
+    np.save(tmp_path / "g.npy", A)
+    torch.save(torch.tensor(A), tmp_path / "g.pt")
+    np.savetxt(tmp_path / "g.txt", A)
+    expected = torch.tensor(A / A.sum(1, keepdims=True))  # rows scaled to sum to 1
+    for name in ("g.npy", "g.pt", "g.txt"):
+        torch.testing.assert_close(capnet.read_graph_file(tmp_path / name, 4), expected, rtol=0, atol=1e-15)
+    bad = {"shape.npy": np.ones((3, 4)), "nan.npy": np.where(np.eye(4) > 0, np.nan, 1.0),
+           "negative.npy": -np.eye(4), "zero_row.npy": np.diag([1.0, 1, 1, 0])}
+    for name, matrix in bad.items():
+        np.save(tmp_path / name, matrix)
+    for name, message in (("shape.npy", r"\(3, 4\) matrix, but the data set has 4 classes"),
+                          ("nan.npy", "finite and non-negative"), ("negative.npy", "non-negative"),
+                          ("zero_row.npy", "positive sum"), ("missing.npy", "missing.npy': cannot read")):
+        with pytest.raises(ValueError, match=message):
+            capnet.read_graph_file(tmp_path / name, 4)
+    with pytest.raises(ValueError, match="--graph 'g.csv'.*a .npy, .pt or .txt file"):
+        capnet.resolve_config(capnet.Config(graph="g.csv"))
+    with pytest.raises(ValueError, match="--s cannot act"):  # a graph of one's own has no sharpness
+        capnet.config_from_args(capnet.build_parser().parse_args(["train", "--graph", "g.txt", "--s", "3"]))
+    res = capnet.main(tiny_args(tiny, tmp_path, "", "--graph", str(tmp_path / "g.txt"), "--epochs", "1"))
+    assert res["config"]["name"] == "tiny-recipe-ours-clip0-n-ctx-4-graph-g-epochs-1-batch-size-8-lr-0.05-input-size-32"
+    saved = capnet.load_checkpoint(tmp_path / res["config"]["name"] / "checkpoint.pt")["graph"]
+    torch.testing.assert_close(saved, expected.float())
+
+
+def test_a_trainable_submodule_without_a_part_is_an_error():
+    model = tiny_capnet("vit")
+    assert sum(len(v) for v in model.trainable_parts().values()) == sum(p.requires_grad for p in model.parameters())
+    model.extra_head = torch.nn.Linear(2, 2)  # a fork's new module: which lr and weight decay? none silently
+    with pytest.raises(ValueError, match="'extra_head.weight' is in no part.*trainable_parts"):
+        capnet.build_optimizer(model, tiny_cfg())
 
 
 def test_corrupted_checkpoint_and_atomic_writes(trained, tmp_path, monkeypatch, capsys):
@@ -3228,8 +3334,13 @@ def _run_capnet(args, env_extra=None, **kw):
                          ids=["capnet", "coop-class-aware-asl-full", "authors-adam-onecycle"])
 def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path, flags):
     extra = ("--epochs", "5", "--ckpt-every", "3", *flags)  # checkpoints at steps 3, 4, 6, 8, 9, ... (mid-epoch too)
-    full = _run_capnet(tiny_args(tiny, tmp_path, "full", *extra))
-    killed = _run_capnet(tiny_args(tiny, tmp_path, "killed", *extra))
+    def args(name, *more):
+        argv = tiny_args(tiny, tmp_path, name, *extra, *more)
+        if "authors" in flags:  # its context starts from "a photo of a", so --n-ctx cannot act (and is refused)
+            del argv[argv.index("--n-ctx"):argv.index("--n-ctx") + 2]
+        return argv
+    full = _run_capnet(args("full"))
+    killed = _run_capnet(args("killed"))
     ckpt = tmp_path / "killed" / "checkpoint.pt"
     deadline = _time.time() + 120
     while not ckpt.exists() and killed.poll() is None and _time.time() < deadline:
@@ -3240,7 +3351,7 @@ def test_sigkill_then_resume_gives_identical_results(tiny, tmp_path, flags):
     assert not (tmp_path / "killed" / "results.json").exists()
     step = capnet.load_checkpoint(ckpt)["step"]
     assert 3 <= step < 20
-    resumed = _run_capnet(tiny_args(tiny, tmp_path, "killed", *extra, "--resume"))
+    resumed = _run_capnet(args("killed", "--resume"))
     out_resumed, _ = resumed.communicate(timeout=300)
     out_full, _ = full.communicate(timeout=300)
     assert resumed.returncode == 0, out_resumed
@@ -3306,14 +3417,16 @@ def test_table_runs_every_row_over_seeds_and_resumes(tiny, tmp_path, monkeypatch
     rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:] if line.startswith("|")}
     assert list(rows) == ["zero-shot", "full model", "--graph identity", "--tte 1"]
     runs = sorted((tmp_path / "t").iterdir())  # one folder per row, named from its flags
-    assert [r.name for r in runs] == ["tiny-recipe-ours-clip0-graph-identity-n-ctx-4-lr-0.05",
-                                      "tiny-recipe-ours-clip0-n-ctx-4-lr-0.05"]  # "tiny" defaults to the authors' recipe
-    for name, run in (("full model", runs[1]), ("--graph identity", runs[0])):
+    # "tiny" defaults to the authors' recipe; a name lists every field off the preset (of ours on tiny)
+    off = "epochs-1-batch-size-8-lr-0.05-input-size-32"
+    assert [r.name for r in runs] == [f"tiny-recipe-ours-clip0-n-ctx-4-{off}",
+                                      f"tiny-recipe-ours-clip0-n-ctx-4-graph-identity-{off}"]
+    for name, run in (("full model", runs[0]), ("--graph identity", runs[1])):
         seeds = _json.loads((run / "seeds.json").read_text())
         mean, std = seeds["trained"]["tail"]["mean"], seeds["trained"]["tail"]["std"]
         assert f"{mean:.2f} +- {std:.2f}" in rows[name].split("|")[5]  # the tail column
     # a TTE-only row trains nothing (no folder of its own): it re-scores the full model's checkpoints
-    tte1 = [capnet.evaluate(runs[1] / f"seed{s}" / "checkpoint.pt", 1, workers=0)["tail"] for s in (0, 1)]
+    tte1 = [capnet.evaluate(runs[0] / f"seed{s}" / "checkpoint.pt", 1, workers=0)["tail"] for s in (0, 1)]
     assert f"{np.mean(tte1):.2f} +- {np.std(tte1, ddof=1):.2f}" in rows["--tte 1"].split("|")[5]
     assert (tmp_path / "table-mini-tiny.md").read_text().startswith(text.splitlines()[0])
     # a second call reads every finished run back instead of training again

@@ -2239,7 +2239,9 @@ def train_epochs(run: Run, model: CAPNet, optimizer, scheduler, train_set, step:
         # --peft full: CLIP's token table and its own logit scale are trainable but get no gradient
         device_ids = [device.index] if device.type == "cuda" else None
         forward = nn.parallel.DistributedDataParallel(model, device_ids, find_unused_parameters=cfg.peft == "full")
-    if cfg.compile:
+    if cfg.compile:  # a compiled graph runs its kernels unchecked (run_fused): the GCN's checked once, eagerly, first
+        with torch.no_grad(), autocast(device, run.amp):
+            model.gcn(model.prompt_learner())
         forward = torch.compile(forward)
     run.log(f"training: {cfg.epochs} epochs x {steps_per_epoch} steps, global batch {cfg.batch_size}, "
             f"{cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay}, {cfg.schedule} schedule ({cfg.recipe} recipe)")

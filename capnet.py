@@ -404,6 +404,9 @@ class CAPNet(nn.Module):
         if peft == "adaptformer" and isinstance(clip.visual, VisionTransformer):
             self.adapter_dim = add_adaptformer(clip.visual, len(classnames), adapter_dim, generator=g)
         elif peft == "adaptformer":  # the --peft adaptformer default means bias tuning on ResNets
+            if adapter_dim:
+                raise ValueError(f"--adapter-dim {adapter_dim} cannot act: a ResNet image tower has no adapters "
+                                 f"(its PEFT is bias tuning)")
             self.peft = "bias"
             for param in bias_tuning_parameters(clip.visual):
                 param.requires_grad_(True)

@@ -3698,3 +3698,9 @@ def test_bf16_autocast_train_step_close_to_fp32(bench_model):
     assert F_hat.dtype == torch.float32
     scale = fp32[0].abs().max()
     assert (logits.detach() - fp32[0]).abs().max() < 0.05 * scale  # bf16 keeps ~3 significant digits
+
+
+def test_adapter_dim_on_a_resnet_is_refused():
+    with pytest.raises(ValueError, match="--adapter-dim 8 cannot act: a ResNet image tower has no adapters"):
+        tiny_capnet("resnet", adapter_dim=8)
+    assert tiny_capnet("resnet").peft == "bias"

@@ -1456,11 +1456,11 @@ def hold_frozen_in_bf16(clip):
 
 
 def cached_class_features(model):
-    """F_hat in eval mode, where the prompts are fixed: computed once, keyed by the parameters' storage and version
-    counters (a state dict load, optimizer step or device move recomputes it) and the autocast state."""
-    params = [model.prompt_learner.ctx, model.gcn.W0, model.gcn.W1, model.gcn.W2, model.gcn.P]
+    """F_hat in eval mode, where the prompts are fixed: computed once, keyed by the storage and version counter of
+    every parameter and buffer of the model (a state dict load, optimizer step or device move recomputes it; a
+    fork's new input of F_hat is covered without a list to update) and the autocast state."""
     autocast = torch.is_autocast_enabled(model.logit_scale.device.type)
-    key = tuple((p.data_ptr(), p._version) for p in params) + (autocast,)
+    key = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers())) + (autocast,)
     if model._text_cache is None or model._text_cache[0] != key:
         with torch.no_grad():
             model._text_cache = (key, model.gcn(model.prompt_learner()))

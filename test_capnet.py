@@ -1147,8 +1147,10 @@ def test_eval_caches_the_text_side():
     f3 = model.class_features()
     assert f3 is not f2 and not torch.allclose(f3, f2)
     # a change to any one input of F_hat alone (prompts, each GCN weight, the graph) is seen
+    # (the text tower's weights: trained with --peft full)
     for name, param in (("ctx", model.prompt_learner.ctx), ("W0", model.gcn.W0), ("W1", model.gcn.W1),
-                        ("W2", model.gcn.W2), ("P", model.gcn.P)):
+                        ("W2", model.gcn.W2), ("P", model.gcn.P), ("text_projection", model.clip.text_projection),
+                        ("ln_final", model.clip.ln_final.weight)):
         before = model.class_features()
         with torch.no_grad():
             param.mul_(1.5)

@@ -1840,6 +1840,8 @@ def test_first_use_check_verifies_each_op_once_per_device_and_dtype(fresh_first_
     assert all(v is None for v in capnet.FIRST_USE.values()) and len(capnet.FIRST_USE) == 6
     report = capnet.ops_report()
     assert report["quick_gelu"] == "extension, verified on cpu float32; extension, verified on cpu float64"
+    assert capnet.quick_gelu(torch.zeros(0, 3, dtype=torch.float16)).shape == (0, 3)  # empty: nothing to check yet
+    assert ("quick_gelu", "cpu", "float16") not in capnet.FIRST_USE
     _three_op_calls()["db_focal_loss"]("torch")
     assert "reference (--backend torch) on cpu float32" in capnet.ops_report()["db_focal_loss"]
 

@@ -1535,19 +1535,29 @@ def run_fused(op, backend, kernel, reference, inputs, covered=True, check_on=Non
 def compare_with_reference(kernel, reference, inputs, widen=False):
     """None if kernel and reference agree on inputs, in value and in the gradient of each input (a seeded random
     upstream gradient), within RTOL of the inputs' dtype times the reference's largest magnitude (+ TINY); else the
-    largest error, in words. widen: for half types the reference runs on the inputs in float32, the exact value
-    the kernel rounds once; otherwise in their dtype (GEMMs round in it on both sides)."""
+    largest error (or the kernel's exception, where the reference runs), in words. widen: for half types the
+    reference runs on the inputs in float32, the exact value the kernel rounds once; otherwise in their dtype
+    (GEMMs round in it on both sides)."""
     dtype, device = inputs[0].dtype, inputs[0].device
     wide = torch.float32 if widen and dtype in (torch.bfloat16, torch.float16) else dtype
-    results = []
+
+    def run(fn, as_dtype):  # [output, gradient of each input]
+        leaves = [t.detach().to(as_dtype).clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        upstream = upstream.to(device, dtype).to(out.dtype)  # the same rounded values for both
+        grads = torch.autograd.grad(out, leaves, upstream, allow_unused=True)
+        return [out.detach()] + [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)]
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        for fn, as_dtype in ((kernel, dtype), (reference, wide)):
-            leaves = [t.detach().to(as_dtype).clone().requires_grad_() for t in inputs]
-            out = fn(*leaves)
-            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-            upstream = upstream.to(device, dtype).to(out.dtype)  # the same rounded values for both
-            grads = torch.autograd.grad(out, leaves, upstream, allow_unused=True)
-            results.append([out.detach()] + [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)])
+        try:
+            results = [run(kernel, dtype)]
+        except Exception as kernel_error:  # bad input, or a broken kernel: the reference tells which
+            try:
+                run(reference, wide)
+            except Exception:
+                raise kernel_error from None  # bad input: the kernel's own message names it
+            return f"the kernel raised {type(kernel_error).__name__}: {str(kernel_error).strip().splitlines()[0]}"
+        results.append(run(reference, wide))
     worst, where = 0.0, "value"
     for i, (got, want) in enumerate(zip(*results)):
         name, got, want = "value" if i == 0 else f"gradient of input {i - 1}", got.double(), want.double()

@@ -1885,17 +1885,29 @@ def test_run_with_wrong_kernels_falls_back_and_ends_bit_equal_to_backend_torch(t
 
 
 @needs_ext
-def test_check_passes_here_and_exits_1_naming_a_wrong_kernel(monkeypatch, capsys):
+def test_check_passes_here_and_exits_1_naming_a_wrong_kernel(fresh_first_use, monkeypatch, capsys):
     assert bench.check(all_reduce=False) == []
     out = capsys.readouterr().out
     assert "db_focal_loss float16" in out and "train step bf16 vs fp32" in out and "FAILED" not in out
+    real_propagate = torch.ops.capnet.graph_propagate
     _inject_wrong_kernels(monkeypatch, "graph_propagate")
-    failed = bench.check(all_reduce=False)
+    monkeypatch.setattr(capnet, "FIRST_USE", {})
+    with pytest.warns(UserWarning, match="graph_propagate on cpu float32 does not match"):  # the train step's GCN
+        failed = bench.check(all_reduce=False)
     assert {row[1] for row in failed} == {f"graph_propagate {d}" for d in ("float64", "float32", "bfloat16", "float16")}
     assert "FAILED: cpu graph_propagate float32: 24 cases" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         bench.main(["--check"])
     assert e.value.code == 1 and "FAILED: cpu graph_propagate float64" in capsys.readouterr().out
+    def raising(x):  # a kernel that raises on valid input: reported, and the other rows still run
+        raise RuntimeError("CUDA error: invalid configuration argument")
+    monkeypatch.setattr(torch.ops.capnet, "graph_propagate", real_propagate)
+    monkeypatch.setattr(torch.ops.capnet, "quick_gelu", raising)
+    monkeypatch.setattr(capnet, "FIRST_USE", {})
+    with pytest.warns(UserWarning, match="the kernel raised RuntimeError: CUDA error"):  # the train step falls back
+        failed = {row[1]: row[2] for row in bench.check(all_reduce=False)}
+    assert "the kernel raised RuntimeError: CUDA error: invalid configuration argument" in failed["quick_gelu float32"]
+    assert "train step bf16 vs fp32" not in failed and "db_focal_loss float32" not in failed
 
 
 def test_capnet_check_runs_every_check_and_exits_0_here():

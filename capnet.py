@@ -9,14 +9,14 @@ on. Steps (1)-(9) and the choices with their sources: README.md. bench.py and da
 Line map:
      47  config
     159  the method
-    620  ablations and baselines
-    672  vendored CLIP
-   1101  images
-   1184  data
-   1351  fast paths
-   1526  runs
-   2224  eval and predict
-   2339  CLI
+    649  ablations and baselines
+    701  vendored CLIP
+   1133  images
+   1216  data
+   1383  fast paths
+   1686  runs
+   2385  eval and predict
+   2501  CLI
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ METHODS = {
 class PromptLearner(nn.Module):
     """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT]; only the v's learn.
     With `ctx_init` (e.g. "a photo of a") every class's context starts as that template's token embeddings
-    and M is its token count (CoOp's convention; `n_ctx` is ignored), so the untrained prompts read exactly
+    and M is its token count (CoOp's convention; a given --n-ctx is refused), so the untrained prompts read exactly
     "a photo of a {name}." With `shared` (CoOp) one (M, W) context serves every class, not a (C, M, W) one."""
 
     def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False, generator=None):

@@ -10,13 +10,13 @@ Line map:
      47  config
     159  the method
     649  ablations and baselines
-    701  vendored CLIP
-   1133  images
-   1216  data
-   1383  fast paths
-   1686  runs
-   2385  eval and predict
-   2501  CLI
+    700  vendored CLIP
+   1132  images
+   1215  data
+   1382  fast paths
+   1692  runs
+   2391  eval and predict
+   2507  CLI
 """
 
 from __future__ import annotations
@@ -353,8 +353,8 @@ class AdaptedBlock(nn.Module):
 
     def __init__(self, block, adapter):
         super().__init__()
-        self.attn, self.ln_1, self.mlp, self.ln_2, self.causal = block.attn, block.ln_1, block.mlp, block.ln_2, block.causal
-        self.adapter = adapter
+        self.attn, self.ln_1, self.mlp, self.ln_2 = block.attn, block.ln_1, block.mlp, block.ln_2  # OpenAI's names
+        self.causal, self.adapter = block.causal, adapter
 
     def forward(self, x):
         h = x + self.attn(self.ln_1(x), causal=self.causal)  # the residual stream after attention
@@ -393,7 +393,7 @@ class CAPNet(nn.Module):
             raise ValueError(f"unknown peft {peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
         self.clip = clip.eval().requires_grad_(peft == "full")  # frozen (1) unless fully fine-tuned
-        g = torch.Generator().manual_seed(seed)  # every random init (prompts, GCN, adapters); the global RNG is left alone
+        g = torch.Generator().manual_seed(seed)  # every random init (prompts, GCN, adapters); not the global RNG
         self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init, shared_ctx, generator=g)
         self.gcn = GCN(clip.embed_dim, P, backend=backend, hidden=gcn_hidden, generator=g)
         self.gcn.to(clip.token_embedding.weight.device)
@@ -427,7 +427,7 @@ class CAPNet(nn.Module):
             if p.requires_grad and part is None:
                 raise ValueError(f"trainable parameter {name!r} is in no part: add {name.split('.')[0]!r} to "
                                  f"CAPNet.trainable_parts, which gives each part its optimizer group")
-            if p.requires_grad:
+            elif p.requires_grad:
                 parts[part].append(p)
         return parts
 
@@ -675,7 +675,6 @@ def asymmetric_loss(logits, targets, gamma_pos=0.0, gamma_neg=4.0, clip=0.05):
     pos = (1 - p) ** gamma_pos * torch.log(p.clamp(min=1e-8))  # (B, C)
     neg = p_m ** gamma_neg * torch.log((1 - p_m).clamp(min=1e-8))  # (B, C)
     return -(targets * pos + (1 - targets) * neg).mean()
-
 
 
 def read_graph_file(path, num_classes):
@@ -1523,13 +1522,20 @@ def run_fused(op, backend, kernel, reference, inputs, covered=True, check_on=Non
                           f"({FIRST_USE[key]}); the reference runs it there for the rest of this process")
     use_kernel = use_kernel and not FIRST_USE.get(key)
     if not traced:
-        why = ("--backend torch" if backend == "torch" else _why_no_kernel(x.device) if not _use_ext(backend, x.device, op)
-               else f"extension mismatch: {FIRST_USE[key]}" if FIRST_USE.get(key) else "the kernel does not cover this call")
-        OPS_RAN[key] = "extension, verified" if use_kernel else f"reference ({why})"
+        checked = "verified" if key in FIRST_USE else "not yet checked (empty input)"
+        OPS_RAN[key] = f"extension, {checked}" if use_kernel else f"reference ({_why_reference(backend, x.device, key)})"
         if not EXT_AVAILABLE and backend == "auto":
             _say_once(f"capnet: fused-op extension capnet_ext {_EXT_WHY_NOT}; using the pure-torch path "
                       f"(build it with: {BUILD_HINT})")
     return kernel(*inputs) if use_kernel else reference(*inputs)
+
+
+def _why_reference(backend, device, key):
+    if backend == "torch":
+        return "--backend torch"
+    if not _use_ext(backend, device, key[0]):
+        return _why_no_kernel(device)
+    return f"extension mismatch: {FIRST_USE[key]}" if FIRST_USE.get(key) else "the kernel does not cover this call"
 
 
 def compare_with_reference(kernel, reference, inputs, widen=False):

@@ -1842,6 +1842,7 @@ def test_first_use_check_verifies_each_op_once_per_device_and_dtype(fresh_first_
     assert report["quick_gelu"] == "extension, verified on cpu float32; extension, verified on cpu float64"
     assert capnet.quick_gelu(torch.zeros(0, 3, dtype=torch.float16)).shape == (0, 3)  # empty: nothing to check yet
     assert ("quick_gelu", "cpu", "float16") not in capnet.FIRST_USE
+    assert "extension, not yet checked (empty input) on cpu float16" in capnet.ops_report()["quick_gelu"]
     _three_op_calls()["db_focal_loss"]("torch")
     assert "reference (--backend torch) on cpu float32" in capnet.ops_report()["db_focal_loss"]
 

@@ -2339,6 +2339,9 @@ def test_synthetic_lt_tiny_world_is_deterministic_and_loads(tmp_path):
         assert (path.parent / "images" / rel).read_bytes() == (again.parent / "images" / rel).read_bytes()
     sd, sd2 = (torch.load(p.parent / "clip.pt", weights_only=True) for p in (path, again))
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    # real CLIP's regime: pretraining ends at the clamp, exp(t) = 100 (issue 26)
+    assert sd["logit_scale"].item() == pytest.approx(math.log(100), abs=1e-6)
+    assert d["source"]["clip"]["logit_scale"] == pytest.approx(100.0)
 
     prepared = capnet.load_prepared(path)  # the format checks training applies
     assert len(prepared.classes) >= 20 and len(prepared.test) == 40 and all(" " not in c.strip() or c for c in prepared.classes)
@@ -2354,6 +2357,31 @@ def test_synthetic_lt_tiny_world_is_deterministic_and_loads(tmp_path):
     assert clip.source["sha256"] == d["source"]["clip"]["sha256"]
     tokens = capnet.tokenize(["a photo of a pine tree."])
     assert clip.encode_text(tokens).shape == (1, 32) and clip.encode_image(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
+
+
+def test_synthetic_pretraining_temperature_modes():
+    """The small CLIP's logit scale: learned from 1/0.07 (t in the optimizer), fixed at 100, or the default ramp
+    from 1/0.07 to 100 over the first half of the steps (never in the optimizer): issue 26."""
+    C = len(data_prep.SYN_CLASSES)
+    images, labels, anchors, contexts = data_prep._syn_draw_split(
+        np.random.default_rng(0), 8, np.full(C, 1 / C), np.full(C, 0.2), 16, ("web",))
+    captioner = data_prep._SynCaptioner(capnet._tokenizer().encode)
+    seen = {}
+    for mode in (("learned", 1.0), ("fixed", None), ("ramp", 0.5)):
+        torch.manual_seed(0)
+        model = data_prep.init_clip_like_openai(capnet.CLIP(32, 16, 1, 64, 8, 77, 49408, 64, 1, 1))
+        t_start = model.logit_scale.item()
+        lines = []
+        data_prep._syn_pretrain(model, images["web"], labels, anchors, contexts, captioner, np.random.default_rng(1),
+                                4, 4, 1e-3, log=lines.append, temperature=mode)
+        seen[mode[0]] = [float(line.split("exp(t) ")[1].split()[0]) for line in lines]
+        assert model.logit_scale.requires_grad  # handed back as any checkpoint's parameter
+        if mode[0] == "learned":
+            assert t_start == pytest.approx(math.log(1 / 0.07)) and model.logit_scale.item() != t_start
+        else:
+            assert model.logit_scale.item() == pytest.approx(math.log(100), abs=1e-6)
+    assert seen["fixed"][0] == 100.0 and seen["ramp"][0] == pytest.approx(14.3, abs=0.05)
+    assert data_prep.SYN_TEMPERATURE == ("ramp", 0.5)
 
 
 def test_synthetic_captions_are_exact_tokenizations():

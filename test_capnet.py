@@ -2672,7 +2672,9 @@ def test_frozen_temperature_unchanged_bit_for_bit_by_training():
 def test_recipe_presets_layer_under_method_and_flags():
     parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
     ours, authors = parse(), parse("--recipe", "authors")
-    assert (ours.recipe, ours.optimizer, ours.schedule, ours.lr, ours.gcn_hidden) == ("ours", "sgd", "cosine", 0.01, 0)
+    # the synthetic preset's lr: v3's 0.01 carried to logit scale 100 (/ 6.96; issue 26)
+    assert (ours.recipe, ours.optimizer, ours.schedule, ours.lr, ours.gcn_hidden) == ("ours", "sgd", "cosine", 0.00144, 0)
+    assert (ours.weight_decay, ours.prompt_weight_decay) == (0.00348, 0.139)
     assert (authors.optimizer, authors.schedule, authors.lr, authors.gcn_lr, authors.weight_decay) == \
         ("adam", "onecycle", 5e-4, 1e-4, 1e-4)
     assert (authors.gcn_hidden, authors.graph_tau, authors.temperature_lr_scale, authors.ctx_init) == \

@@ -116,11 +116,9 @@ class Config:
 # per-benchmark presets: only what differs from the Config defaults. The real benchmarks (and custom data) train
 # the authors' recipe by default (README "Choices and assumptions": why); the synthetic world keeps ours
 PRESETS = {
-    # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP at logit scale 100 as OpenAI's,
-    # 10 minutes on 2 CPU cores; step 0 is exactly zero-shot. Our recipe with v3's steps carried from logit scale 14.4
-    # to 100 (issue 26): lr 0.01 / 6.96 and every decay x 6.96 (prompts 0.02 -> 0.139, the rest 5e-4 -> 0.00348), so
-    # lr x gradient and lr x decay are as before; v3's lr 0.01 collapses at 100. It passes the total bar, not the
-    # tail bar (docs/synthetic-lt.md, "The preset at logit scale 100")
+    # the embedded default (data_prep.make_synthetic_lt): 48 px scenes, a small ViT CLIP at logit scale 100 as OpenAI's;
+    # step 0 is exactly zero-shot. Our recipe, v3's steps carried from scale 14.4 to 100: lr / 6.96, every decay x 6.96
+    # (v3's lr 0.01 collapses at 100); passes the total bar, not the tail (docs/synthetic-lt.md, "The preset at ...")
     "synthetic-lt": dict(input_size=48, epochs=60, batch_size=32, lr=0.00144, weight_decay=0.00348,
                          prompt_weight_decay=0.139, workers=0, ctx_init="a photo of a", recipe="ours"),
     "voc-lt": dict(clip="ViT-B/16", mu=0.3, lam=5.0),

@@ -127,8 +127,9 @@ RECIPES = {
     "ours": {"*": dict(optimizer="sgd", schedule="cosine", lr=0.01, gcn_lr=0.0, weight_decay=5e-4,
                        temperature_lr_scale=0.01, gcn_hidden=0, graph_topk=0, graph_tau=0.0, ctx_init="",
                        batch_size=64, scale_min=0.5, epochs=30),
-             # prompt weight decay 0.02 (GCN, adapters 5e-4): at 5e-4 the prompts memorise rare classes' few images
-             "synthetic-lt": dict(prompt_weight_decay=0.02)},
+             # the small CLIP at logit scale 100 as OpenAI's: v3's steps carried from scale 14.4, lr / 6.96, every
+             # decay x 6.96 (lr 0.01 collapses at 100; at 5e-4 prompt decay the prompts memorise rare classes' images)
+             "synthetic-lt": dict(lr=0.00144, weight_decay=0.00348, prompt_weight_decay=0.139)},
 }
 
 # per-data presets, laid over the recipe's common part: only what differs from Config (a data set not named here,

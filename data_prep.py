@@ -991,9 +991,19 @@ def init_clip_like_openai(model):
     return model
 
 
-def _syn_pretrain(model, images, labels, anchors, contexts, captioner, rng, steps, batch_size, lr, log=print):
+# The small CLIP's temperature during pretraining. OpenAI's released CLIPs end at the clamp, exp(t) = 100, and
+# CAPNet meets that scale on real data; a small CLIP that learns t from 1/0.07 ends near 14 in 1,000 steps (16 with
+# t's lr 10x: the loss itself holds t there). So t is not learned: it rises log-linearly from 1/0.07 to 100 over the
+# first half of the steps and stays there ("ramp", 0.5). ("fixed", None): 100 from step 0; ("learned", k): t trains
+# at lr * k. Chosen on CLIP-side measurements only (docs/synthetic-lt.md, "The small CLIP's temperature").
+SYN_TEMPERATURE = ("ramp", 0.5)
+
+
+def _syn_pretrain(model, images, labels, anchors, contexts, captioner, rng, steps, batch_size, lr, log=print,
+                  temperature=SYN_TEMPERATURE):
     """Symmetric InfoNCE (image->text and text->image cross-entropy over the batch, Radford et
-    al. 2021) with AdamW, linear warm-up and cosine decay; logit scale clamped at ln(100).
+    al. 2021) with AdamW, linear warm-up and cosine decay; logit scale exp(t) as `temperature` says
+    (SYN_TEMPERATURE), clamped at 100.
 
     Captions use a few dozen of the 49,408 token ids. A row that never gets a gradient never
     moves under AdamW (its moments stay zero and embeddings take no weight decay), so the
@@ -1005,10 +1015,16 @@ def _syn_pretrain(model, images, labels, anchors, contexts, captioner, rng, step
     compact[vocab] = torch.arange(len(vocab))
     table = torch.nn.Parameter(model.token_embedding.weight.detach()[vocab].clone())  # (V, W)
     params = [(n, p) for n, p in model.named_parameters() if n != "token_embedding.weight"] + [("token_embedding", table)]
+    mode, knob = temperature
+    t_start, t_end = math.log(1 / 0.07), math.log(100.0)
     decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n) and n != "logit_scale"]
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}]
+    if mode == "learned":  # t trains from ln(1 / 0.07) at lr * knob
+        groups.append({"params": [model.logit_scale], "weight_decay": 0.0, "lr": lr * knob})
+    else:  # fixed at ln 100, or set each step by the ramp: never a parameter of the optimizer
+        model.logit_scale.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -1019,6 +1035,10 @@ def _syn_pretrain(model, images, labels, anchors, contexts, captioner, rng, step
             order, pos = rng.permutation(len(images)), 0
         idx = np.sort(order[pos:pos + batch_size])
         pos += batch_size
+        if mode != "learned":  # fixed: ln 100 throughout; ramp: ln(1/0.07) -> ln 100 over the first knob of the steps
+            frac = 1.0 if mode == "fixed" else min(1.0, step / max(1.0, knob * steps))
+            with torch.no_grad():
+                model.logit_scale.fill_(t_start + frac * (t_end - t_start))
         x = _syn_augment(rng, _syn_to_tensor(images[idx]))  # (B, 3, S, S)
         caps = [captioner.tokens(rng, labels[i], anchors[i], *contexts[i]) for i in idx]
         tokens = torch.zeros(len(caps), max(map(len, caps)), dtype=torch.long)  # (B, L), zero padded
@@ -1036,9 +1056,11 @@ def _syn_pretrain(model, images, labels, anchors, contexts, captioner, rng, step
         with torch.no_grad():
             model.logit_scale.clamp_(max=math.log(100.0))
         if log and (step % 100 == 0 or step == steps - 1):
-            log(f"  pretrain step {step + 1}/{steps}  loss {loss.item():.3f}  {time.time() - t0:.0f}s")
+            log(f"  pretrain step {step + 1}/{steps}  loss {loss.item():.3f}  exp(t) {model.logit_scale.exp().item():.1f}  "
+                f"{time.time() - t0:.0f}s")
     with torch.no_grad():
         model.token_embedding.weight[vocab] = table
+    model.logit_scale.requires_grad_(True)
     model.eval()
     return float(loss.item())
 
@@ -1083,7 +1105,7 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
                       pretrain_steps=1000, batch_size=64, lr=1e-3, patch=8, width=96, layers=3,
                       text_width=96, text_layers=2, embed_dim=96, tail_exponent=1.4, extra_rate=0.3,
                       test_extra_rate=0.25, pretrain_extra_rate=0.25, family_mix=0.05, p_mention=0.5,
-                      p_synonym=0.5, p_family_word=0.15, log=print):
+                      p_synonym=0.5, p_family_word=0.15, temperature=SYN_TEMPERATURE, log=print):
     """Draw the synthetic-lt world and pretrain its CLIP -> Path of <root>/synthetic-lt/dataset.json.
 
     Writes <root>/synthetic-lt/{dataset.json, images/{train,test}/*.png, clip.pt}. The keyword
@@ -1136,7 +1158,7 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
                                                   text_width // 64, text_layers))
         captioner = _SynCaptioner(capnet._tokenizer().encode, p_mention, p_synonym, p_family_word)
         final_loss = _syn_pretrain(model, pre[0]["web"], pre[1], pre[2], pre[3], captioner,
-                                   np.random.default_rng([seed, 3]), pretrain_steps, batch_size, lr, log)
+                                   np.random.default_rng([seed, 3]), pretrain_steps, batch_size, lr, log, temperature)
         clip_path = out / "clip.pt"
         tmp = out / "clip.pt.tmp"
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
@@ -1149,7 +1171,8 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
     fmt = lambda m: f"{m['total']:.1f} (head {m['head']:.1f}, medium {m['medium']:.1f}, tail {m['tail']:.1f})"
-    log(f"synthetic-lt: pretrained CLIP in {pretrain_steps} steps (final loss {final_loss:.3f}); zero-shot mAP, "
+    log(f"synthetic-lt: pretrained CLIP in {pretrain_steps} steps (final loss {final_loss:.3f}, logit scale "
+        f"{clip.logit_scale.exp().item():.1f}); zero-shot mAP, "
         f"one view: test scenes {fmt(zs)}; the same scenes in the web style {fmt(zs_web)}")
     family_pairs = syn_family_cooccurrence(train[1])
     log("synthetic-lt: families (train images with 2+ members / with any; text-space nearest neighbour): "
@@ -1177,6 +1200,7 @@ def make_synthetic_lt(root="data", seed=0, *, size=48, n_train=1500, n_test=1000
                  "pretrain_steps": pretrain_steps, "batch_size": batch_size, "lr": lr, "p_mention": p_mention,
                  "p_synonym": p_synonym, "synonyms": SYN_SYNONYMS,
                  "p_family_word": p_family_word, "pretrain_extra_rate": pretrain_extra_rate, "loss": "symmetric InfoNCE",
+                 "temperature": list(temperature), "logit_scale": round(clip.logit_scale.exp().item(), 4),
                  "final_loss": round(final_loss, 4)},
         "zero_shot_map": {k: round(v, 2) for k, v in zs.items() if k != "n_nan"},
         "zero_shot_map_web_style": {k: round(v, 2) for k, v in zs_web.items() if k != "n_nan"},

@@ -972,7 +972,8 @@ def test_prompt_weight_decay_puts_the_context_in_its_own_group():
     assert groups[0]["weight_decay"] == 0.02 and groups[0]["lr"] == groups[1]["lr"]
     assert groups[1]["weight_decay"] == 5e-4 and all(p is not ctx for g in groups[1:] for p in g["params"])
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
-    assert capnet.config_from_args(capnet.build_parser().parse_args(["train"])).prompt_weight_decay == 0.02
+    # the synthetic preset's: v3's 0.02 carried to logit scale 100 (x 6.96, with lr / 6.96; issue 26)
+    assert capnet.config_from_args(capnet.build_parser().parse_args(["train"])).prompt_weight_decay == 0.139
 
 
 def test_optimizer_groups_by_hand():
@@ -2483,6 +2484,9 @@ def test_synthetic_lt_tiny_world_is_deterministic_and_loads(tmp_path):
         assert (path.parent / "images" / rel).read_bytes() == (again.parent / "images" / rel).read_bytes()
     sd, sd2 = (torch.load(p.parent / "clip.pt", weights_only=True) for p in (path, again))
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    # real CLIP's regime: pretraining ends at the clamp, exp(t) = 100 (issue 26)
+    assert sd["logit_scale"].item() == pytest.approx(math.log(100), abs=1e-6)
+    assert d["source"]["clip"]["logit_scale"] == pytest.approx(100.0)
 
     prepared = capnet.load_prepared(path)  # the format checks training applies
     assert len(prepared.classes) >= 20 and len(prepared.test) == 40 and all(" " not in c.strip() or c for c in prepared.classes)
@@ -2498,6 +2502,31 @@ def test_synthetic_lt_tiny_world_is_deterministic_and_loads(tmp_path):
     assert clip.source["sha256"] == d["source"]["clip"]["sha256"]
     tokens = capnet.tokenize(["a photo of a pine tree."])
     assert clip.encode_text(tokens).shape == (1, 32) and clip.encode_image(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
+
+
+def test_synthetic_pretraining_temperature_modes():
+    """The small CLIP's logit scale: learned from 1/0.07 (t in the optimizer), fixed at 100, or the default ramp
+    from 1/0.07 to 100 over the first half of the steps (never in the optimizer): issue 26."""
+    C = len(data_prep.SYN_CLASSES)
+    images, labels, anchors, contexts = data_prep._syn_draw_split(
+        np.random.default_rng(0), 8, np.full(C, 1 / C), np.full(C, 0.2), 16, ("web",))
+    captioner = data_prep._SynCaptioner(capnet._tokenizer().encode)
+    seen = {}
+    for mode in (("learned", 1.0), ("fixed", None), ("ramp", 0.5)):
+        torch.manual_seed(0)
+        model = data_prep.init_clip_like_openai(capnet.CLIP(32, 16, 1, 64, 8, 77, 49408, 64, 1, 1))
+        t_start = model.logit_scale.item()
+        lines = []
+        data_prep._syn_pretrain(model, images["web"], labels, anchors, contexts, captioner, np.random.default_rng(1),
+                                4, 4, 1e-3, log=lines.append, temperature=mode)
+        seen[mode[0]] = [float(line.split("exp(t) ")[1].split()[0]) for line in lines]
+        assert model.logit_scale.requires_grad  # handed back as any checkpoint's parameter
+        if mode[0] == "learned":
+            assert t_start == pytest.approx(math.log(1 / 0.07)) and model.logit_scale.item() != t_start
+        else:
+            assert model.logit_scale.item() == pytest.approx(math.log(100), abs=1e-6)
+    assert seen["fixed"][0] == 100.0 and seen["ramp"][0] == pytest.approx(14.3, abs=0.05)
+    assert data_prep.SYN_TEMPERATURE == ("ramp", 0.5)
 
 
 def test_synthetic_captions_are_exact_tokenizations():
@@ -2787,7 +2816,9 @@ def test_frozen_temperature_unchanged_bit_for_bit_by_training():
 def test_recipe_presets_layer_under_method_and_flags():
     parse = lambda *argv: capnet.config_from_args(capnet.build_parser().parse_args(["train", *argv]))
     ours, authors = parse(), parse("--recipe", "authors")
-    assert (ours.recipe, ours.optimizer, ours.schedule, ours.lr, ours.gcn_hidden) == ("ours", "sgd", "cosine", 0.01, 0)
+    # the synthetic preset's lr: v3's 0.01 carried to logit scale 100 (/ 6.96; issue 26)
+    assert (ours.recipe, ours.optimizer, ours.schedule, ours.lr, ours.gcn_hidden) == ("ours", "sgd", "cosine", 0.00144, 0)
+    assert (ours.weight_decay, ours.prompt_weight_decay) == (0.00348, 0.139)
     assert (authors.optimizer, authors.schedule, authors.lr, authors.gcn_lr, authors.weight_decay) == \
         ("adam", "onecycle", 5e-4, 1e-4, 1e-4)
     assert (authors.gcn_hidden, authors.graph_tau, authors.temperature_lr_scale, authors.ctx_init) == \

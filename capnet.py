@@ -75,7 +75,8 @@ class Config:
     mu: float = 0.2                   # mu, rebalance sigmoid centre
     kappa: float = 0.05               # kappa, NTR bias scale
     lam: float = 2.0                  # lambda, NTR negative-logit scale
-    gamma: float = 2.0                # gamma, focal exponent (db-focal and focal)
+    gamma: float = 2.0                # gamma, focal exponent (db-focal: on positives; focal)
+    gamma_neg: float = -1.0           # DB-focal's focal exponent on negatives (< 0: gamma)
     balance: float = 2.0              # overall loss scale of the DB-focal term
     tau_prime: float = 4.0            # tau', class-aware re-weighting temperature (inf = off); DB-focal only
     # (8) test-time ensembling
@@ -464,11 +465,11 @@ def class_aware_weights(class_freq, tau_prime):
 
 
 def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10.0,
-                            mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, balance=2.0,
+                            mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, gamma_neg=None, balance=2.0,
                             class_weight=None, reduction="mean"):
     """(7) Distribution-balanced focal loss with negative-tolerant regularisation (Wu et al. 2020, eqs. 3-6,
-    with the focal factor of their released code). logits, targets: (B, C); class_freq: (C,) training counts
-    n_c; num_images: N. Half types are computed in float32."""
+    with the focal factor of their released code; gamma_neg, the negatives' exponent if not gamma, from the pre-paper
+    code). logits, targets: (B, C); class_freq: (C,) training counts n_c; num_images: N. Half types: in float32."""
     class_freq = torch.as_tensor(class_freq, device=logits.device)
     _check_db_focal_args(logits, targets, class_freq, num_images, class_weight, reduction)
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -490,7 +491,10 @@ def db_focal_loss_reference(logits, targets, class_freq, num_images, *, alpha=0.
     # F.binary_cross_entropy_with_logits takes log(1 + tiny) without log1p, losing a near-zero bce
     bce = z2.clamp(min=0) - z2 * y + torch.log1p(torch.exp(-z2.abs()))  # (B, C)
     one_minus_pt = -torch.expm1(-bce)                      # 1 - p_t, p_t = exp(-bce); no cancellation as p_t -> 1
-    loss = balance * one_minus_pt ** gamma * w2 * bce      # (B, C)
+    focal = one_minus_pt ** gamma                          # (B, C)
+    if gamma_neg is not None and gamma_neg != gamma:       # the negatives' own exponent
+        focal = torch.where(pos, focal, one_minus_pt ** gamma_neg)
+    loss = balance * focal * w2 * bce                      # (B, C)
     if class_weight is not None:
         loss = loss * class_weight.to(dtype)               # (B, C) * (C,)
     if reduction == "mean":
@@ -525,6 +529,7 @@ def make_criterion(cfg, class_freq, num_images):
     def criterion(logits, targets):
         return db_focal_loss(logits, targets, freq.to(logits.device), num_images, alpha=cfg.alpha, beta=cfg.beta,
                              mu=cfg.mu, kappa=cfg.kappa, lam=cfg.lam, gamma=cfg.gamma, balance=cfg.balance,
+                             gamma_neg=cfg.gamma_neg if cfg.gamma_neg >= 0 else cfg.gamma,
                              class_weight=weight.to(logits.device), backend=cfg.backend)
     return criterion
 
@@ -1629,8 +1634,10 @@ def _check_propagate_args(adj, x, weight):
 def db_focal_pair(targets, class_freq, num_images, class_weight=None, reduction="mean", **kw):
     """(kernel, reference), each logits -> db_focal_loss with the rest bound (kw: alpha ... balance)."""
     code = _reduction_code(reduction)
-    params = [float(kw.get(k, v)) for k, v in (("alpha", 0.1), ("beta", 10.0), ("mu", 0.2), ("kappa", 0.05),
-                                               ("lam", 2.0), ("gamma", 2.0), ("balance", 2.0))]  # the schema's order
+    if kw.get("gamma_neg") is None:  # one exponent for both signs
+        kw["gamma_neg"] = kw.get("gamma", 2.0)
+    defaults = dict(alpha=0.1, beta=10.0, mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, gamma_neg=2.0, balance=2.0)
+    params = [float(kw.get(k, v)) for k, v in defaults.items()]  # the schema's order
 
     def kernel(logits):
         grad = torch.is_grad_enabled() and logits.requires_grad
@@ -1644,12 +1651,13 @@ def db_focal_pair(targets, class_freq, num_images, class_weight=None, reduction=
 
 
 def db_focal_loss(logits, targets, class_freq, num_images, *, alpha=0.1, beta=10.0, mu=0.2,
-                  kappa=0.05, lam=2.0, gamma=2.0, balance=2.0, class_weight=None,
+                  kappa=0.05, lam=2.0, gamma=2.0, gamma_neg=None, balance=2.0, class_weight=None,
                   reduction="mean", backend="auto"):
     """db_focal_loss_reference, fused: one pass per row computes the loss and its gradient."""
     class_freq = torch.as_tensor(class_freq, device=logits.device)
     kernel, reference = db_focal_pair(targets, class_freq, num_images, class_weight, reduction, alpha=alpha,
-                                      beta=beta, mu=mu, kappa=kappa, lam=lam, gamma=gamma, balance=balance)
+                                      beta=beta, mu=mu, kappa=kappa, lam=lam, gamma=gamma, gamma_neg=gamma_neg,
+                                      balance=balance)
     # the kernel differentiates w.r.t. logits only: a trainable class_weight takes the reference
     covered = class_weight is None or not class_weight.requires_grad
     return run_fused("db_focal_loss", backend, kernel, reference, [logits], covered)
@@ -1789,7 +1797,7 @@ FLAGS_THAT_MAY_NOT_ACT = (
      "the pre-paper code's graph is sharpened by T = --graph-tau, p its neighbours' share before the softmax"),
     (("graph_topk", "graph_tau"), lambda c: c.graph == "text", "they shape the text graph (--graph text)"),
     (("p",), lambda c: c.graph in ("text", "cooccur"), "p weighs the text or co-occurrence graph's neighbours"),
-    (("alpha", "beta", "mu", "kappa", "lam", "balance", "tau_prime"), lambda c: c.loss == "db-focal",
+    (("alpha", "beta", "mu", "kappa", "lam", "balance", "tau_prime", "gamma_neg"), lambda c: c.loss == "db-focal",
      "they are the DB-focal loss's (7), class-aware weights included; the other losses are plain baselines"),
     (("gamma",), lambda c: c.loss in ("db-focal", "focal"), "BCE has no focal factor; ASL runs at its paper's gammas"),
     (("momentum",), lambda c: c.optimizer == "sgd" and c.schedule == "cosine", "Adam has none; OneCycle cycles it"),

@@ -1195,7 +1195,7 @@ def test_capnet_trains_on_random_data_with_decreasing_loss():
 # losses
 
 def db_focal_by_hand(z, y, n, N, alpha=0.1, beta=10.0, mu=0.2, kappa=0.05, lam=2.0, gamma=2.0,
-                     balance=2.0, cw=None):
+                     balance=2.0, cw=None, gamma_neg=None):
     """Method step (7), element by element in plain Python floats (reduction none)."""
     out = []
     for zb, yb in zip(z, y):
@@ -1212,7 +1212,8 @@ def db_focal_by_hand(z, y, n, N, alpha=0.1, beta=10.0, mu=0.2, kappa=0.05, lam=2
             w2 = w if yc == 1 else w / lam
             bce = max(z2, 0) - z2 * yc + math.log1p(math.exp(-abs(z2)))
             pt = math.exp(-bce)
-            row.append(balance * (1 - pt) ** gamma * w2 * bce * (1.0 if cw is None else cw[c]))
+            g = gamma if yc == 1 or gamma_neg is None else gamma_neg
+            row.append(balance * (1 - pt) ** g * w2 * bce * (1.0 if cw is None else cw[c]))
         out.append(row)
     return torch.tensor(out, dtype=torch.float64)
 
@@ -1240,6 +1241,12 @@ def test_db_focal_loss_hand_computed_2x3():
                                           reduction="none", mu=0.3, lam=5.0, gamma=1.5)
     torch.testing.assert_close(loss, db_focal_by_hand(z.tolist(), y.tolist(), N_2x3, N, mu=0.3,
                                                       lam=5.0, gamma=1.5, cw=cw), rtol=1e-12, atol=1e-14)
+    # the pre-paper code's exponents: 4 on positives, 0 on negatives (whose loss is then w' * bce * balance)
+    loss = capnet.db_focal_loss_reference(z, y, n, N, gamma=4.0, gamma_neg=0.0, reduction="none")
+    torch.testing.assert_close(loss, db_focal_by_hand(z.tolist(), y.tolist(), N_2x3, N, gamma=4.0, gamma_neg=0.0),
+                               rtol=1e-12, atol=1e-14)
+    assert math.isclose(loss[0, 1].item(), 2 * (0.1 + sig(0.5)) / 2 * math.log(2), rel_tol=1e-12)
+    assert math.isclose(loss[0, 0].item(), 2 * 0.5 ** 4 * (0.1 + sig(8.0)) * math.log(2), rel_tol=1e-12)
 
 
 def test_db_focal_loss_reductions_and_inputs_untouched():
@@ -1330,6 +1337,10 @@ def test_make_criterion_losses():
     # tau' = inf: class weight 1, the plain DB-focal loss
     db_off = capnet.make_criterion(tiny_cfg(tau_prime=float("inf")), n, N)(z, y)
     torch.testing.assert_close(db_off, capnet.db_focal_loss_reference(z, y, nf, N))
+    # gamma_neg < 0 is gamma; given, it is the negatives' exponent
+    db_neg = capnet.make_criterion(tiny_cfg(tau_prime=float("inf"), gamma=4.0, gamma_neg=0.0), n, N)(z, y)
+    torch.testing.assert_close(db_neg, capnet.db_focal_loss_reference(z, y, nf, N, gamma=4.0, gamma_neg=0.0))
+    assert not torch.allclose(db_neg, capnet.db_focal_loss_reference(z, y, nf, N, gamma=4.0))
     assert not torch.allclose(db_off, capnet.make_criterion(tiny_cfg(), n, N)(z, y))
     with pytest.raises(ValueError, match="'mse'"):
         capnet.make_criterion(tiny_cfg(loss="mse"), n, N)
@@ -1417,7 +1428,8 @@ def test_db_focal_ext_matches_reference(device, dtype, rtol):
     seed = 0
     for B, C in shapes:
         for reduction in ("mean", "sum", "none"):
-            for kw in (dict(), dict(gamma=1.5, lam=5.0, mu=0.3), dict(gamma=0.0, kappa=0.0), dict(class_weight=True)):
+            for kw in (dict(), dict(gamma=1.5, lam=5.0, mu=0.3), dict(gamma=0.0, kappa=0.0), dict(class_weight=True),
+                       dict(gamma=4.0, gamma_neg=0.0), dict(gamma=1.0, gamma_neg=2.5)):
                 seed += 1
                 logits, targets, counts, N, weight = _db_case(B, C, dtype, device, seed)
                 if kw.get("class_weight"):
@@ -1470,9 +1482,10 @@ def test_db_focal_ext_half_types_computed_in_float32():
 def test_db_focal_ext_gradcheck_and_deterministic():
     logits, targets, counts, N, weight = _db_case(3, 5, torch.float64, "cpu", seed=11)
     for reduction in ("mean", "none"):
-        f = lambda z: capnet.db_focal_loss(z, targets, counts, N, class_weight=weight,
-                                           reduction=reduction, gamma=2.5, backend="ext")
-        assert torch.autograd.gradcheck(f, (logits.clone().requires_grad_(),))
+        for gamma_neg in (None, 0.0, 3.5):
+            f = lambda z: capnet.db_focal_loss(z, targets, counts, N, class_weight=weight, reduction=reduction,
+                                               gamma=2.5, gamma_neg=gamma_neg, backend="ext")
+            assert torch.autograd.gradcheck(f, (logits.clone().requires_grad_(),))
     big = _db_case(64, 80, torch.float32, "cpu", seed=12)
     a = capnet.db_focal_loss(*big[:4], backend="ext")
     b = capnet.db_focal_loss(*big[:4], backend="ext")
@@ -1735,7 +1748,7 @@ def test_fused_ops_pass_opcheck():
     z = logits.clone().requires_grad_()
     for cw, red in ((weight, 1), (None, 0)):
         torch.library.opcheck(torch.ops.capnet.db_focal_loss.default,
-                              (z, targets, counts, float(N), 0.1, 10.0, 0.2, 0.05, 2.0, 2.0, 2.0, cw, red, True))
+                              (z, targets, counts, float(N), 0.1, 10.0, 0.2, 0.05, 2.0, 4.0, 0.0, 2.0, cw, red, True))
     adj, x, w = _graph_case(5, 4, 3, torch.float32, "cpu", seed=32, adj_grad=True)
     torch.library.opcheck(torch.ops.capnet.graph_propagate.default, (adj, x, w, 0.2, True))
     with torch.no_grad():
@@ -2877,6 +2890,7 @@ def test_config_defaults_are_the_coco_lt_run_and_presets_resolve_as_before(capsy
     (["--loss", "focal", "--tau-prime", "2"], "--tau-prime cannot act.*DB-focal"),
     (["--loss", "bce", "--mu", "0.3", "--lam", "5"], "--mu --lam cannot act"),
     (["--loss", "asl", "--gamma", "3"], "--gamma cannot act.*ASL"),
+    (["--loss", "focal", "--gamma-neg", "0"], "--gamma-neg cannot act.*DB-focal"),
     (["--method", "coop", "--tau-prime", "2"], "--tau-prime cannot act"),  # coop trains BCE
     (["--momentum", "0.8", "--recipe", "authors"], "--momentum cannot act"),
     (["--seeds", "0,1", "--seed", "3"], "--seed cannot act"),

@@ -18,7 +18,7 @@ DbFocalInputs check_db_focal_inputs(const at::Tensor& logits, const at::Tensor& 
                                     const at::Tensor& class_freq,
                                     const c10::optional<at::Tensor>& class_weight,
                                     double num_images, double lam, double gamma,
-                                    int64_t reduction);
+                                    double gamma_neg, int64_t reduction);
 
 // graph propagation: validates adj (C, C), x (C, Din), weight (Din, Dout), same device/dtype.
 void check_graph_inputs(const at::Tensor& adj, const at::Tensor& x, const at::Tensor& weight,

@@ -28,15 +28,16 @@ void check_cuda(cudaError_t err, const char* what) {
 std::tuple<at::Tensor, at::Tensor> db_focal_loss_cuda(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& class_freq,
     double num_images, double alpha, double beta, double mu, double kappa, double lam,
-    double gamma, double balance, const c10::optional<at::Tensor>& class_weight,
-    int64_t reduction, bool compute_grad) {
+    double gamma, double gamma_neg, double balance,
+    const c10::optional<at::Tensor>& class_weight, int64_t reduction, bool compute_grad) {
   TORCH_CHECK(logits.is_cuda(), "db_focal_loss: CUDA kernel called with logits on ",
               logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
   // value checks of class_freq / targets need a host sync on CUDA and are left to the caller
   // (capnet.make_criterion validates the counts once); shapes, dtypes, devices are checked here.
   const DbFocalInputs in = check_db_focal_inputs(logits, targets, class_freq, class_weight,
-                                                 num_images, lam, gamma, reduction);
+                                                 num_images, lam, gamma, gamma_neg,
+                                                 reduction);
   const int64_t B = logits.size(0), C = logits.size(1);
   const auto acc = in.class_freq.scalar_type();
   at::Tensor loss = reduction == 0 ? at::empty({B, C}, in.logits.options())
@@ -48,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> db_focal_loss_cuda(
   check_cuda(capnet_cuda::db_focal_loss_forward(
                  to_kernel_dtype(in.logits.scalar_type()), in.logits.data_ptr(),
                  in.targets.data_ptr(), in.class_freq.data_ptr(), in.class_weight.data_ptr(),
-                 B, C, num_images, alpha, beta, mu, kappa, lam, gamma, balance,
+                 B, C, num_images, alpha, beta, mu, kappa, lam, gamma, gamma_neg, balance,
                  static_cast<int>(reduction), loss.data_ptr(),
                  reduction == 0 ? nullptr : rows.data_ptr(),
                  compute_grad ? grad.data_ptr() : nullptr,

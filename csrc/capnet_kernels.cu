@@ -58,6 +58,7 @@ __global__ void db_focal_rows_kernel(const T* __restrict__ logits, const T* __re
                                      typename AccOf<T>::type alpha, typename AccOf<T>::type beta,
                                      typename AccOf<T>::type mu, typename AccOf<T>::type kappa,
                                      typename AccOf<T>::type lam, typename AccOf<T>::type gamma,
+                                     typename AccOf<T>::type gamma_neg,
                                      typename AccOf<T>::type balance,
                                      typename AccOf<T>::type grad_scale, T* __restrict__ loss,
                                      typename AccOf<T>::type* __restrict__ loss_rows,
@@ -78,8 +79,8 @@ __global__ void db_focal_rows_kernel(const T* __restrict__ logits, const T* __re
     const acc_t cw = class_weight ? class_weight[c] : acc_t(1);
     acc_t lv, gv;
     capnet_math::db_focal_element<acc_t>(to_acc(zr[c]), to_acc(yr[c]) != acc_t(0), acc_t(1) / n,
-                                         bias, cw, row_sum, alpha, beta, mu, lam, gamma, balance,
-                                         grad_scale, &lv, grad ? &gv : nullptr);
+                                         bias, cw, row_sum, alpha, beta, mu, lam, gamma, gamma_neg,
+                                         balance, grad_scale, &lv, grad ? &gv : nullptr);
     if (grad) grad[b * C + c] = from_acc<T>(gv);
     if (loss_rows) row_loss += lv; else loss[b * C + c] = from_acc<T>(lv);
   }
@@ -110,7 +111,8 @@ template <typename T>
 cudaError_t db_focal_typed(const void* logits, const void* targets, const void* class_freq,
                            const void* class_weight, int64_t B, int64_t C, double num_images,
                            double alpha, double beta, double mu, double kappa, double lam,
-                           double gamma, double balance, int reduction, void* loss,
+                           double gamma, double gamma_neg, double balance, int reduction,
+                           void* loss,
                            void* loss_rows, void* grad, cudaStream_t stream) {
   using acc_t = typename AccOf<T>::type;
   if (B == 0 || C == 0) return cudaSuccess;  // the glue fills the empty reductions
@@ -120,7 +122,7 @@ cudaError_t db_focal_typed(const void* logits, const void* targets, const void* 
       static_cast<const T*>(logits), static_cast<const T*>(targets),
       static_cast<const acc_t*>(class_freq), static_cast<const acc_t*>(class_weight), C,
       acc_t(num_images), acc_t(alpha), acc_t(beta), acc_t(mu), acc_t(kappa), acc_t(lam),
-      acc_t(gamma), acc_t(balance), grad_scale, static_cast<T*>(loss), rows,
+      acc_t(gamma), acc_t(gamma_neg), acc_t(balance), grad_scale, static_cast<T*>(loss), rows,
       static_cast<T*>(grad));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || reduction == 0) return err;
@@ -193,11 +195,11 @@ cudaError_t db_focal_loss_forward(Dtype dtype, const void* logits, const void* t
                                   const void* class_freq, const void* class_weight, int64_t B,
                                   int64_t C, double num_images, double alpha, double beta,
                                   double mu, double kappa, double lam, double gamma,
-                                  double balance, int reduction, void* loss, void* loss_rows,
-                                  void* grad, cudaStream_t stream) {
+                                  double gamma_neg, double balance, int reduction, void* loss,
+                                  void* loss_rows, void* grad, cudaStream_t stream) {
 #define CAPNET_DB_CALL(T)                                                                      \
   db_focal_typed<T>(logits, targets, class_freq, class_weight, B, C, num_images, alpha, beta, \
-                    mu, kappa, lam, gamma, balance, reduction, loss, loss_rows, grad, stream)
+                    mu, kappa, lam, gamma, gamma_neg, balance, reduction, loss, loss_rows, grad, stream)
   switch (dtype) {
     case Dtype::f16: return CAPNET_DB_CALL(__half);
     case Dtype::bf16: return CAPNET_DB_CALL(__nv_bfloat16);

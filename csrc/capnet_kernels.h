@@ -23,7 +23,7 @@ cudaError_t db_focal_loss_forward(Dtype dtype, const void* logits, const void* t
                                   const void* class_freq, const void* class_weight,
                                   int64_t B, int64_t C, double num_images, double alpha,
                                   double beta, double mu, double kappa, double lam, double gamma,
-                                  double balance, int reduction, void* loss, void* loss_rows,
+                                  double gamma_neg, double balance, int reduction, void* loss, void* loss_rows,
                                   void* grad, cudaStream_t stream);
 
 // In-place LeakyReLU epilogue on the propagation output: y = y > 0 ? y : slope * y.

@@ -6,11 +6,11 @@
 //   r   = inv_n / row_sum,  w = alpha + sigmoid(beta (r - mu))      (w = alpha + 1 if row_sum = 0)
 //   z'  = z + bias_c,  z'' = z' if y else lam z',  w' = w if y else w / lam
 //   bce = BCEWithLogits(z'', y),  p_t = exp(-bce)
-//   loss = balance * (1 - p_t)^gamma * w' * bce * cw_c
+//   loss = balance * (1 - p_t)^g * w' * bce * cw_c,  g = gamma if y else gamma_neg
 // Written with the margin t = z'' if y else -z'': bce = softplus(-t), p_t = sigmoid(t) and
 // 1 - p_t = sigmoid(-t), all from e = exp(-|t|) (no cancellation, finite for |z| up to 1e4+).
-// Gradient: dloss/dt = -K q^gamma (gamma p_t bce + q) with q = 1 - p_t, K = balance w' cw_c
-// (the q^(gamma-1) of the chain rule times dq/dt = -q p_t folds into q^gamma: no 0 * inf at q = 0),
+// Gradient: dloss/dt = -K q^g (g p_t bce + q) with q = 1 - p_t, K = balance w' cw_c
+// (the q^(g-1) of the chain rule times dq/dt = -q p_t folds into q^g: no 0 * inf at q = 0),
 // and dt/dz = +1 (y = 1) or -lam (y = 0).
 //
 // QuickGELU, CLIP's MLP activation (specification: capnet.py `quick_gelu_reference`):
@@ -43,8 +43,8 @@ CAPNET_HD acc_t pow_gamma(acc_t q, acc_t gamma) {
 template <typename acc_t>
 CAPNET_HD void db_focal_element(acc_t z, bool pos, acc_t inv_n, acc_t bias, acc_t cw,
                                 acc_t row_sum, acc_t alpha, acc_t beta, acc_t mu, acc_t lam,
-                                acc_t gamma, acc_t balance, acc_t grad_scale, acc_t* loss,
-                                acc_t* grad) {
+                                acc_t gamma, acc_t gamma_neg, acc_t balance, acc_t grad_scale,
+                                acc_t* loss, acc_t* grad) {
   using std::exp; using std::fabs; using std::log1p;
   const acc_t one = acc_t(1);
   const acc_t w = row_sum > acc_t(0) ? alpha + one / (one + exp(-beta * (inv_n / row_sum - mu)))
@@ -59,9 +59,10 @@ CAPNET_HD void db_focal_element(acc_t z, bool pos, acc_t inv_n, acc_t bias, acc_
   const acc_t pt = t >= acc_t(0) ? inv : e * inv;
   const acc_t q = t >= acc_t(0) ? e * inv : inv;
   const acc_t k = balance * wp * cw;
-  const acc_t qg = pow_gamma(q, gamma);
+  const acc_t g = pos ? gamma : gamma_neg;
+  const acc_t qg = pow_gamma(q, g);
   *loss = k * qg * bce;
-  if (grad) *grad = -k * qg * (gamma * pt * bce + q) * (pos ? one : -lam) * grad_scale;
+  if (grad) *grad = -k * qg * (g * pt * bce + q) * (pos ? one : -lam) * grad_scale;
 }
 
 template <typename acc_t>

@@ -4,7 +4,8 @@
 //   regularisation (method step (7); specification: capnet.py `db_focal_loss_reference`):
 //     w_bc = alpha + sigmoid(beta ((1/n_c) / sum_k y_bk / n_k - mu))   (alpha + 1 if no positive)
 //     z' = z + bias_c, bias_c = -kappa / lam log(N / n_c - 1); z'' = z' (y = 1) or lam z' (y = 0)
-//     loss = balance (1 - p_t)^gamma w' bce(z'', y) cw_c, p_t = exp(-bce), w' = w or w / lam
+//     loss = balance (1 - p_t)^g w' bce(z'', y) cw_c, p_t = exp(-bce), w' = w or w / lam,
+//     g = gamma (y = 1) or gamma_neg (y = 0)
 //   One pass per row computes the loss and, when asked, d loss / d logits, which autograd's
 //   backward (capnet.py) then only multiplies by the incoming gradient.
 // capnet::graph_propagate -- out = act(adj @ (x @ weight)), act = LeakyReLU(negative_slope) or
@@ -43,7 +44,7 @@ DbFocalInputs check_db_focal_inputs(const at::Tensor& logits, const at::Tensor& 
                                     const at::Tensor& class_freq,
                                     const c10::optional<at::Tensor>& class_weight,
                                     double num_images, double lam, double gamma,
-                                    int64_t reduction) {
+                                    double gamma_neg, int64_t reduction) {
   TORCH_CHECK(logits.dim() == 2, "db_focal_loss: logits must be 2-D (B, C), got shape ",
               logits.sizes());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()),
@@ -67,6 +68,7 @@ DbFocalInputs check_db_focal_inputs(const at::Tensor& logits, const at::Tensor& 
               "db_focal_loss: num_images must be a positive number, got ", num_images);
   TORCH_CHECK(lam > 0, "db_focal_loss: lam must be > 0, got ", lam);
   TORCH_CHECK(gamma >= 0, "db_focal_loss: gamma must be >= 0, got ", gamma);
+  TORCH_CHECK(gamma_neg >= 0, "db_focal_loss: gamma_neg must be >= 0, got ", gamma_neg);
   TORCH_CHECK(reduction >= 0 && reduction <= 2,
               "db_focal_loss: reduction code must be 0 (none), 1 (mean) or 2 (sum), got ",
               reduction);
@@ -221,6 +223,14 @@ CAPNET_AVX2 inline f8 vlog1p(f8 x) { return Sleef_log1pf8_u10(x); }
 CAPNET_AVX2 inline d4 vlog1p(d4 x) { return Sleef_log1pd4_u10(x); }
 CAPNET_AVX2 inline f8 vpow(f8 x, f8 y) { return Sleef_powf8_u10(x, y); }
 CAPNET_AVX2 inline d4 vpow(d4 x, d4 y) { return Sleef_powd4_u10(x, y); }
+// q^gamma lane-wise, the common exponents exactly as capnet_math::pow_gamma
+template <typename V, typename acc_t>
+CAPNET_AVX2 inline V vpow_gamma(V q, acc_t gamma) {
+  if (gamma == acc_t(2)) return q * q;
+  if (gamma == acc_t(1)) return q;
+  if (gamma == acc_t(0)) return V{} + acc_t(1);
+  return vpow(q, V{} + gamma);
+}
 
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -233,13 +243,13 @@ template <typename acc_t>
 CAPNET_AVX2 int64_t db_focal_row_avx2(const acc_t* z, const acc_t* y, const acc_t* inv_n,
                                       const acc_t* bias, const acc_t* cw, int64_t C,
                                       acc_t row_sum, acc_t alpha, acc_t beta, acc_t mu, acc_t lam,
-                                      acc_t gamma, acc_t balance, acc_t grad_scale,
-                                      acc_t* loss_out, acc_t* grad_out, double* row_loss) {
+                                      acc_t gamma, acc_t gamma_neg, acc_t balance,
+                                      acc_t grad_scale, acc_t* loss_out, acc_t* grad_out,
+                                      double* row_loss) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = Vec<acc_t>::width;
   const V zero = V{} , one = zero + acc_t(1);
   const V lamv = zero + lam, neg_lam = zero - lam;
-  const V gam = zero + gamma;
   int64_t c = 0;
   for (; c + W <= C; c += W) {
     V zv, yv, nv, bv, cv;
@@ -262,12 +272,12 @@ CAPNET_AVX2 int64_t db_focal_row_avx2(const acc_t* z, const acc_t* y, const acc_
     const V pt = tpos ? inv : e * inv;
     const V q = tpos ? e * inv : inv;
     const V k = balance * wp * cv;
-    const V qg = gamma == acc_t(2) ? q * q
-                 : gamma == acc_t(1) ? q
-                 : gamma == acc_t(0) ? one : vpow(q, gam);
+    const V qg = gamma == gamma_neg ? vpow_gamma(q, gamma)  // q^g, g by the target's sign
+                 : (pos ? vpow_gamma(q, gamma) : vpow_gamma(q, gamma_neg));
+    const V g = pos ? zero + gamma : zero + gamma_neg;
     const V lv = k * qg * bce;
     if (grad_out) {
-      const V gv = -k * qg * (gamma * pt * bce + q) * (pos ? one : neg_lam) * grad_scale;
+      const V gv = -k * qg * (g * pt * bce + q) * (pos ? one : neg_lam) * grad_scale;
       __builtin_memcpy(grad_out + c, &gv, sizeof(V));
     }
     if (loss_out) __builtin_memcpy(loss_out + c, &lv, sizeof(V));
@@ -281,8 +291,8 @@ CAPNET_AVX2 int64_t db_focal_row_avx2(const acc_t* z, const acc_t* y, const acc_
 
 template <typename scalar_t>
 void db_focal_rows_cpu(const DbFocalInputs& in, double num_images, double alpha, double beta,
-                       double mu, double kappa, double lam, double gamma, double balance,
-                       int64_t reduction, scalar_t* loss_elems, double* loss_rows,
+                       double mu, double kappa, double lam, double gamma, double gamma_neg,
+                       double balance, int64_t reduction, scalar_t* loss_elems, double* loss_rows,
                        scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = in.logits.size(0), C = in.logits.size(1);
@@ -299,7 +309,8 @@ void db_focal_rows_cpu(const DbFocalInputs& in, double num_images, double alpha,
     inv_n[c] = acc_t(1) / n[c];
     bias[c] = static_cast<acc_t>(-kappa / lam) * std::log(static_cast<acc_t>(num_images) / n[c] - acc_t(1));
   }
-  const acc_t a = alpha, be = beta, m = mu, l = lam, g = gamma, bal = balance;
+  const acc_t a = alpha, be = beta, m = mu, l = lam, bal = balance;
+  const acc_t g = gamma, gn = gamma_neg;
   const acc_t grad_scale = reduction == 1 ? acc_t(1) / static_cast<acc_t>(B * C) : acc_t(1);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1));
 #ifdef CAPNET_HAVE_AVX2_PATH
@@ -324,7 +335,7 @@ void db_focal_rows_cpu(const DbFocalInputs& in, double num_images, double alpha,
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (use_avx2)
           c0 = db_focal_row_avx2<acc_t>(zr, yr, inv_n.data(), bias.data(), cwp, C, row_sum, a, be,
-                                        m, l, g, bal, grad_scale,
+                                        m, l, g, gn, bal, grad_scale,
                                         loss_elems ? loss_elems + b * C : nullptr,
                                         grad ? grad + b * C : nullptr, &row_loss);
       }
@@ -333,7 +344,7 @@ void db_focal_rows_cpu(const DbFocalInputs& in, double num_images, double alpha,
         acc_t lv, gv;
         capnet_math::db_focal_element<acc_t>(static_cast<acc_t>(zr[c]),
                                              static_cast<acc_t>(yr[c]) != acc_t(0), inv_n[c],
-                                             bias[c], cwp[c], row_sum, a, be, m, l, g, bal,
+                                             bias[c], cwp[c], row_sum, a, be, m, l, g, gn, bal,
                                              grad_scale, &lv, grad ? &gv : nullptr);
         if (grad) grad[b * C + c] = static_cast<scalar_t>(gv);
         if (loss_elems) loss_elems[b * C + c] = static_cast<scalar_t>(lv);
@@ -347,10 +358,10 @@ void db_focal_rows_cpu(const DbFocalInputs& in, double num_images, double alpha,
 std::tuple<at::Tensor, at::Tensor> db_focal_loss_cpu(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& class_freq,
     double num_images, double alpha, double beta, double mu, double kappa, double lam,
-    double gamma, double balance, const c10::optional<at::Tensor>& class_weight,
-    int64_t reduction, bool compute_grad) {
+    double gamma, double gamma_neg, double balance,
+    const c10::optional<at::Tensor>& class_weight, int64_t reduction, bool compute_grad) {
   const DbFocalInputs in = check_db_focal_inputs(logits, targets, class_freq, class_weight,
-                                                 num_images, lam, gamma, reduction);
+                                                 num_images, lam, gamma, gamma_neg, reduction);
   const int64_t B = logits.size(0), C = logits.size(1);
   at::Tensor loss = reduction == 0 ? at::empty({B, C}, in.logits.options())
                                    : at::empty({}, in.logits.options());
@@ -359,8 +370,9 @@ std::tuple<at::Tensor, at::Tensor> db_focal_loss_cpu(
   std::vector<double> rows(reduction == 0 ? 0 : B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(),
                                   "db_focal_loss_cpu", [&] {
-    db_focal_rows_cpu<scalar_t>(in, num_images, alpha, beta, mu, kappa, lam, gamma, balance,
-                                reduction, reduction == 0 ? loss.data_ptr<scalar_t>() : nullptr,
+    db_focal_rows_cpu<scalar_t>(in, num_images, alpha, beta, mu, kappa, lam, gamma, gamma_neg,
+                                balance, reduction,
+                                reduction == 0 ? loss.data_ptr<scalar_t>() : nullptr,
                                 reduction == 0 ? nullptr : rows.data(),
                                 compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
     if (reduction != 0) {
@@ -587,21 +599,21 @@ class DbFocalLossFunction : public torch::autograd::Function<DbFocalLossFunction
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
                                const at::Tensor& targets, const at::Tensor& class_freq,
                                double num_images, double alpha, double beta, double mu,
-                               double kappa, double lam, double gamma, double balance,
-                               const c10::optional<at::Tensor>& class_weight, int64_t reduction,
-                               bool compute_grad) {
+                               double kappa, double lam, double gamma, double gamma_neg,
+                               double balance, const c10::optional<at::Tensor>& class_weight,
+                               int64_t reduction, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("capnet::db_focal_loss", "")
                          .typed<std::tuple<at::Tensor, at::Tensor>(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                             double, double, double, double, double, double, double,
+                             double, double, double, double, double, double, double, double,
                              const c10::optional<at::Tensor>&, int64_t, bool)>();
     // the gradient is needed exactly when autograd records this call
     const bool need =
         compute_grad || (c10::GradMode::is_enabled() && logits.requires_grad());
     auto [loss, grad] = op.call(logits, targets, class_freq, num_images, alpha, beta, mu, kappa,
-                                lam, gamma, balance, class_weight, reduction, need);
+                                lam, gamma, gamma_neg, balance, class_weight, reduction, need);
     ctx->save_for_backward({grad});
     ctx->mark_non_differentiable({grad});
     return {loss, grad};
@@ -609,7 +621,7 @@ class DbFocalLossFunction : public torch::autograd::Function<DbFocalLossFunction
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor dloss_dlogits = ctx->get_saved_variables()[0];  // (B, C), 1/(B C) for mean
-    variable_list out(14);
+    variable_list out(15);
     out[0] = grads[0] * dloss_dlogits;
     return out;
   }
@@ -618,11 +630,11 @@ class DbFocalLossFunction : public torch::autograd::Function<DbFocalLossFunction
 std::tuple<at::Tensor, at::Tensor> db_focal_loss_autograd(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& class_freq,
     double num_images, double alpha, double beta, double mu, double kappa, double lam,
-    double gamma, double balance, const c10::optional<at::Tensor>& class_weight,
-    int64_t reduction, bool compute_grad) {
+    double gamma, double gamma_neg, double balance,
+    const c10::optional<at::Tensor>& class_weight, int64_t reduction, bool compute_grad) {
   auto r = DbFocalLossFunction::apply(logits, targets, class_freq, num_images, alpha, beta, mu,
-                                      kappa, lam, gamma, balance, class_weight, reduction,
-                                      compute_grad);
+                                      kappa, lam, gamma, gamma_neg, balance, class_weight,
+                                      reduction, compute_grad);
   return {r[0], r[1]};
 }
 
@@ -708,8 +720,8 @@ at::Tensor empty_or_none(const at::Tensor& like, at::IntArrayRef shape, bool kee
 
 std::tuple<at::Tensor, at::Tensor> db_focal_loss_meta(
     const at::Tensor& logits, const at::Tensor&, const at::Tensor&, double, double, double,
-    double, double, double, double, double, const c10::optional<at::Tensor>&, int64_t reduction,
-    bool compute_grad) {
+    double, double, double, double, double, double, const c10::optional<at::Tensor>&,
+    int64_t reduction, bool compute_grad) {
   const at::Tensor loss = reduction == 0 ? logits.new_empty(logits.sizes()) : logits.new_empty({});
   return {loss, empty_or_none(logits, logits.sizes(), compute_grad)};
 }
@@ -737,7 +749,8 @@ at::Tensor quick_gelu_backward_meta(const at::Tensor&, const at::Tensor& x) {
 TORCH_LIBRARY(capnet, m) {
   m.def(
       "db_focal_loss(Tensor logits, Tensor targets, Tensor class_freq, float num_images, "
-      "float alpha, float beta, float mu, float kappa, float lam, float gamma, float balance, "
+      "float alpha, float beta, float mu, float kappa, float lam, float gamma, float gamma_neg, "
+      "float balance, "
       "Tensor? class_weight, int reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def(
       "graph_propagate(Tensor adj, Tensor x, Tensor weight, float negative_slope, "

@@ -2856,9 +2856,9 @@ def test_recipe_presets_layer_under_method_and_flags():
 SYNTHETIC_LT_DEFAULT = dict(
     n_ctx=16, ctx_init="a photo of a", ctx="class", graph="text", s=10.0, p=0.2, graph_topk=0, graph_tau=0.0,
     gcn_hidden=0, peft="adaptformer", adapter_dim=0, clip_lr_scale=0.1, loss="db-focal", alpha=0.1, beta=10.0,
-    mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, balance=2.0, tau_prime=4.0, tte=5, recipe="ours", optimizer="sgd",
-    schedule="cosine", epochs=60, batch_size=32, lr=0.01, gcn_lr=0.0, temperature_lr_scale=0.01, momentum=0.9,
-    weight_decay=5e-4, prompt_weight_decay=0.02, warmup_epochs=1.0, data="synthetic-lt", data_root="data",
+    mu=0.2, kappa=0.05, lam=2.0, gamma=2.0, gamma_neg=-1.0, balance=2.0, tau_prime=4.0, tte=5, recipe="ours",
+    optimizer="sgd", schedule="cosine", epochs=60, batch_size=32, lr=0.00144, gcn_lr=0.0, temperature_lr_scale=0.01,
+    momentum=0.9, weight_decay=0.00348, prompt_weight_decay=0.139, warmup_epochs=1.0, data="synthetic-lt", data_root="data",
     clip="data/synthetic-lt/clip.pt", input_size=48, scale_min=0.5, sampler="uniform", sampler_power=1.0,
     eval_batch_size=64, name="synthetic-lt", out_dir="runs", device="auto", amp="auto", backend="auto",
     compile=False, workers=0, seed=0, seeds="", log_every=10, skip_bad_images=False, resume=False, ckpt_every=0)

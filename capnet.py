@@ -8,15 +8,15 @@ on. Steps (1)-(9) and the choices with their sources: README.md. bench.py and da
 
 Line map:
      47  config
-    159  the method
-    649  ablations and baselines
-    700  vendored CLIP
-   1132  images
-   1215  data
-   1382  fast paths
-   1692  runs
-   2391  eval and predict
-   2507  CLI
+    163  the method
+    657  ablations and baselines
+    708  vendored CLIP
+   1140  images
+   1223  data
+   1390  fast paths
+   1703  runs
+   2402  eval and predict
+   2518  CLI
 """
 
 from __future__ import annotations

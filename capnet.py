@@ -77,7 +77,7 @@ class Config:
     lam: float = 2.0                  # lambda, NTR negative-logit scale
     gamma: float = 4.0                # gamma, focal exponent (db-focal: on positives; focal: on all)
     gamma_neg: float = 0.0            # DB-focal's focal exponent on negatives (< 0: gamma)
-    balance: float = 2.0              # overall loss scale of the DB-focal term
+    balance: float = 1.0              # overall scale of the DB-focal term (Wu et al.: 2)
     tau_prime: float = 4.0            # tau', class-aware re-weighting temperature (inf = off); DB-focal only
     # (8) test-time ensembling
     tte: int = 5                      # test-time views: 1 | 5 | 10
@@ -127,7 +127,7 @@ RECIPES = {
                 "synthetic-lt": dict(gcn_hidden=384)},  # 4 D, as 2048 is to ViT-B/16's D = 512 (a miniature)
     "ours": {"*": dict(optimizer="sgd", schedule="cosine", lr=0.01, gcn_lr=0.0, weight_decay=5e-4,
                        temperature_lr_scale=0.01, gcn_hidden=0, graph_topk=0, graph_tau=0.0, ctx_init="",
-                       batch_size=64, scale_min=0.5, epochs=30, gamma=2.0, gamma_neg=-1.0),
+                       batch_size=64, scale_min=0.5, epochs=30, gamma=2.0, gamma_neg=-1.0, balance=2.0),
              # the small CLIP at logit scale 100 as OpenAI's: v3's steps carried from scale 14.4, lr / 6.96, every
              # decay x 6.96 (lr 0.01 collapses at 100; at 5e-4 prompt decay the prompts memorise rare classes' images)
              "synthetic-lt": dict(lr=0.00144, weight_decay=0.00348, prompt_weight_decay=0.139)},
@@ -154,10 +154,10 @@ METHODS = {
     # CoOp (Zhou et al. 2022): one context for all classes; sigmoid BCE, as CoOp's softmax CE is single-label
     "coop": dict(ctx="shared", graph="none", peft="none", loss="bce"),
     # LMPT (Xia et al. 2023, richard-peng-xia/LMPT): class-specific context from "a photo of a", DB-focal
-    # without class-aware weights (its focal exponent 2 on both signs), no random crop (whole image, + flip); its
-    # caption loss is left out
+    # without class-aware weights (Wu et al.'s focal exponent 2 on both signs and scale 2), no random crop (whole
+    # image, + flip); its caption loss is left out
     "lmpt": dict(ctx_init="a photo of a", graph="none", peft="none", tau_prime=float("inf"), scale_min=1.0,
-                 gamma=2.0, gamma_neg=-1.0),
+                 gamma=2.0, gamma_neg=-1.0, balance=2.0),
 }
 
 # -----------------------------------------------------------------------------

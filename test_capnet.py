@@ -2843,6 +2843,7 @@ def test_recipe_presets_layer_under_method_and_flags():
     # the pre-paper code's focal exponents (issue 26): 4 on positives, 0 on negatives; ours and LMPT's: 2 on both
     assert (authors.gamma, authors.gamma_neg, ours.gamma, ours.gamma_neg) == (4.0, 0.0, 2.0, -1.0)
     assert (lmpt.gamma, lmpt.gamma_neg) == (2.0, -1.0)
+    assert (authors.balance, ours.balance, lmpt.balance) == (1.0, 2.0, 2.0)  # qusi has no factor; Wu et al.'s 2
     voc, coco = parse("--data", "voc-lt"), parse("--data", "coco-lt")
     assert (voc.recipe, voc.optimizer, voc.epochs, voc.graph_topk, voc.mu, voc.lam) == ("authors", "adam", 64, 20, 0.3, 5.0)
     assert (coco.recipe, coco.epochs, coco.graph_topk, coco.batch_size, coco.gcn_hidden) == ("authors", 60, 60, 32, 2048)
@@ -2868,7 +2869,7 @@ SYNTHETIC_LT_DEFAULT = dict(
 COCO_LT_DEFAULT = dict(
     SYNTHETIC_LT_DEFAULT, graph_topk=60, graph_tau=0.3, gcn_hidden=2048, recipe="authors", optimizer="adam",
     schedule="onecycle", lr=5e-4, gcn_lr=1e-4, temperature_lr_scale=0.0, weight_decay=1e-4, prompt_weight_decay=-1.0,
-    gamma=4.0, gamma_neg=0.0,
+    gamma=4.0, gamma_neg=0.0, balance=1.0,
     data="coco-lt", clip="ViT-B/16", input_size=224, scale_min=0.08, name="coco-lt", workers=2)
 
 

@@ -542,7 +542,8 @@ def check_cases(op, device, dtype):
             y = (torch.rand(B, C, generator=g) < 0.3).to(device, dtype)  # (B, C)
             n = torch.randint(1, 300, (C,), generator=g).double()  # (C,)
             weight = class_aware_weights(n, 4.0).to(device, dtype)
-            kernel, reference = capnet.db_focal_pair(y, n.to(device), 400, weight)
+            exponents = dict(gamma=4.0, gamma_neg=0.0) if transposed else {}  # the authors' recipe's, and ours
+            kernel, reference = capnet.db_focal_pair(y, n.to(device), 400, weight, **exponents)
             yield kernel, reference, [put(rand(B, C) * 5)]
         elif op == "graph_propagate":
             kernel, reference = capnet.propagate_pair(0.2, activation=C % 2 == 0)

@@ -93,7 +93,6 @@ class Config:
     momentum: float = 0.9             # SGD only
     weight_decay: float = 1e-4        # not on the temperature and adapter scales
     prompt_weight_decay: float = -1.0  # weight decay of the prompt context vectors (< 0: --weight-decay)
-    prompt_decay_to: str = "zero"     # zero | init: that decay pulls the context toward 0, or toward where it started
     warmup_epochs: float = 1.0        # cosine schedule only
     # data, backbone, images
     data: str = "coco-lt"             # dataset name: data/<data>/dataset.json (the command line's default: synthetic-lt)
@@ -174,11 +173,9 @@ class PromptLearner(nn.Module):
     """Class c is read by the text encoder as [SOT] v_1^c .. v_M^c <name_c> . [EOT]; only the v's learn.
     With `ctx_init` (e.g. "a photo of a") every class's context starts as that template's token embeddings
     and M is its token count (CoOp's convention; a given --n-ctx is refused), so the untrained prompts read exactly
-    "a photo of a {name}." With `shared` (CoOp) one (M, W) context serves every class, not a (C, M, W) one.
-    v = anchor + ctx: the anchor is 0, or with `decay_to_init` the initial context, ctx then a learned offset from 0,
-    so that weight decay on ctx pulls v back to its start (L2-SP, Li et al. 2018), not to 0 (ours, an assumption)."""
+    "a photo of a {name}." With `shared` (CoOp) one (M, W) context serves every class, not a (C, M, W) one."""
 
-    def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False, generator=None, decay_to_init=False):
+    def __init__(self, clip, classnames, n_ctx=16, ctx_init="", shared=False, generator=None):
         super().__init__()
         # a reference, not a submodule: the frozen CLIP is registered once, under CAPNet.clip
         object.__setattr__(self, "clip", clip)
@@ -209,8 +206,7 @@ class PromptLearner(nn.Module):
             else:
                 ctx = torch.randn(shape, generator=generator).to(device) * 0.02  # (C, M, W), or (M, W) shared
         self.n_ctx, self.full_context = M, False
-        self.ctx = nn.Parameter(torch.zeros_like(ctx) if decay_to_init else ctx)  # (C, M, W), or (M, W) shared
-        self.register_buffer("anchor", ctx if decay_to_init else torch.zeros_like(ctx), persistent=False)
+        self.ctx = nn.Parameter(ctx)  # (C, M, W), or (M, W) shared
         # frozen pieces, rebuilt from CLIP on load, so not saved in checkpoints
         self.register_buffer("token_ids", token_ids, persistent=False)  # (C, L)
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, W) SOT
@@ -220,7 +216,7 @@ class PromptLearner(nn.Module):
     def embeddings(self):
         """Token embeddings of the prompts (without positional embeddings): (C, L, W)."""
         dtype = self.clip.token_embedding.weight.dtype
-        ctx = (self.anchor + self.ctx).expand(self.prefix.shape[0], -1, -1)  # (C, M, W): shared serves every class
+        ctx = self.ctx.expand(self.prefix.shape[0], -1, -1)  # (C, M, W): a shared context serves every class
         return torch.cat([self.prefix, ctx, self.suffix], dim=1).to(dtype)  # (C, L, W)
 
     def forward(self):
@@ -394,16 +390,15 @@ LOGIT_SCALE_MAX = math.log(100.0)  # t <= ln(100), as in CLIP's training
 class CAPNet(nn.Module):
     """logits z_c = exp(t) * cos(normalize(E_I(x)), F_hat_c), F_hat = GCN(PromptLearner()); P is the label graph."""
 
-    def __init__(self, clip, classnames, P, *, n_ctx=16, ctx_init="", shared_ctx=False, decay_to_init=False,
-                 train_gcn=True, gcn_hidden=0, peft="adaptformer", adapter_dim=0, train_temperature=True,
-                 backend="auto", seed=0):
+    def __init__(self, clip, classnames, P, *, n_ctx=16, ctx_init="", shared_ctx=False, train_gcn=True, gcn_hidden=0,
+                 peft="adaptformer", adapter_dim=0, train_temperature=True, backend="auto", seed=0):
         super().__init__()
         if peft not in ("adaptformer", "none", "full"):
             raise ValueError(f"unknown peft {peft!r}; expected 'adaptformer', 'none' or 'full'")
         self.classnames = list(classnames)
         self.clip = clip.eval().requires_grad_(peft == "full")  # frozen (1) unless fully fine-tuned
         g = torch.Generator().manual_seed(seed)  # every random init (prompts, GCN, adapters); not the global RNG
-        self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init, shared_ctx, g, decay_to_init)
+        self.prompt_learner = PromptLearner(clip, classnames, n_ctx, ctx_init, shared_ctx, generator=g)
         self.gcn = GCN(clip.embed_dim, P, backend=backend, hidden=gcn_hidden, generator=g)
         self.gcn.to(clip.token_embedding.weight.device)
         self.gcn.requires_grad_(train_gcn)  # False (graph none: CoOp, LMPT): W2 = 0 stays, so F_hat = F_t exactly
@@ -1716,7 +1711,7 @@ if EXT_AVAILABLE:
 DATA_PREP_ARGS = {"synthetic-lt": "synthetic-lt", "voc-lt": "voc-lt --voc-root DIR --split img_id.txt",
                   "coco-lt": "coco-lt --coco-root DIR --split img_id.pkl", "nus-wide-lt": "nus-wide-lt --nus-root DIR"}
 CHOICES = {
-    "loss": LOSSES, "ctx": ("class", "shared"), "recipe": tuple(RECIPES), "prompt_decay_to": ("zero", "init"),
+    "loss": LOSSES, "ctx": ("class", "shared"), "recipe": tuple(RECIPES),
     "optimizer": ("sgd", "adam"), "schedule": ("cosine", "onecycle"),
     "peft": ("adaptformer", "none", "full"), "sampler": ("uniform", "class-aware"), "tte": (1, 5, 10),
     "device": ("auto", "cpu", "cuda"), "amp": ("auto", "bf16", "none"), "backend": ("auto", "ext", "torch"),
@@ -1813,8 +1808,6 @@ FLAGS_THAT_MAY_NOT_ACT = (
     (("clip_lr_scale",), lambda c: c.peft == "full", "only --peft full trains CLIP's own weights"),
     (("sampler_power",), lambda c: c.sampler == "class-aware", "only --sampler class-aware draws by class"),
     (("seed",), lambda c: not c.seeds, "--seeds sets each run's seed"),
-    (("prompt_decay_to",), lambda c: (c.prompt_weight_decay if c.prompt_weight_decay >= 0 else c.weight_decay) > 0,
-     "the prompts have no weight decay to pull them anywhere"),
 )
 
 
@@ -1955,7 +1948,6 @@ def build_model(clip, classes, cfg: Config, train_targets, device="cpu", P=None)
         P = build_label_graph(cfg.graph, clip, classes, train_targets, s=cfg.s, p=cfg.p, topk=cfg.graph_topk,
                               tau=cfg.graph_tau)
     model = CAPNet(clip, classes, P, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, shared_ctx=cfg.ctx == "shared",
-                   decay_to_init=cfg.prompt_decay_to == "init",
                    train_gcn=cfg.graph != "none", gcn_hidden=cfg.gcn_hidden,
                    peft=cfg.peft, adapter_dim=cfg.adapter_dim, train_temperature=cfg.temperature_lr_scale > 0,
                    backend=cfg.backend, seed=cfg.seed).to(device)

@@ -881,17 +881,29 @@ def _syn_render(seed, labels, anchor, sky, ground, size, style="web"):
 def _syn_draw_split(rng, n, anchor_p, extra_p, size, styles=("target",), family_mix=0.05, max_objects=5):
     """n scenes -> ({style: uint8 images (n, size, size, 3)}, labels, anchors, contexts
     [(sky, ground)]). Every style draws the same scenes (one seed per scene)."""
-    images = {s: np.empty((n, size, size, 3), np.uint8) for s in styles}
-    labels, anchors, contexts = [], [], []
+    labels, anchors, contexts, jobs = [], [], [], []
     for i in range(n):
         lab, sky, ground, anchor = _syn_sample_scene(rng, anchor_p, extra_p, max_objects, family_mix)
         seed = int(rng.integers(2**63))
-        for s in styles:
-            images[s][i] = _syn_render(seed, lab, anchor, sky, ground, size, s)
+        jobs += [(seed, lab, anchor, sky, ground, size, s) for s in styles]
         labels.append(lab)
         anchors.append(anchor)
         contexts.append((sky, ground))
+    images = {s: np.empty((n, size, size, 3), np.uint8) for s in styles}
+    for j, img in enumerate(_syn_render_all(jobs)):
+        images[styles[j % len(styles)]][j // len(styles)] = img
     return images, labels, anchors, contexts
+
+
+def _syn_render_all(jobs):
+    """_syn_render(*job) for each job, in order, over the machine's cores: each image is a pure function of its
+    job (its own seed), so how the jobs are shared out changes no pixel. Forked workers (Linux); else one process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if cores < 2 or len(jobs) < 200 or sys.platform != "linux":
+        return [_syn_render(*job) for job in jobs]
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        return pool.starmap(_syn_render, jobs, chunksize=50)
 
 
 # Captions are assembled from the BPE tokens of their words. CLIP's tokenizer splits text into

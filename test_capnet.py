@@ -2517,6 +2517,23 @@ def test_synthetic_lt_tiny_world_is_deterministic_and_loads(tmp_path):
     assert clip.encode_text(tokens).shape == (1, 32) and clip.encode_image(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
 
 
+def test_synthetic_scenes_are_the_same_drawn_on_several_cores():
+    """_syn_draw_split renders its scenes over the machine's cores: every pixel equals the one-process render of
+    the same (seed, scene), in order, for each style."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: the scenes are rendered in one process")
+    C = len(data_prep.SYN_CLASSES)
+    images, labels, anchors, contexts = data_prep._syn_draw_split(
+        np.random.default_rng(5), 120, np.full(C, 1 / C), np.full(C, 0.2), 24, ("web", "target"))  # 240 jobs: forks
+    rng = np.random.default_rng(5)
+    for i in range(120):
+        lab, sky, ground, anchor = data_prep._syn_sample_scene(rng, np.full(C, 1 / C), np.full(C, 0.2), 5, 0.05)
+        seed = int(rng.integers(2**63))
+        assert (lab, anchor, (sky, ground)) == (labels[i], anchors[i], contexts[i])
+        for style in ("web", "target"):
+            assert np.array_equal(images[style][i], data_prep._syn_render(seed, lab, anchor, sky, ground, 24, style))
+
+
 def test_synthetic_pretraining_temperature_modes():
     """The small CLIP's logit scale: learned from 1/0.07 (t in the optimizer), fixed at 100, or the default ramp
     from 1/0.07 to 100 over the first half of the steps (never in the optimizer): issue 26."""

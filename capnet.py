@@ -15,8 +15,8 @@ Line map:
    1223  data
    1390  fast paths
    1703  runs
-   2402  eval and predict
-   2518  CLI
+   2408  eval and predict
+   2524  CLI
 """
 
 from __future__ import annotations
@@ -1918,7 +1918,13 @@ def load_dataset(cfg: Config, rank: int = 0, world: int = 1, prepare: bool = Tru
         how = DATA_PREP_ARGS.get(cfg.data, f"lists --train F --test F --classes F --image-root DIR --name {cfg.data}")
         raise RunError(f"dataset {cfg.data!r} is not prepared: {path} does not exist.\nPrepare it with:\n"
                        f"  python data_prep.py {how}\n(see README.md, 'Reproducing the benchmarks').")
-    return load_prepared(path)
+    prepared = load_prepared(path)
+    scale = prepared.source.get("clip", {}).get("logit_scale") if cfg.data == "synthetic-lt" else 100.0
+    if rank == 0 and not (isinstance(scale, (int, float)) and scale >= 99.5):  # a world drawn before v4
+        print(f"warning: {path} was drawn by an older data_prep.py: its small CLIP ends at logit scale "
+              f"{scale or 'about 14'}, where the synthetic preset was chosen for 100 (docs/synthetic-lt.md); "
+              f"remove {path.parent} to redraw it", file=sys.stderr, flush=True)
+    return prepared
 
 
 def make_test_set(prepared, cfg: Config):

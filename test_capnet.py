@@ -2517,6 +2517,24 @@ def test_synthetic_lt_tiny_world_is_deterministic_and_loads(tmp_path):
     assert clip.encode_text(tokens).shape == (1, 32) and clip.encode_image(torch.zeros(2, 3, 16, 16)).shape == (2, 32)
 
 
+def test_a_synthetic_world_drawn_before_logit_scale_100_is_named(tmp_path, capsys):
+    """A data/synthetic-lt from an older data_prep.py (its small CLIP at logit scale ~14) trains, but with a
+    warning naming the folder: the preset was chosen for the world at 100."""
+    path = _syn_make(tmp_path, "w")
+    cfg = capnet.Config(data="synthetic-lt", data_root=str(tmp_path / "w"))
+    capnet.load_dataset(cfg)
+    assert "older data_prep" not in capsys.readouterr().err  # today's world: silent
+    d = json.loads(path.read_text())
+    for scale in (14.3, None):
+        d["source"]["clip"].pop("logit_scale", None)
+        if scale is not None:
+            d["source"]["clip"]["logit_scale"] = scale
+        path.write_text(json.dumps(d))
+        assert len(capnet.load_dataset(cfg).train) == 500
+        err = capsys.readouterr().err
+        assert "older data_prep.py" in err and str(path.parent) in err and str(scale or "about 14") in err
+
+
 def test_synthetic_scenes_are_the_same_drawn_on_several_cores():
     """_syn_draw_split renders its scenes over the machine's cores: every pixel equals the one-process render of
     the same (seed, scene), in order, for each style."""

@@ -1919,8 +1919,8 @@ def load_dataset(cfg: Config, rank: int = 0, world: int = 1, prepare: bool = Tru
         raise RunError(f"dataset {cfg.data!r} is not prepared: {path} does not exist.\nPrepare it with:\n"
                        f"  python data_prep.py {how}\n(see README.md, 'Reproducing the benchmarks').")
     prepared = load_prepared(path)
-    scale = prepared.source.get("clip", {}).get("logit_scale") if cfg.data == "synthetic-lt" else 100.0
-    if rank == 0 and not (isinstance(scale, (int, float)) and scale >= 99.5):  # a world drawn before v4
+    scale = prepared.source.get("clip", {}).get("logit_scale")  # below 100 (or absent): drawn before v4
+    if cfg.data == "synthetic-lt" and rank == 0 and not (isinstance(scale, (int, float)) and scale >= 99.5):
         print(f"warning: {path} was drawn by an older data_prep.py: its small CLIP ends at logit scale "
               f"{scale or 'about 14'}, where the synthetic preset was chosen for 100 (docs/synthetic-lt.md); "
               f"remove {path.parent} to redraw it", file=sys.stderr, flush=True)

@@ -898,8 +898,8 @@ def _syn_draw_split(rng, n, anchor_p, extra_p, size, styles=("target",), family_
 def _syn_render_all(jobs):
     """_syn_render(*job) for each job, in order, over the machine's cores: each image is a pure function of its
     job (its own seed), so how the jobs are shared out changes no pixel. Forked workers (Linux); else one process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    if cores < 2 or len(jobs) < 200 or sys.platform != "linux":
+    cores = len(os.sched_getaffinity(0)) if sys.platform == "linux" else 1
+    if cores < 2 or len(jobs) < 200:
         return [_syn_render(*job) for job in jobs]
     import multiprocessing
     with multiprocessing.get_context("fork").Pool(cores) as pool:
